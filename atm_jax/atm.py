@@ -1,0 +1,241 @@
+"""ATM: Alternating Tuning and Merging, and the one-shot merging baselines.
+
+Paper: Zhou et al., "ATM: Improving Model Merging by Alternating Tuning and
+Merging", arXiv 2411.03055. With base θ⁽⁰⁾ (pretrained), for k = 0..K-1::
+
+    τ_t⁽ᵏ⁾  = finetune(θ⁽ᵏ⁾, task t, e epochs) − θ⁽ᵏ⁾        for every task t   ("tune")
+    θ⁽ᵏ⁺¹⁾ = θ⁽ᵏ⁾ + α · merge(τ_1⁽ᵏ⁾ … τ_T⁽ᵏ⁾)                                  ("merge")
+
+with the mean as the default merge and α = 1 (eq. 7). One-shot task arithmetic
+is the same with K = 1 and all epochs in that one finetune (:func:`one_shot`).
+
+Both functions are generic: ``base`` is any params pytree, and the caller passes
+``finetune(base, head, task, epochs, key) -> (params, head, metrics)`` and
+``evaluate(params, heads) -> {task: accuracy}`` closures (so data, splits, models
+and optimizers stay outside). Heads are per task and never merged: ``heads`` is a
+dict ``{task: head pytree}`` the finetune may update (trainable heads carried
+from one iteration to the next) or leave alone (frozen heads).
+
+Randomness: every finetune of task index ``i`` in iteration ``k`` uses
+``task_key(key, k, i)``; the merge of iteration ``k`` uses ``merge_key(key, k)``.
+So ATM with K = 1 and the mean merge reproduces one-shot task arithmetic exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atm_jax import merge as merge_lib
+from atm_jax import tree as tree_lib
+
+PyTree = Any
+FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTree, dict]]
+EvaluateFn = Callable[[PyTree, Mapping[str, PyTree]], dict[str, float]]
+Callback = Callable[[dict], None]
+
+__all__ = ["MergeSpec", "merge_step", "run", "one_shot", "task_key", "merge_key"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """How task vectors become the next base.
+
+    Attributes:
+      name: a registered merge (``atm_jax.merge.names()``).
+      kwargs: its hyperparameters (e.g. ``{"density": 0.15}``).
+      alpha: scale of the merged delta: ``base + alpha * merge(...)`` (α > 0).
+      include / exclude: leaf-path regexes selecting what merges; leaves left out
+        keep the base's value.
+    """
+    name: str = "mean"
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    alpha: float = 1.0
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+
+    def __post_init__(self):
+        method = merge_lib.info(self.name)  # raises on unknown names, listing the known ones
+        unknown = sorted(set(self.kwargs) - set(method.defaults) - {"method"})
+        if unknown:
+            raise ValueError(f"merge {self.name!r} has no hyperparameter {unknown[0]!r}; "
+                             f"it takes {sorted(method.defaults)}.")
+        if not (np.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha={self.alpha!r} must be a positive number (the paper uses 1).")
+
+
+def task_key(key: jax.Array, iteration: int, task_index: int) -> jax.Array:
+    """The PRNG key of task ``task_index``'s finetune in iteration ``iteration``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, iteration), 0), task_index)
+
+
+def merge_key(key: jax.Array, iteration: int) -> jax.Array:
+    """The PRNG key of the merge that ends iteration ``iteration`` (DARE needs one)."""
+    return jax.random.fold_in(jax.random.fold_in(key, iteration), 1)
+
+
+def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
+               key: jax.Array) -> tuple[PyTree, dict]:
+    """``base + alpha * merge(finetuned_t - base)`` and diagnostics.
+
+    Returns:
+      The new base and ``{"task_vector_norm": [T], "cosine": [T, T], "delta_norm",
+      "merge_seconds"}`` (plain Python numbers, ready for JSON).
+    """
+    start = time.perf_counter()
+    vectors = [tree_lib.task_vector(f, base) for f in finetuned]
+    predicate = tree_lib.path_filter(spec.include, spec.exclude)
+    selected = [tree_lib.split(v, predicate)[0] for v in vectors]
+    stacked = tree_lib.stack(selected)
+    del vectors, selected
+    kwargs = dict(spec.kwargs)
+    fn = merge_lib.get(spec.name)
+    delta = fn(stacked, key=key, **kwargs) if merge_lib.info(spec.name).stochastic \
+        else fn(stacked, **kwargs)
+    delta = jax.block_until_ready(delta)
+    seconds = time.perf_counter() - start
+    _, rest = tree_lib.split(base, predicate)
+    full_delta = tree_lib.join(delta, jax.tree.map(jnp.zeros_like, rest))
+    new_base = tree_lib.apply(base, full_delta, spec.alpha)
+    diagnostics = {
+        "task_vector_norm": [float(tree_lib.global_norm(v)) for v in tree_lib.unstack(stacked)],
+        "cosine": np.asarray(tree_lib.cosine_matrix(stacked)).round(6).tolist(),
+        "delta_norm": float(tree_lib.global_norm(delta)),
+        "merge_seconds": round(seconds, 4),
+    }
+    return new_base, diagnostics
+
+
+def _finetune_all(base, heads, tasks, finetune, epochs, key, iteration, log):
+    finetuned, new_heads, metrics = [], {}, {}
+    for i, task in enumerate(tasks):
+        start = time.perf_counter()
+        params, head, m = finetune(base, heads[task], task, epochs, task_key(key, iteration, i))
+        finetuned.append(params)
+        new_heads[task] = head
+        metrics[task] = dict(m, seconds=round(time.perf_counter() - start, 3))
+        if log:
+            loss = m.get("loss", [float("nan")])
+            log(f"  finetune {task}: {epochs} epoch(s), final loss {loss[-1]:.4f}, "
+                f"{metrics[task]['seconds']:.1f}s")
+    return finetuned, new_heads, metrics
+
+
+def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
+        evaluate: EvaluateFn | None, iterations: int, epochs_per_iteration: int,
+        merge: MergeSpec = MergeSpec(), key: jax.Array, carry_heads: bool = True,
+        callback: Callback | None = None, log: Callable[[str], None] | None = None,
+        name: str = "atm") -> tuple[PyTree, dict[str, PyTree], list[dict]]:
+    """The ATM loop: ``iterations`` × (finetune every task → merge → apply).
+
+    Args:
+      base: the starting parameters (pretrained for ATM; an existing merged model
+        for post-hoc ATM).
+      heads: ``{task: head}``, the tasks in order.
+      finetune: ``(base, head, task, epochs, key) -> (params, head, metrics)``; it
+        chooses the split (train for ATM, validation for valFT ATM).
+      evaluate: ``(params, heads) -> {task: accuracy}``, run before the first
+        iteration (iteration 0 = the starting base) and after every merge; None
+        skips evaluation.
+      iterations: K ≥ 1.
+      epochs_per_iteration: e ≥ 1; the budget per task is ``K * e`` epochs.
+      merge: the merge and its scale α.
+      key: PRNG key; see the module docstring for how it is split.
+      carry_heads: keep each task's finetuned head for the next iteration
+        (trainable heads); with frozen heads this changes nothing.
+      callback: called with each iteration's record, as soon as it exists.
+      log: a line printer for progress (None: silent).
+      name: the method name put into records.
+
+    Returns:
+      ``(final base, final heads, history)``; ``history[k]`` is the record after
+      ``k`` iterations (``history[0]`` the starting point when ``evaluate`` is given).
+    """
+    _check_positive("iterations", iterations)
+    _check_positive("epochs_per_iteration", epochs_per_iteration)
+    tasks = list(heads)
+    if not tasks:
+        raise ValueError("ATM needs at least one task (heads is empty).")
+    heads = dict(heads)
+    history = []
+
+    def record(iteration, extra):
+        rec = {"method": name, "iteration": iteration,
+               "epochs_per_task": iteration * epochs_per_iteration, **extra}
+        if evaluate is not None:
+            rec["accuracy"] = {t: float(a) for t, a in evaluate(base, heads).items()}
+            rec["average_accuracy"] = float(np.mean(list(rec["accuracy"].values())))
+        history.append(rec)
+        if callback:
+            callback(rec)
+        if log and "average_accuracy" in rec:
+            log(f"[{name}] iteration {iteration}/{iterations}: average accuracy "
+                f"{rec['average_accuracy']:.4f}")
+
+    if evaluate is not None:
+        record(0, {})
+    for k in range(iterations):
+        if log:
+            log(f"[{name}] iteration {k + 1}/{iterations}")
+        finetuned, new_heads, ft_metrics = _finetune_all(
+            base, heads, tasks, finetune, epochs_per_iteration, key, k, log)
+        base, diagnostics = merge_step(base, finetuned, merge, key=merge_key(key, k))
+        del finetuned
+        if carry_heads:
+            heads = new_heads
+        record(k + 1, {"finetune": ft_metrics, "merge": diagnostics})
+    return base, heads, history
+
+
+def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
+             evaluate: EvaluateFn, epochs: int, merges: Mapping[str, MergeSpec],
+             key: jax.Array, callback: Callback | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
+    """The one-shot baselines: finetune every task for the whole budget, merge once.
+
+    Every task is finetuned from ``base`` for ``epochs`` (the same keys as ATM's
+    first iteration), each finetuned model is evaluated on its own task (the
+    "individual" reference that normalized accuracy divides by), and then every
+    merge in ``merges`` is applied once to the same task vectors.
+
+    Returns:
+      ``{"individual": {task: acc}, "merged": {method: {task: acc}},
+      "finetune": {task: metrics}, "merge": {method: diagnostics}}``.
+    """
+    _check_positive("epochs", epochs)
+    tasks = list(heads)
+    if not tasks:
+        raise ValueError("one_shot needs at least one task (heads is empty).")
+    if log:
+        log(f"[one-shot] finetuning {len(tasks)} task(s) for {epochs} epoch(s) each")
+    finetuned, new_heads, ft_metrics = _finetune_all(base, heads, tasks, finetune, epochs, key, 0, log)
+    individual = {}
+    for task, params in zip(tasks, finetuned):
+        individual[task] = float(evaluate(params, {task: new_heads[task]})[task])
+    out = {"individual": individual, "merged": {}, "finetune": ft_metrics, "merge": {}}
+    if callback:
+        callback({"method": "individual", "iteration": 1, "epochs_per_task": epochs,
+                  "accuracy": individual, "average_accuracy": float(np.mean(list(individual.values())))})
+    for method, spec in merges.items():
+        merged, diagnostics = merge_step(base, finetuned, spec, key=merge_key(key, 0))
+        acc = {t: float(a) for t, a in evaluate(merged, new_heads).items()}
+        out["merged"][method] = acc
+        out["merge"][method] = diagnostics
+        rec = {"method": method, "iteration": 1, "epochs_per_task": epochs, "accuracy": acc,
+               "average_accuracy": float(np.mean(list(acc.values()))), "merge": diagnostics}
+        if callback:
+            callback(rec)
+        if log:
+            log(f"[{method}] one-shot merge: average accuracy {rec['average_accuracy']:.4f}")
+    return out
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")

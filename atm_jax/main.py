@@ -1,0 +1,27 @@
+"""Command line: ``python -m atm_jax.main --config=configs/mini.py --workdir=DIR``.
+
+Flags only; the work is ``atm_jax.experiment.run_experiment(config, workdir)``.
+Override any config field with ``--config.FIELD=VALUE`` (e.g.
+``--config.methods.atm.iterations=5``); the config is locked, so a misspelt field
+is an error, not a silent no-op.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, metrics and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from atm_jax import experiment  # after flag parsing: --help stays fast
+
+    experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,205 @@
+"""What a run leaves in its workdir: metrics JSONL, results JSON/Markdown, plots.
+
+Only process 0 writes (``jax.process_index() == 0``); other processes get no-op
+writers, so multi-host code can call these unconditionally. Files that are
+rewritten whole (JSON, Markdown, PNG) are written atomically (temp file +
+``os.replace``), so an interrupted run never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["is_writer", "write_text", "write_json", "MetricsWriter", "results_markdown", "plot_results"]
+
+
+def is_writer() -> bool:
+    """True on the process that writes files (process 0)."""
+    return jax.process_index() == 0
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically writes ``text`` to ``path`` (process 0 only)."""
+    if not is_writer():
+        return
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically writes ``obj`` as indented JSON."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"Cannot write {type(x).__name__} to JSON.")
+
+
+class MetricsWriter:
+    """Appends one JSON line per task per (method, iteration) to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        if is_writer():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        """Splits an iteration record (``atm_jax.atm`` format) into per-task lines."""
+        if not is_writer() or "accuracy" not in record:
+            return
+        finetune = record.get("finetune", {})
+        merge = record.get("merge", {})
+        norms = merge.get("task_vector_norm")
+        lines = []
+        for i, (task, acc) in enumerate(record["accuracy"].items()):
+            line = {"method": record["method"], "iteration": record["iteration"],
+                    "epochs_per_task": record.get("epochs_per_task"), "task": task,
+                    "accuracy": acc}
+            if task in finetune:
+                loss = finetune[task].get("loss") or [None]
+                line["train_loss"] = loss[-1]
+            if norms is not None and i < len(norms):
+                line["task_vector_norm"] = norms[i]
+            lines.append(json.dumps(line, default=_jsonable))
+        with open(self.path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def results_markdown(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], *,
+                     title: str = "", notes: Sequence[str] = ()) -> str:
+    """A Markdown table like the paper's Table 1: methods × tasks, average, normalized.
+
+    Args:
+      rows: ``{"method", "accuracy": {task: acc}, "average", "normalized"?, "epochs"?}``.
+      tasks: column order.
+      title: a heading line.
+      notes: lines printed under the table.
+    """
+    head = ["method", "epochs/task", *tasks, "average", "normalized"]
+    out = []
+    if title:
+        out += [f"### {title}", ""]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for row in rows:
+        acc = row["accuracy"]
+        cells = [row["method"], str(row.get("epochs", "–"))]
+        cells += [_pct(acc.get(t)) for t in tasks]
+        cells.append(_pct(row.get("average")))
+        norm = row.get("normalized")
+        cells.append("–" if norm is None else f"{norm:.3f}")
+        out.append("| " + " | ".join(cells) + " |")
+    if notes:
+        out.append("")
+        out += [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+                 curves: Mapping[str, Sequence[Mapping[str, Any]]], tasks: Sequence[str]) -> list[str]:
+    """PNG plots: average and per-task accuracy vs iteration, and a per-task bar chart.
+
+    Args:
+      rows: the final table rows (as for :func:`results_markdown`).
+      curves: ``{method: history}`` for iterative methods (records with
+        ``iteration``, ``accuracy``, ``average_accuracy``).
+      tasks: task order.
+
+    Returns:
+      The paths written (empty on processes other than 0).
+    """
+    if not is_writer():
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = pathlib.Path(workdir)
+    written = []
+    flat = [r for r in rows if r["method"] not in curves]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def save(fig, name):
+        path = workdir / name
+        tmp = workdir / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(str(path))
+
+    def draw(ax, value_of, ylabel):
+        max_it = max((h[-1]["iteration"] for h in curves.values() if h), default=1)
+        for i, (method, history) in enumerate(curves.items()):
+            its = [h["iteration"] for h in history]
+            ax.plot(its, [100 * value_of(h) for h in history], marker="o", ms=3,
+                    color=colors[i % len(colors)], label=method)
+        for j, row in enumerate(flat):
+            v = value_of({"accuracy": row["accuracy"], "average_accuracy": row["average"]})
+            if v is None:
+                continue
+            ax.hlines(100 * v, 0, max_it, linestyles="--", lw=1,
+                      color=colors[(len(curves) + j) % len(colors)], label=row["method"])
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw(ax, lambda h: h["average_accuracy"], "average test accuracy (%)")
+    ax.set_title("Average accuracy vs iteration (one-shot methods dashed)")
+    ax.legend(fontsize=8, loc="lower right")
+    save(fig, "accuracy_vs_iteration.png")
+
+    cols = min(4, len(tasks))
+    nrows = int(np.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        draw(ax, lambda h, t=task: h["accuracy"].get(t), "test accuracy (%)")
+        ax.set_title(task)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save(fig, "per_task_accuracy_vs_iteration.png")
+
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tasks) + 2), 4.5))
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(tasks) + 1)
+    for i, row in enumerate(rows):
+        vals = [100 * row["accuracy"].get(t, np.nan) for t in tasks] + [100 * row["average"]]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, vals, width, label=row["method"],
+               color=colors[i % len(colors)])
+    ax.set_xticks(x, [*tasks, "average"])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Per-task accuracy by method")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    save(fig, "per_task_bars.png")
+    return written
