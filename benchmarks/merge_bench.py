@@ -1,0 +1,338 @@
+"""Merge operators on ViT-B/16-sized task vectors: time and peak memory, side by side.
+
+Every operator of ``atm_jax.merge`` on T task vectors shaped like the CLIP
+ViT-B/16 image encoder (≈86M float32 each), against a NumPy reference and, when
+torch is installed, an official-style PyTorch TIES (flatten, ``torch.kthvalue`` per
+task, sign by sum, disjoint mean) and mean. Each (implementation, operator) runs in
+its own subprocess so peak memory is its own: the process builds the stacked
+inputs, runs once to warm up (compiles), then runs ``--repeats`` times; we report
+the median time of the timed runs and the peak resident memory from the warm-up
+on (compilation included) as a multiple of the stacked inputs' bytes (1.0 =
+nothing beyond the inputs).
+
+Run::
+
+  python benchmarks/merge_bench.py                 # 7 × 86M, writes benchmarks/results/
+  python benchmarks/merge_bench.py --tasks 3 --blocks 2 --repeats 2 --no-write   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# (operator, hyperparameters): the paper's settings where it states them.
+OPERATORS = [
+    ("mean", {}),
+    ("sum", {}),
+    ("ties", {"density": 0.2, "scope": "model"}),
+    ("ties", {"density": 0.2, "scope": "leaf"}),
+    ("breadcrumbs", {"beta": 0.85, "gamma": 0.993}),
+    ("dare", {"p": 0.9}),
+    ("dare_ties", {"p": 0.9}),
+    ("ties_atm_code", {"density": 0.15}),
+    ("breadcrumbs_atm_code", {}),
+]
+NUMPY_REFS = {"mean", "sum", "ties", "breadcrumbs", "dare"}
+TORCH_REFS = {"mean", "ties"}
+
+
+def vit_b16_shapes(blocks: int = 12) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes of the CLIP ViT-B/16 image encoder (≈86M parameters at 12 blocks)."""
+    w, mlp = 768, 3072
+    shapes = {"conv1/kernel": (16, 16, 3, w), "class_embedding": (w,),
+              "positional_embedding": (197, w), "ln_pre/scale": (w,), "ln_pre/bias": (w,)}
+    for i in range(blocks):
+        p = f"blocks_{i}"
+        shapes.update({
+            f"{p}/ln_1/scale": (w,), f"{p}/ln_1/bias": (w,),
+            f"{p}/attn/in_proj/kernel": (w, 3 * w), f"{p}/attn/in_proj/bias": (3 * w,),
+            f"{p}/attn/out_proj/kernel": (w, w), f"{p}/attn/out_proj/bias": (w,),
+            f"{p}/ln_2/scale": (w,), f"{p}/ln_2/bias": (w,),
+            f"{p}/mlp/fc/kernel": (w, mlp), f"{p}/mlp/fc/bias": (mlp,),
+            f"{p}/mlp/proj/kernel": (mlp, w), f"{p}/mlp/proj/bias": (w,),
+        })
+    shapes.update({"ln_post/scale": (w,), "ln_post/bias": (w,), "proj": (w, 512)})
+    return shapes
+
+
+def _make_inputs(tasks: int, blocks: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shape in vit_b16_shapes(blocks).items():
+        # Task vectors are small and roughly Gaussian; the scale does not matter.
+        out[name] = (rng.standard_normal((tasks, *shape), dtype=np.float32) * 1e-3)
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Reference implementations (independent of atm_jax)
+# ----------------------------------------------------------------------------
+
+
+def numpy_merge(op: str, stacked: dict[str, np.ndarray], hp: dict) -> dict[str, np.ndarray]:
+    """Straightforward NumPy versions, written the way the papers describe them."""
+    num_tasks = next(iter(stacked.values())).shape[0]
+    if op in ("mean", "sum"):
+        total = {k: v.sum(axis=0) for k, v in stacked.items()}
+        return total if op == "sum" else {k: v / num_tasks for k, v in total.items()}
+    if op == "ties":
+        names = list(stacked)
+        if hp["scope"] == "leaf":
+            return {k: numpy_merge("ties", {k: stacked[k]}, dict(hp, scope="model"))[k] for k in names}
+        flat = np.concatenate([stacked[k].reshape(num_tasks, -1) for k in names], axis=1)
+        d = flat.shape[1]
+        k = int(np.ceil(hp["density"] * d))
+        kth = np.partition(np.abs(flat), d - k, axis=1)[:, d - k:d - k + 1]
+        trimmed = np.where(np.abs(flat) >= kth, flat, 0)
+        sign = np.sign(trimmed.sum(axis=0))
+        sign[sign == 0] = np.sign(sign.sum())
+        chosen = np.where(sign > 0, trimmed > 0, trimmed < 0)
+        merged = (trimmed * chosen).sum(axis=0) / np.maximum(chosen.sum(axis=0), 1)
+        out, offset = {}, 0
+        for name in names:
+            size = stacked[name][0].size
+            out[name] = merged[offset:offset + size].reshape(stacked[name].shape[1:])
+            offset += size
+        return out
+    if op == "breadcrumbs":
+        out = {}
+        for name, x in stacked.items():
+            flat = np.abs(x.reshape(num_tasks, -1))
+            n = flat.shape[1]
+            lo_rank, hi_rank = n - int(np.floor(hp["beta"] * n)), n - int(np.ceil(hp["gamma"] * n)) + 1
+            part = np.partition(flat, [n - lo_rank, n - hi_rank], axis=1)
+            lo, hi = part[:, n - lo_rank:n - lo_rank + 1], part[:, n - hi_rank:n - hi_rank + 1]
+            keep = (flat >= lo) & (flat <= hi)
+            out[name] = np.where(keep.reshape(x.shape), x, 0).mean(axis=0)
+        return out
+    if op == "dare":
+        rng = np.random.default_rng(0)
+        p = hp["p"]
+        return {k: np.where(rng.random(v.shape) >= p, v / (1 - p), 0).mean(axis=0)
+                for k, v in stacked.items()}
+    raise ValueError(op)
+
+
+def torch_merge(op: str, stacked: dict, hp: dict) -> dict:
+    """Official-style PyTorch: flatten to [T, d], kthvalue per task, sign by sum."""
+    import torch
+
+    if op == "mean":
+        return {k: v.mean(dim=0) for k, v in stacked.items()}
+    names = list(stacked)
+    num_tasks = stacked[names[0]].shape[0]
+    flat = torch.cat([stacked[k].reshape(num_tasks, -1) for k in names], dim=1)
+    d = flat.shape[1]
+    k = d - int(d * hp["density"])
+    kth, _ = flat.abs().kthvalue(k, dim=1, keepdim=True)
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    chosen = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * chosen).sum(dim=0) / chosen.sum(dim=0).clamp(min=1)
+    out, offset = {}, 0
+    for name in names:
+        size = stacked[name][0].numel()
+        out[name] = merged[offset:offset + size].reshape(stacked[name].shape[1:])
+        offset += size
+    return out
+
+
+# ----------------------------------------------------------------------------
+# One measurement, in a subprocess
+# ----------------------------------------------------------------------------
+
+
+def _worker(impl: str, op: str, hp: dict, tasks: int, blocks: int, repeats: int) -> dict:
+    inputs = _make_inputs(tasks, blocks)
+    stacked_bytes = sum(v.nbytes for v in inputs.values())
+    if impl == "atm_jax":
+        import jax
+        import jax.numpy as jnp
+
+        from atm_jax import merge
+
+        stacked = {k: jnp.asarray(v) for k, v in inputs.items()}
+        del inputs
+        fn = merge.get(op)
+        key = jax.random.key(0)
+
+        def call():
+            kwargs = dict(hp, key=key) if merge.info(op).stochastic else hp
+            return jax.block_until_ready(fn(stacked, **kwargs))
+    elif impl == "numpy":
+        stacked = inputs
+
+        def call():
+            return numpy_merge(op, stacked, hp)
+    else:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        stacked = {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+        def call():
+            return torch_merge(op, stacked, hp)
+
+    # Peak memory counts from here on, warm-up (compilation) included: freed
+    # buffers may stay resident in an allocator, so measuring only after a
+    # warm-up would flatter the timed runs.
+    base = _rss_bytes()
+    has_peak = _reset_peak()
+    out = call()  # warm-up: compilation, page faults
+    del out
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - start)
+        del out
+    peak = _peak_bytes() if has_peak else 0
+    return {"times": times, "median": float(np.median(times)), "stacked_bytes": stacked_bytes,
+            "peak_extra_bytes": max(0, peak - base) if has_peak else None}
+
+
+def _measure(impl, op, hp, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", json.dumps([impl, op, hp]),
+           "--tasks", str(args.tasks), "--blocks", str(args.blocks), "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        print(f"  {impl} {op} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _label(op, hp):
+    inner = ", ".join(f"{k}={v}" for k, v in hp.items())
+    return f"{op}({inner})" if inner else op
+
+
+def _fmt_time(r):
+    return "–" if r is None else f"{r['median']:.3f}"
+
+
+def _fmt_mem(r):
+    if r is None or r["peak_extra_bytes"] is None:
+        return "–"
+    return f"{1 + r['peak_extra_bytes'] / r['stacked_bytes']:.2f}×"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=7)
+    parser.add_argument("--blocks", type=int, default=12, help="transformer blocks (12 = ViT-B/16)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ops", default="", help="comma-separated operator names (default: all)")
+    parser.add_argument("--no-reference", action="store_true", help="skip NumPy and torch")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        impl, op, hp = json.loads(args.worker)
+        print(json.dumps(_worker(impl, op, hp, args.tasks, args.blocks, args.repeats)))
+        return
+
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    per_task = sum(int(np.prod(s)) for s in vit_b16_shapes(args.blocks).values())
+    wanted = set(filter(None, args.ops.split(",")))
+    ops = [(op, hp) for op, hp in OPERATORS if not wanted or op in wanted]
+    print(f"{args.tasks} task vectors × {per_task / 1e6:.1f}M float32 "
+          f"({args.tasks * per_task * 4 / 2**30:.2f} GiB stacked), median of {args.repeats} runs")
+    rows = []
+    for op, hp in ops:
+        label = _label(op, hp)
+        print(f"  {label} ...", flush=True)
+        ours = _measure("atm_jax", op, hp, args)
+        np_ref = _measure("numpy", op, hp, args) \
+            if (op in NUMPY_REFS and not args.no_reference) else None
+        torch_ref = _measure("torch", op, hp, args) \
+            if (op in TORCH_REFS and have_torch and not args.no_reference and hp.get("scope", "model") == "model") \
+            else None
+        rows.append((label, ours, np_ref, torch_ref))
+
+    head = ("| operator | atm_jax s | atm_jax peak | NumPy s | NumPy peak | PyTorch s | PyTorch peak "
+            "| vs NumPy | vs PyTorch |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, ours, np_ref, torch_ref in rows:
+        def speedup(ref):
+            return "–" if ref is None or ours is None else f"{ref['median'] / ours['median']:.1f}×"
+        lines.append(f"| {label} | {_fmt_time(ours)} | {_fmt_mem(ours)} | {_fmt_time(np_ref)} | "
+                     f"{_fmt_mem(np_ref)} | {_fmt_time(torch_ref)} | {_fmt_mem(torch_ref)} | "
+                     f"{speedup(np_ref)} | {speedup(torch_ref)} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    print("\npeak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs")
+    if args.no_write:
+        return
+    import jax
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    versions = f"jax {jax.__version__}, numpy {np.__version__}"
+    if have_torch:
+        import torch
+        versions += f", torch {torch.__version__}"
+    header = [f"# merge_bench — {stamp:%Y-%m-%d %H:%M} UTC", "",
+              f"- commit: {_commit()}",
+              f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+              f"{platform.platform()}",
+              f"- {versions}",
+              f"- inputs: {args.tasks} × {per_task / 1e6:.1f}M float32 (ViT-B/16 leaf shapes), "
+              f"median of {args.repeats} runs after one warm-up, each in its own process",
+              "- peak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs",
+              ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"merge_bench_{stamp:%Y%m%d}.md"
+    path.write_text("\n".join(header) + table + "\n")
+    print(f"\nwrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
