@@ -61,11 +61,8 @@ class MergeSpec:
     exclude: str | Sequence[str] | None = None
 
     def __post_init__(self):
-        method = merge_lib.info(self.name)  # raises on unknown names, listing the known ones
-        unknown = sorted(set(self.kwargs) - set(method.defaults) - {"method"})
-        if unknown:
-            raise ValueError(f"merge {self.name!r} has no hyperparameter {unknown[0]!r}; "
-                             f"it takes {sorted(method.defaults)}.")
+        # Raises on unknown names (listing the known ones) and on bad values.
+        merge_lib.info(self.name).check(**self.kwargs)
         if not (np.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha={self.alpha!r} must be a positive number (the paper uses 1).")
 

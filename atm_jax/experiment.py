@@ -92,6 +92,7 @@ def validate(config) -> None:
         if task not in data.MINI_TASKS:
             raise ConfigError(f"config.tasks has unknown task {task!r}; "
                               f"the mini suite has {list(data.MINI_TASKS)}.")
+    _validate_pretrain(config)
     for split in ("train_size", "validation_size", "test_size"):
         _positive_int(config, f"data.{split}")
     budget = _positive_int(config, "budget")
@@ -134,6 +135,17 @@ def validate(config) -> None:
             config.methods[n].kind == "one_shot" for n in config.methods):
         raise ConfigError("config.references has 'individual' but no one_shot method finetunes "
                           "the individual models; add one or drop the reference.")
+
+
+def _validate_pretrain(config) -> None:
+    from atm_jax import pretrain
+
+    try:
+        resolved = pretrain.resolve_configs(config.model, config.pretrain)["pretrain"]
+        steps = resolved["epochs"] * -(-resolved["num_images"] // resolved["batch_size"])
+        pretrain._optimizer_config(resolved, steps)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model / config.pretrain: {e}") from None
 
 
 def _merge_spec(config, spec) -> atm_lib.MergeSpec:

@@ -101,6 +101,14 @@ class MergeMethod:
     def __call__(self, stacked: PyTree, *, key: jax.Array | None = None, **hparams) -> PyTree:
         return self.fn(stacked, key=key, **hparams)
 
+    def check(self, **hparams) -> None:
+        """Validates hyperparameters without merging anything (configs call this)."""
+        unknown = sorted(set(hparams) - set(self.defaults) - {"method", "check_finite"})
+        if unknown:
+            raise ValueError(f"merge {self.name!r} has no hyperparameter {unknown[0]!r}; "
+                             f"it takes {sorted(self.defaults)}.")
+        check_hparams(**{**self.defaults, **hparams})
+
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -181,6 +189,29 @@ def _require_key(name: str, key):
     if key is None:
         raise ValueError(f"merge {name!r} is stochastic: pass an explicit PRNG key, "
                          "e.g. key=jax.random.key(0).")
+
+
+def check_hparams(**hp) -> None:
+    """Validates merge hyperparameters by name; raises ValueError naming value and range."""
+    if "density" in hp:
+        _check_range("density", hp["density"], 0, 1, lo_open=True, hi_open=False,
+                     hint="It is the fraction of entries kept per task (TIES default 0.2).")
+    if "p" in hp:
+        _check_range("p", hp["p"], 0, 1, lo_open=False, hi_open=True,
+                     hint="It is the drop probability (DARE paper: 0.9).")
+    if "beta" in hp or "gamma" in hp:
+        beta, gamma = hp["beta"], hp["gamma"]
+        _check_range("beta", beta, 0, 1, lo_open=False, hi_open=True)
+        _check_range("gamma", gamma, 0, 1, lo_open=True, hi_open=False)
+        if not beta < gamma:
+            raise ValueError(f"beta={beta!r} must be smaller than gamma={gamma!r}: Breadcrumbs keeps "
+                             "the magnitudes between the beta and gamma percentiles (paper: 0.85, 0.993).")
+    if "scope" in hp:
+        _check_choice("scope", hp["scope"], SCOPES)
+    if "aggregate" in hp:
+        _check_choice("aggregate", hp["aggregate"], AGGREGATES)
+    if "method" in hp:
+        _check_choice("method", hp["method"], select.METHODS)
 
 
 def _ceil(x: float) -> int:  # robust to 0.993 * 1000 = 993.0000000000001
@@ -367,20 +398,9 @@ def ties(stacked: PyTree, *, key: jax.Array | None = None, density: float = 0.2,
       check_finite: raise on NaN/Inf inputs (one cheap pass).
     """
     del key
-    _check_range("density", density, 0, 1, lo_open=True, hi_open=False,
-                 hint="It is the fraction of entries kept per task (TIES default 0.2).")
-    _check_choice("scope", scope, SCOPES)
-    _check_choice("aggregate", aggregate, AGGREGATES)
+    check_hparams(density=density, scope=scope, aggregate=aggregate, method=method)
     return _generalized(stacked, magnitude_ranks=_top_fraction(density), scope=scope, elect=True,
                         aggregate=aggregate, method=method, check_finite=check_finite)
-
-
-def _check_band(beta, gamma):
-    _check_range("beta", beta, 0, 1, lo_open=False, hi_open=True)
-    _check_range("gamma", gamma, 0, 1, lo_open=True, hi_open=False)
-    if not beta < gamma:
-        raise ValueError(f"beta={beta!r} must be smaller than gamma={gamma!r}: Breadcrumbs keeps the "
-                         "magnitudes between the beta and gamma percentiles (paper: 0.85, 0.993).")
 
 
 @register("breadcrumbs", reference="Davari & Belilovsky 2024 (Model Breadcrumbs), "
@@ -398,16 +418,9 @@ def breadcrumbs(stacked: PyTree, *, key: jax.Array | None = None, beta: float = 
       aggregate: ``"mean"`` (the ATM paper's baselines) or ``"sum"``.
     """
     del key
-    _check_band(beta, gamma)
-    _check_choice("scope", scope, SCOPES)
-    _check_choice("aggregate", aggregate, AGGREGATES)
+    check_hparams(beta=beta, gamma=gamma, scope=scope, aggregate=aggregate, method=method)
     return _generalized(stacked, band_ranks=_band(beta, gamma), scope=scope, aggregate=aggregate,
                         method=method, check_finite=check_finite)
-
-
-def _check_p(p):
-    _check_range("p", p, 0, 1, lo_open=False, hi_open=True,
-                 hint="It is the drop probability (DARE paper: 0.9).")
 
 
 @register("dare", reference="Yu et al. 2024 (DARE), https://arxiv.org/abs/2311.03099", stochastic=True)
@@ -415,8 +428,7 @@ def dare(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
          aggregate: str = "mean", check_finite: bool = True) -> PyTree:
     """DARE: drop each entry w.p. ``p``, rescale by ``1/(1-p)``, then mean (or sum)."""
     _require_key("dare", key)
-    _check_p(p)
-    _check_choice("aggregate", aggregate, AGGREGATES)
+    check_hparams(p=p, aggregate=aggregate)
     return _generalized(stacked, key=key, p=p, aggregate=aggregate, check_finite=check_finite)
 
 
@@ -425,8 +437,7 @@ def dare_ties(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
               aggregate: str = "mean", check_finite: bool = True) -> PyTree:
     """DARE's random drop and rescale, then TIES sign election and disjoint mean."""
     _require_key("dare_ties", key)
-    _check_p(p)
-    _check_choice("aggregate", aggregate, AGGREGATES)
+    check_hparams(p=p, aggregate=aggregate)
     return _generalized(stacked, key=key, p=p, elect=True, aggregate=aggregate,
                         check_finite=check_finite)
 
@@ -437,7 +448,7 @@ def ties_atm_code(stacked: PyTree, *, key: jax.Array | None = None, density: flo
                   method: str = "auto", check_finite: bool = True) -> PyTree:
     """What the ATM authors ran as "TIES": one pooled top-k, no election, plain mean."""
     del key
-    _check_range("density", density, 0, 1, lo_open=True, hi_open=False)
+    check_hparams(density=density, method=method)
     return _generalized(stacked, magnitude_ranks=_top_fraction(density), scope="model", joint=True,
                         aggregate="mean", method=method, check_finite=check_finite)
 
@@ -450,6 +461,6 @@ def breadcrumbs_atm_code(stacked: PyTree, *, key: jax.Array | None = None, beta:
     """What the ATM authors ran as "Breadcrumbs": a 15th–99.3rd percentile band per task
     over the whole model (≈84% kept), plain mean."""
     del key
-    _check_band(beta, gamma)
+    check_hparams(beta=beta, gamma=gamma, method=method)
     return _generalized(stacked, band_ranks=_band(beta, gamma), scope="model", aggregate="mean",
                         method=method, check_finite=check_finite)

@@ -24,6 +24,8 @@ import pytest
 from atm_jax import data
 from atm_jax.data import glyphs, mini, prepare, sources
 
+import fakes
+
 # Read before any fixture redirects the cache, so the real-data test can find it.
 _REAL_CACHE = sources.cache_dir()
 
@@ -39,89 +41,10 @@ def _isolated(tmp_path, monkeypatch):
     sources._MEMO.clear()
 
 
-def _sha(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _install(name: str, blobs: dict[str, bytes], *, write: bool = True) -> None:
-    """Registers fake raw files for source ``name`` and (optionally) caches them."""
-    source = sources.SOURCES[name]
-    files = tuple(dataclasses.replace(f, sha256=_sha(blobs[f.name])) for f in source.files)
-    sources.SOURCES[name] = dataclasses.replace(source, files=files)
-    if write:
-        folder = sources.raw_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for file_name, blob in blobs.items():
-            (folder / file_name).write_bytes(blob)
-
-
-def _unique_images(rng, n: int) -> np.ndarray:
-    """uint8 [n, 28, 28] random images, distinct with overwhelming probability."""
-    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-
-
-def _balanced_labels(rng, n: int, classes: int = 10) -> np.ndarray:
-    return rng.permutation(np.arange(n) % classes)
-
-
-def _gzip_pickle(obj, protocol: int = 4) -> bytes:
-    return gzip.compress(pickle.dumps(obj, protocol=protocol), mtime=0, compresslevel=1)
-
-
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    return gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0, compresslevel=1)
-
-
-def _fake_mnist(rng, sizes=(200, 50, 50)) -> dict[str, bytes]:
-    splits = []
-    for n in sizes:
-        levels = _unique_images(rng, n).reshape(n, 784)
-        # The real file stores k/256 as float32.
-        splits.append((levels.astype(np.float32) / 256, _balanced_labels(rng, n)))
-    return {"mnist.pkl.gz": _gzip_pickle(tuple(splits), protocol=2)}
-
-
-def _fake_fashion(rng, train: int = 120, test: int = 40) -> dict[str, bytes]:
-    blobs = {}
-    for prefix, n in (("train", train), ("t10k", test)):
-        blobs[f"{prefix}-images-idx3-ubyte.gz"] = _idx(_unique_images(rng, n))
-        blobs[f"{prefix}-labels-idx1-ubyte.gz"] = _idx(_balanced_labels(rng, n))
-    return blobs
-
-
-def _fake_animals(rng, n: int = 100) -> tuple[dict[str, bytes], np.ndarray]:
-    images = _unique_images(rng, n) // 4  # Dark background, like the real data.
-    labels = _balanced_labels(rng, n).astype(np.int64)
-    images[5] = images[3]  # An exact duplicate with the same label...
-    labels[5] = labels[3]
-    images[7] = 255 - images[7]  # ... and one dark-on-light image.
-    return {
-        "animal_data_version_3.gz": _gzip_pickle(images),
-        "animal_label_version_3.gz": _gzip_pickle(labels),
-    }, images
-
-
-def _fake_digits(rng, n: int = 100) -> dict[str, bytes]:
-    pixels = rng.integers(0, 17, size=(n, 64))
-    labels = _balanced_labels(rng, n)
-    rows = [",".join(str(v) for v in (*p, y)) for p, y in zip(pixels, labels, strict=True)]
-    return {
-        "digits.csv.gz": gzip.compress(("\n".join(rows) + "\n").encode(), mtime=0, compresslevel=1)
-    }
-
-
 @pytest.fixture
 def fake_suite():
     """Installs fake raw files for all four sources into the temporary cache."""
-    rng = np.random.default_rng(1234)
-    _install("mnist", _fake_mnist(rng))
-    _install("fashion_mnist", _fake_fashion(rng))
-    animals, _ = _fake_animals(rng)
-    _install("animals", animals)
-    _install("digits", _fake_digits(rng))
+    fakes.install_fake_suite()
 
 
 def _hashes(images: np.ndarray) -> set[bytes]:
@@ -174,17 +97,17 @@ def test_task_layout_and_disjoint_splits(task, sizes):
 @pytest.mark.usefixtures("fake_suite")
 def test_mnist_levels_survive_exactly():
     rng = np.random.default_rng(0)
-    _install("mnist", _fake_mnist(rng, sizes=(20, 10, 10)))
+    fakes.install("mnist", fakes.fake_mnist(rng, sizes=(20, 10, 10)))
     arrays = sources.load_source("mnist")
     assert arrays["train_images"].dtype == np.uint8
     rng = np.random.default_rng(0)
-    expected = _unique_images(rng, 20)  # Same draws as _fake_mnist's first split.
+    expected = fakes.unique_images(rng, 20)  # Same draws as _fake_mnist's first split.
     np.testing.assert_array_equal(arrays["train_images"], expected)
 
 
 def test_validation_is_held_out_from_source_train_not_test():
-    blobs = _fake_fashion(np.random.default_rng(0))
-    _install("fashion_mnist", blobs)
+    blobs = fakes.fake_fashion(np.random.default_rng(0))
+    fakes.install("fashion_mnist", blobs)
     folder = sources.raw_dir("fashion_mnist")
     train = _hashes(sources.read_idx(folder / "train-images-idx3-ubyte.gz"))
     test = _hashes(sources.read_idx(folder / "t10k-images-idx3-ubyte.gz"))
@@ -198,8 +121,8 @@ def test_validation_is_held_out_from_source_train_not_test():
 
 def test_animals_decoder_dedupes_and_fixes_polarity():
     rng = np.random.default_rng(5)
-    blobs, images = _fake_animals(rng, n=40)
-    _install("animals", blobs)
+    blobs, images = fakes.fake_animals(rng, n=40)
+    fakes.install("animals", blobs)
     arrays = sources.load_source("animals")
     assert len(arrays["train_images"]) == 39  # The duplicate is gone.
     decoded = _hashes(arrays["train_images"])
@@ -284,24 +207,24 @@ def test_missing_source_offline_names_command_and_files():
 
 def test_checksum_mismatch_names_file_hashes_and_fix():
     rng = np.random.default_rng(0)
-    blobs = _fake_digits(rng)
-    _install("digits", blobs)
+    blobs = fakes.fake_digits(rng)
+    fakes.install("digits", blobs)
     path = sources.raw_dir("digits") / "digits.csv.gz"
     path.write_bytes(blobs["digits.csv.gz"] + b"tampered")
     with pytest.raises(data.ChecksumError) as info:
         data.load_task("digits")
     message = str(info.value)
-    assert str(path) in message and _sha(blobs["digits.csv.gz"]) in message
-    assert _sha(path.read_bytes()) in message and "rm '" in message
+    assert str(path) in message and fakes.sha(blobs["digits.csv.gz"]) in message
+    assert fakes.sha(path.read_bytes()) in message and "rm '" in message
     assert data.PREPARE_COMMAND in message
 
 
 def test_decoded_cache_is_rebuilt_when_checksums_change():
     rng = np.random.default_rng(0)
-    _install("digits", _fake_digits(rng, n=50))
+    fakes.install("digits", fakes.fake_digits(rng, n=50))
     assert len(data.load_task("digits").train[1]) == 35
     sources._MEMO.clear()
-    _install("digits", _fake_digits(rng, n=100))  # New raw file, new recorded hash.
+    fakes.install("digits", fakes.fake_digits(rng, n=100))  # New raw file, new recorded hash.
     assert len(data.load_task("digits").train[1]) == 70
 
 
@@ -322,8 +245,8 @@ def _zip_download(members: dict[str, bytes]):
 
 def test_fetch_extracts_verifies_and_places_files(capsys):
     rng = np.random.default_rng(0)
-    blobs = _fake_digits(rng, n=30)
-    _install("digits", blobs, write=False)
+    blobs = fakes.fake_digits(rng, n=30)
+    fakes.install("digits", blobs, write=False)
     member = sources.SOURCES["digits"].files[0].member
     sources.SOURCES["digits"] = dataclasses.replace(
         sources.SOURCES["digits"],
@@ -338,8 +261,8 @@ def test_fetch_extracts_verifies_and_places_files(capsys):
 
 def test_fetch_with_wrong_bytes_writes_nothing():
     rng = np.random.default_rng(0)
-    blobs = _fake_digits(rng, n=30)
-    _install("digits", blobs, write=False)
+    blobs = fakes.fake_digits(rng, n=30)
+    fakes.install("digits", blobs, write=False)
     member = sources.SOURCES["digits"].files[0].member
     sources.SOURCES["digits"] = dataclasses.replace(
         sources.SOURCES["digits"], download=_zip_download({member: b"not the file"})
@@ -386,7 +309,7 @@ def test_deb_members_reads_data_tar_xz(tmp_path):
 
 def test_restricted_unpickler_refuses_code(tmp_path):
     path = tmp_path / "evil.gz"
-    path.write_bytes(_gzip_pickle(collections.OrderedDict()))  # Needs a non-NumPy global.
+    path.write_bytes(fakes.gzip_pickle(collections.OrderedDict()))  # Needs a non-NumPy global.
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         sources._load_gzip_pickle(path)
 

@@ -1,0 +1,156 @@
+"""configs/mini.py, config validation and `python -m atm_jax.main` end to end."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from atm_jax import experiment
+from atm_jax.data import sources
+
+import fakes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _get_config(arg=None):
+    spec = importlib.util.spec_from_file_location("mini_config", ROOT / "configs" / "mini.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
+    sources._MEMO.clear()
+    fakes.install_fake_suite()
+    yield tmp_path
+    sources._MEMO.clear()
+
+
+def _tiny_config():
+    config = _get_config("tiny")
+    config.data.train_size = 48
+    config.data.validation_size = 8
+    config.data.test_size = 16
+    config.optimizer.batch_size = 8
+    config.pretrain.num_images = 256
+    config.pretrain.batch_size = 32
+    config.pretrain.held_out = 64
+    return config
+
+
+def test_paper_protocol_fields_of_mini():
+    config = _get_config()
+    experiment.validate(config)
+    assert config.budget == 10
+    assert config.methods.atm.iterations == 10 and config.methods.atm.split == "train"
+    assert config.methods.valft_atm.split == "validation"
+    assert config.methods.ties.merge_kwargs.density == 0.15
+    assert (config.methods.breadcrumbs.merge_kwargs.beta,
+            config.methods.breadcrumbs.merge_kwargs.gamma) == (0.85, 0.993)
+    assert config.methods.dare.merge_kwargs.p == 0.9
+    assert all(config.methods[m].alpha == 1.0 for m in config.methods)
+    assert {config.methods[m].merge for m in config.methods} == {"mean", "ties", "breadcrumbs", "dare"}
+    assert experiment.method_order(config) == ["task_arithmetic", "ties", "breadcrumbs", "dare",
+                                               "valft_atm", "atm"]
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda c: setattr(c, "tasks", ("mnist", "cifar10")), "config.tasks has unknown task 'cifar10'"),
+    (lambda c: setattr(c, "tasks", ()), "config.tasks is empty"),
+    (lambda c: setattr(c, "budget", 0), "config.budget=0"),
+    (lambda c: setattr(c.methods.atm, "iterations", 0), "config.methods.atm.iterations=0"),
+    (lambda c: setattr(c.methods.atm, "iterations", 3), "iterations=3 does not divide config.budget=10"),
+    (lambda c: setattr(c.methods.ties, "merge", "tie"), "config.methods.ties: Unknown merge 'tie'"),
+    (lambda c: setattr(c.methods.atm, "split", "test"), "config.methods.atm.split='test'"),
+    (lambda c: setattr(c.methods.atm, "alpha", -1.0), "config.methods.atm: alpha=-1.0"),
+    (lambda c: setattr(c, "heads", "random"), "config.heads='random'"),
+    (lambda c: setattr(c.optimizer, "learning_rate", -1.0), "config.optimizer: .*learning_rate"),
+    (lambda c: setattr(c.data, "test_size", -5), "config.data.test_size=-5"),
+    (lambda c: setattr(c.optimizer, "batch_size", 1000), "batch_size=1000 is larger than"),
+    (lambda c: setattr(c.methods.dare.merge_kwargs, "p", 1.0), "config.methods.dare: p=1.0"),
+    (lambda c: setattr(c.pretrain, "warmup_steps", 10**9), "config.pretrain: .*warmup_steps"),
+    (lambda c: setattr(c.pretrain, "num_images", 0), "config.pretrain: .*num_images=0"),
+])
+def test_bad_configs_fail_before_any_compute(edit, field, monkeypatch, tmp_path):
+    config = _get_config()
+    edit(config)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded before the config was validated")
+
+    monkeypatch.setattr("atm_jax.data.load_task", no_data)
+    with pytest.raises(experiment.ConfigError, match=field):
+        experiment.run_experiment(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_locked_config_rejects_misspelt_override():
+    config = _get_config()
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.budgett = 3
+
+
+def test_main_end_to_end_on_tiny_data(fake_cache, tmp_path):
+    from absl import flags
+
+    from atm_jax import main
+
+    config = _tiny_config()
+    workdir = tmp_path / "work"
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}:tiny",
+                 f"--workdir={workdir}"])
+    # The tiny config's sizes, shrunk further to the fake sources.
+    for path, value in [("data.train_size", 48), ("data.validation_size", 8), ("data.test_size", 16),
+                        ("optimizer.batch_size", 8), ("pretrain.num_images", 256),
+                        ("pretrain.batch_size", 32), ("pretrain.held_out", 64)]:
+        section, name = path.split(".")
+        with flags.FLAGS["config"].value.unlocked():
+            flags.FLAGS["config"].value[section][name] = value
+    main.main(["atm_jax.main"])
+    flags.FLAGS.unparse_flags()
+
+    results = json.loads((workdir / "results.json").read_text())
+    methods = [r["method"] for r in results["rows"]]
+    assert methods == ["pretrained", "linear_probe", "individual", "task_arithmetic", "ties",
+                       "breadcrumbs", "dare", "valft_atm", "atm"]
+    tasks = list(config.tasks)
+    for row in results["rows"]:
+        assert set(row["accuracy"]) == set(tasks)
+        assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
+        assert row["epochs"] == (0 if row["method"] == "pretrained" else config.budget)
+    individual = next(r for r in results["rows"] if r["method"] == "individual")
+    assert individual["normalized"] == pytest.approx(1.0)
+    assert [c["iteration"] for c in results["curves"]["atm"]] == [0, 1, 2]
+
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    keys = [(m["method"], m["iteration"], m["task"]) for m in lines]
+    assert len(keys) == len(set(keys)), "duplicate metrics records"
+    atm_keys = {(it, t) for (m, it, t) in keys if m == "atm"}
+    assert atm_keys == {(it, t) for it in range(3) for t in tasks}
+    table = (workdir / "results.md").read_text()
+    assert "| atm | 2 |" in table and "pretrained by this project" in table
+    for name in ("config.json", "accuracy_vs_iteration.png", "per_task_accuracy_vs_iteration.png",
+                 "per_task_bars.png"):
+        assert (workdir / name).stat().st_size > 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["train_size"] == 48
+
+
+def test_same_config_same_numbers(fake_cache, tmp_path):
+    config = _tiny_config()
+    with config.unlocked():
+        config.methods = {"atm": config.methods.atm}
+        config.references = ()
+    quiet = lambda *_: None  # noqa: E731
+    first = experiment.run_experiment(config, tmp_path / "a", log=quiet)
+    second = experiment.run_experiment(config, tmp_path / "b", log=quiet)
+    assert first["rows"] == second["rows"]
+    assert first["curves"] == second["curves"]
