@@ -60,6 +60,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import math
+from fractions import Fraction
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -199,10 +200,12 @@ def check_hparams(**hp) -> None:
     if "p" in hp:
         _check_range("p", hp["p"], 0, 1, lo_open=False, hi_open=True,
                      hint="It is the drop probability (DARE paper: 0.9).")
-    if "beta" in hp or "gamma" in hp:
+    if "beta" in hp:
+        _check_range("beta", hp["beta"], 0, 1, lo_open=False, hi_open=True)
+    if "gamma" in hp:
+        _check_range("gamma", hp["gamma"], 0, 1, lo_open=True, hi_open=False)
+    if "beta" in hp and "gamma" in hp:
         beta, gamma = hp["beta"], hp["gamma"]
-        _check_range("beta", beta, 0, 1, lo_open=False, hi_open=True)
-        _check_range("gamma", gamma, 0, 1, lo_open=True, hi_open=False)
         if not beta < gamma:
             raise ValueError(f"beta={beta!r} must be smaller than gamma={gamma!r}: Breadcrumbs keeps "
                              "the magnitudes between the beta and gamma percentiles (paper: 0.85, 0.993).")
@@ -214,12 +217,18 @@ def check_hparams(**hp) -> None:
         _check_choice("method", hp["method"], select.METHODS)
 
 
-def _ceil(x: float) -> int:  # robust to 0.993 * 1000 = 993.0000000000001
-    return math.ceil(x - 1e-9 * max(1.0, abs(x)))
+def _exact(fraction: float, n: int) -> Fraction:
+    """``fraction * n`` in exact arithmetic, reading ``fraction`` as the decimal the
+    user typed (float ``0.993 * 1000`` is 993.0000000000001, whose ceiling is off by one)."""
+    return Fraction(repr(float(fraction))) * n
 
 
-def _floor(x: float) -> int:
-    return math.floor(x + 1e-9 * max(1.0, abs(x)))
+def _ceil(fraction: float, n: int) -> int:
+    return math.ceil(_exact(fraction, n))
+
+
+def _floor(fraction: float, n: int) -> int:
+    return math.floor(_exact(fraction, n))
 
 
 def _size(x) -> int:
@@ -372,13 +381,13 @@ def sum(stacked: PyTree, *, key: jax.Array | None = None,  # noqa: A001 - the pa
 
 
 def _top_fraction(density: float):
-    return lambda n: [min(n, max(1, _ceil(density * n)))]
+    return lambda n: [min(n, max(1, _ceil(density, n)))]
 
 
 def _band(beta: float, gamma: float):
     # Drop floor(beta*n) smallest and n - ceil(gamma*n) largest: keep descending
     # ranks [n - ceil(gamma*n) + 1, n - floor(beta*n)]; never empty when beta < gamma.
-    return lambda n: [n - _ceil(gamma * n) + 1, n - _floor(beta * n)]
+    return lambda n: [n - _ceil(gamma, n) + 1, n - _floor(beta, n)]
 
 
 @register("ties", reference="Yadav et al. 2023 (TIES-Merging), https://arxiv.org/abs/2306.01708")
