@@ -261,20 +261,22 @@ def _sparsify(x, lo, hi, key, p, *, band: bool, magnitude: bool):
 
 
 def _consensus(kept, zero_positive, *, elect: bool, aggregate: str):
-    """One leaf's merged value from its T sparsified slices; plus sign statistics."""
+    """One leaf's merged value from its T sparsified slices.
+
+    With ``elect`` also returns an int8 code per entry: the elected sign (-1, 0, 1),
+    or 2 where the mass is exactly 0 but some task has a non-zero value (the only
+    entries whose result depends on the model-wide majority sign). Codes are
+    elementwise outputs, so they fuse into the same loop: on CPU, XLA's full
+    reductions cost more than the merge itself, so the caller counts them instead.
+    """
     acc = jnp.float32 if kept[0].dtype in (jnp.bfloat16, jnp.float16) else kept[0].dtype
     kept = [k.astype(acc) for k in kept]
-    if not elect:
-        total = kept[0]
-        for k in kept[1:]:
-            total = total + k
-        merged = total / len(kept) if aggregate == "mean" else total
-        return merged, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     mass = kept[0]
     for k in kept[1:]:
         mass = mass + k
+    if not elect:
+        return (mass / len(kept) if aggregate == "mean" else mass), None
     sign = jnp.sign(mass)
-    # Zero mass resolves to the majority sign (decided by the caller, see _merge).
     positive = jnp.where(sign == 0, zero_positive, sign > 0)
     total = jnp.zeros_like(mass)
     count = jnp.zeros_like(mass)
@@ -283,31 +285,47 @@ def _consensus(kept, zero_positive, *, elect: bool, aggregate: str):
         total = total + jnp.where(chosen, k, 0)
         count = count + chosen
     merged = total / jnp.maximum(count, 1) if aggregate == "mean" else total
-    ambiguous = jnp.sum((sign == 0) & (count > 0)).astype(jnp.int32)
-    return merged, jnp.sum(sign).astype(jnp.int32), ambiguous
+    # Zero mass with a non-zero value means values of both signs cancel, so the
+    # chosen side (either one) is non-empty exactly then.
+    ambiguous = (sign == 0) & (count > 0)
+    code = jnp.where(ambiguous, 2, sign).astype(jnp.int8)
+    return merged, code
 
 
 @partial(jax.jit, static_argnames=("band", "magnitude", "elect", "aggregate", "dropout"))
-def _merge(leaves, lo, hi, key, p, *, band, magnitude, elect, aggregate, dropout):
-    """The whole merge over all leaves. lo/hi: per-leaf [T] thresholds (or None)."""
-    def run(zero_positive):
-        outs, sign_sum, ambiguous = [], jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
-        for i, x in enumerate(leaves):
-            leaf_key = jax.random.fold_in(key, i) if dropout else None
-            kept = _sparsify(x, lo[i] if lo is not None else None, hi[i] if hi is not None else None,
-                             leaf_key, p if dropout else None, band=band, magnitude=magnitude)
-            merged, s, a = _consensus(kept, zero_positive, elect=elect, aggregate=aggregate)
-            outs.append(merged.astype(x.dtype))
-            sign_sum, ambiguous = sign_sum + s, ambiguous + a
-        return outs, sign_sum, ambiguous
+def _merge(leaves, lo, hi, key, p, zero_positive, *, band, magnitude, elect, aggregate, dropout):
+    """The whole merge over all leaves: (merged leaves, int8 sign codes or None).
 
-    outs, sign_sum, ambiguous = run(jnp.bool_(True))
-    if not elect:
-        return outs
-    # Optimistic pass: zero-mass entries took "+". Only if some were ambiguous and
-    # the majority over the model is not positive is a second pass needed (rare).
-    return jax.lax.cond((ambiguous > 0) & (sign_sum <= 0),
-                        lambda: run(jnp.bool_(False))[0], lambda: outs)
+    lo/hi: per-leaf [T] thresholds (or None); zero_positive: the side zero-mass
+    entries take (the model-wide majority sign, see :func:`_elect_majority`).
+    """
+    outs, codes = [], []
+    for i, x in enumerate(leaves):
+        leaf_key = jax.random.fold_in(key, i) if dropout else None
+        kept = _sparsify(x, lo[i] if lo is not None else None, hi[i] if hi is not None else None,
+                         leaf_key, p if dropout else None, band=band, magnitude=magnitude)
+        merged, code = _consensus(kept, zero_positive, elect=elect, aggregate=aggregate)
+        outs.append(merged.astype(x.dtype))
+        codes.append(code)
+    return outs, (codes if elect else None)
+
+
+def _majority_needs_negative(codes) -> bool | jax.Array:
+    """True if some entry is ambiguous and the majority sign over all entries is not +.
+
+    The official rule: zero-mass entries take sign(sum of elected signs over the
+    model), and a zero majority selects the negative side.
+    """
+    if any(isinstance(c, jax.core.Tracer) for c in codes):
+        ambiguous = builtins.sum(jnp.sum(c == 2) for c in codes)
+        balance = builtins.sum(jnp.sum(jnp.where(c == 2, 0, c).astype(jnp.int32)) for c in codes)
+        return (ambiguous > 0) & (balance <= 0)
+    codes = [np.asarray(c) for c in codes]
+    if not builtins.sum(int(np.count_nonzero(c == 2)) for c in codes):
+        return False
+    balance = builtins.sum(int(np.count_nonzero(c == 1)) - int(np.count_nonzero(c == -1))
+                           for c in codes)
+    return balance <= 0
 
 
 def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, scope="model",
@@ -348,10 +366,20 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
     elif check_finite and (p is not None or elect):
         tree_lib.check_finite(stacked)  # dropout could hide a NaN: check the inputs
     dropout = p is not None
-    out = _merge(leaves, lo, hi, key if dropout else jax.random.key(0),
-                 jnp.float32(p if dropout else 0.0), band=band_ranks is not None,
-                 magnitude=magnitude_ranks is not None, elect=elect, aggregate=aggregate,
-                 dropout=dropout)
+    args = (leaves, lo, hi, key if dropout else jax.random.key(0), jnp.float32(p if dropout else 0.0))
+    static = dict(band=band_ranks is not None, magnitude=magnitude_ranks is not None, elect=elect,
+                  aggregate=aggregate, dropout=dropout)
+    # Optimistic: zero-mass entries take "+"; redo with "-" only when the majority
+    # says so and such entries exist (rare outside hand-built examples).
+    out, codes = _merge(*args, jnp.bool_(True), **static)
+    if elect:
+        negative = _majority_needs_negative(codes)
+        del codes
+        if isinstance(negative, jax.Array):  # traced: decide inside the program
+            out = jax.lax.cond(negative, lambda: _merge(*args, jnp.bool_(False), **static)[0],
+                               lambda: out)
+        elif negative:
+            out = _merge(*args, jnp.bool_(False), **static)[0]
     if check_finite and rank_fn is None and p is None and not elect:
         # A plain sum propagates every NaN/Inf: checking the 1/T-sized output suffices.
         if not tree_lib._all_finite(out).all():
