@@ -1,0 +1,132 @@
+"""Per-task accuracy and the aggregates reported by ATM (arXiv 2411.03055).
+
+The paper reports the average top-1 accuracy over tasks and the *normalized*
+accuracy: each task's accuracy divided by a reference accuracy for that task
+(the individually finetuned model's), averaged over tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atm_jax.models.heads import apply_head
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jax.Array, bool], jax.Array]
+
+
+def _make_count_correct(apply_fn: ApplyFn):
+    """Jitted `(backbone, head, images [B,...], labels [B], mask [B]) -> correct count`."""
+
+    def count_correct(backbone, head, images, labels, mask):
+        logits = apply_head(head, apply_fn(backbone, images, False))
+        return jnp.sum(jnp.where(mask, logits.argmax(-1) == labels, False), dtype=jnp.int32)
+
+    return jax.jit(count_correct)
+
+
+# One jitted forward per apply_fn, so repeated evaluations (every task, every ATM
+# iteration) reuse the compilation when they pass the same apply_fn object.
+_count_correct_for = functools.lru_cache(maxsize=32)(_make_count_correct)
+
+
+def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy of `apply_head(head, apply_fn(backbone, images, False))`.
+
+    Every batch has exactly `batch_size` rows (the last is padded and masked), so one
+    compilation serves every task with the same image shape and head shape.
+
+    Args:
+        apply_fn: `apply_fn(backbone, images, train) -> features [B, F]`; pass the
+            same object every time to reuse the compiled forward.
+        backbone: backbone params.
+        head: {"kernel": [F, C], "bias": [C]}.
+        images: [N, ...] images.
+        labels: [N] integer labels.
+        batch_size: rows per forward pass.
+
+    Returns:
+        Fraction of correctly classified examples, in [0, 1].
+
+    Raises:
+        ValueError: on empty or mismatched data, or batch_size < 1.
+    """
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"need as many labels as images, at least one: got "
+                         f"{len(images)} images and {len(labels)} labels")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: must be >= 1")
+    try:
+        count_correct = _count_correct_for(apply_fn)
+    except TypeError:  # an unhashable apply_fn: no caching, compiles per call
+        count_correct = _make_count_correct(apply_fn)
+
+    num_examples = len(images)
+    counts = []
+    for start in range(0, num_examples, batch_size):
+        batch_images = images[start:start + batch_size]
+        batch_labels = labels[start:start + batch_size]
+        real = len(batch_labels)
+        if real < batch_size:  # pad the last batch so its shapes match the others
+            pad = batch_size - real
+            batch_images = np.concatenate(
+                [batch_images, np.zeros((pad,) + images.shape[1:], np.float32)])
+            batch_labels = np.concatenate([batch_labels, np.zeros(pad, np.int32)])
+        mask = np.arange(batch_size) < real
+        counts.append(count_correct(backbone, head, batch_images, batch_labels, mask))
+    return int(sum(jax.device_get(counts))) / num_examples
+
+
+def average(accs: Mapping[str, float]) -> float:
+    """Mean accuracy over tasks.
+
+    Raises:
+        ValueError: if `accs` is empty.
+    """
+    if not accs:
+        raise ValueError("average of no tasks")
+    return float(np.mean([float(a) for a in accs.values()]))
+
+
+def normalized(accs: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """Per-task normalized accuracy `accs[t] / reference[t]`.
+
+    Args:
+        accs: task name -> accuracy of the evaluated model.
+        reference: task name -> reference accuracy (the paper uses each task's
+            individually finetuned model); same task set as `accs`.
+
+    Returns:
+        task name -> ratio, in the order of `accs`.
+
+    Raises:
+        ValueError: if the task sets differ (naming the missing tasks on each side)
+            or a reference accuracy is 0.
+    """
+    missing_ref = sorted(set(accs) - set(reference))
+    missing_acc = sorted(set(reference) - set(accs))
+    if missing_ref or missing_acc:
+        raise ValueError(f"task sets differ: missing from reference {missing_ref}, "
+                         f"missing from accs {missing_acc}")
+    zero = sorted(t for t in accs if float(reference[t]) == 0.0)
+    if zero:
+        raise ValueError(f"reference accuracy is 0 for tasks {zero}: cannot normalize")
+    return {t: float(a) / float(reference[t]) for t, a in accs.items()}
+
+
+def normalized_average(accs: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """The paper's normalized accuracy: mean over tasks of `accs[t] / reference[t]`.
+
+    Raises:
+        ValueError: as `normalized`, or if there are no tasks.
+    """
+    return average(normalized(accs, reference))

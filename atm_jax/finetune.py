@@ -1,0 +1,398 @@
+"""Finetuning one task: optimizer, jitted train step and the epoch loop.
+
+ATM (Alternating Tuning and Merging, arXiv 2411.03055, Alg. 1) finetunes the shared
+backbone on every task from the current base for a few epochs, turns the results
+into task vectors and merges them into the next base. The paper resets the optimizer
+at every iteration, so `Finetuner.finetune` starts from fresh optimizer state on
+every call, while the jitted step is built once per run and reused for every task
+and iteration.
+
+Typical use::
+
+    finetuner = Finetuner(apply_fn, OptimizerConfig(learning_rate=1e-4), train_head=False)
+    backbone_t, head_t, metrics = finetuner.finetune(
+        base, heads[t], images, labels, epochs=1, key=jax.random.fold_in(key, t))
+
+`apply_fn(backbone_params, images, train)` returns features `[B, F]`; the head is a
+linear `{"kernel": [F, C], "bias": [C]}` dict (`atm_jax.models.heads`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from atm_jax.models.heads import apply_head
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jax.Array, bool], jax.Array]
+
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_SCHEDULES = ("constant", "warmup_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer settings for one finetuning call.
+
+    Attributes:
+        learning_rate: peak learning rate (> 0).
+        weight_decay: decoupled decay for "adamw"; L2 added to the gradient for
+            "adam" and "sgd" (>= 0, 0 disables it).
+        grad_clip: clip the global gradient norm to this value; None disables it.
+        batch_size: examples per step (>= 1).
+        name: "adam", "adamw" or "sgd" (plain, no momentum).
+        schedule: "constant", or "warmup_cosine": linear warmup from 0 over
+            `warmup_steps`, then cosine decay to 0 at `decay_steps` (counted from
+            the start of each `finetune` call, since every call gets a fresh
+            optimizer).
+        warmup_steps: warmup length for "warmup_cosine" (>= 0).
+        decay_steps: total schedule length for "warmup_cosine" (> warmup_steps);
+            must be None for "constant".
+    """
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float | None = 10.0
+    batch_size: int = 32
+    name: str = "adam"
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+
+    def __post_init__(self):
+        def bad(field, allowed):
+            value = getattr(self, field)
+            raise ValueError(f"OptimizerConfig.{field}={value!r} is invalid: must be {allowed}")
+
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            bad("learning_rate", "a finite number > 0")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            bad("weight_decay", "a finite number >= 0")
+        if self.grad_clip is not None and not (
+                isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            bad("grad_clip", "None or a number > 0")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:
+            bad("batch_size", "an integer >= 1")
+        if self.name not in _OPTIMIZERS:
+            bad("name", f"one of {list(_OPTIMIZERS)}")
+        if self.schedule not in _SCHEDULES:
+            bad("schedule", f"one of {list(_SCHEDULES)}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+                or self.warmup_steps < 0:
+            bad("warmup_steps", "an integer >= 0")
+        if self.schedule == "constant" and self.decay_steps is not None:
+            bad("decay_steps", 'None when schedule="constant"')
+        if self.schedule == "warmup_cosine" and not (
+                isinstance(self.decay_steps, int) and self.decay_steps > self.warmup_steps):
+            bad("decay_steps", f'an integer > warmup_steps={self.warmup_steps} when '
+                               f'schedule="warmup_cosine"')
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule | float:
+    """The learning rate of `cfg` as a constant or an optax schedule of the step."""
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps, end_value=0.0)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm gradient clipping followed by Adam, AdamW or SGD.
+
+    Args:
+        cfg: optimizer settings.
+
+    Returns:
+        The optax transformation; its state starts fresh at every `init`.
+    """
+    parts = []
+    if cfg.grad_clip is not None:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    lr = learning_rate_schedule(cfg)
+    if cfg.name == "adamw":
+        parts.append(optax.adamw(lr, weight_decay=cfg.weight_decay))
+    else:
+        if cfg.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(cfg.weight_decay))
+        parts.append(optax.adam(lr) if cfg.name == "adam" else optax.sgd(lr))
+    return optax.chain(*parts)
+
+
+def _trainable(state: dict, train_head: bool) -> dict:
+    """The part of the state the optimizer sees: the backbone, and the head if trained."""
+    if train_head:
+        return {"backbone": state["backbone"], "head": state["head"]}
+    return {"backbone": state["backbone"]}
+
+
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
+                    train_head: bool) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """Builds the (unjitted) train step: masked cross-entropy, one optimizer update.
+
+    Args:
+        apply_fn: `apply_fn(backbone, images, train) -> features [B, F]`.
+        tx: the optimizer.
+        train_head: whether the head gets gradients and optimizer state.
+
+    Returns:
+        `step(state, batch) -> (state, metrics)` with state
+        `{"backbone", "head", "opt_state", "step": int32 []}` and batch
+        `{"images": [B, ...] float32, "labels": [B] int32, "mask": [B] float32}`.
+        Metrics are scalars: "loss" (mean CE over the real examples), "count"
+        (real examples), "correct" (real examples classified right) and
+        "grad_norm" (before clipping).
+    """
+
+    def step(state, batch):
+        mask = batch["mask"]
+
+        def loss_fn(trainable):
+            head = trainable["head"] if train_head else state["head"]
+            features = apply_fn(trainable["backbone"], batch["images"], True)
+            logits = apply_head(head, features).astype(jnp.float32)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+            count = mask.sum()
+            # Padded rows carry mask 0, so the loss (and its gradient) is exactly that
+            # of the real rows; max() only guards an all-padding batch.
+            loss = (mask * ce).sum() / jnp.maximum(count, 1.0)
+            correct = (mask * (logits.argmax(-1) == batch["labels"])).sum()
+            return loss, (count, correct)
+
+        trainable = _trainable(state, train_head)
+        (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        new_state = {
+            "backbone": trainable["backbone"],
+            "head": trainable["head"] if train_head else state["head"],
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        metrics = {"loss": loss, "count": count, "correct": correct,
+                   "grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics
+
+    return step
+
+
+def make_init_state(tx: optax.GradientTransformation, *, train_head: bool
+                    ) -> Callable[[PyTree, dict], dict]:
+    """Builds `init_state(backbone, head) -> state` with fresh optimizer state.
+
+    The params are copied explicitly so the state owns its buffers: the step donates
+    the state, and the caller's arrays (the ATM base, reused for every task) must
+    survive that.
+    """
+
+    def init_state(backbone, head):
+        state = {"backbone": jax.tree.map(jnp.copy, backbone),
+                 "head": jax.tree.map(jnp.copy, head)}
+        state["opt_state"] = tx.init(_trainable(state, train_head))
+        state["step"] = jnp.zeros((), jnp.int32)
+        return state
+
+    return init_state
+
+
+def epoch_order(key: jax.Array, epoch: int, num_examples: int) -> np.ndarray:
+    """The example order of one epoch: a permutation seeded by `fold_in(key, epoch)`.
+
+    Drawn on the host with NumPy because batches are gathered on the host.
+
+    Args:
+        key: the finetuning call's PRNG key (typed or raw).
+        epoch: 0-based epoch index.
+        num_examples: N.
+
+    Returns:
+        [N] int64 permutation of range(N).
+    """
+    seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))).ravel()
+    return np.random.default_rng(seed.astype(np.uint64)).permutation(num_examples)
+
+
+class Finetuner:
+    """Finetunes a backbone (and optionally a head) on one task at a time.
+
+    Built once per run: it holds the jitted step, which compiles once per distinct
+    set of shapes and dtypes of (backbone, head, batch). Tasks with the same image
+    shape and the same number of classes therefore share one compilation; every
+    distinct head shape `[F, C]` compiles once more.
+
+    Attributes:
+        apply_fn: `apply_fn(backbone, images, train) -> features [B, F]`.
+        opt: the optimizer settings.
+        train_head: whether the head is trained (else frozen: no gradient, no
+            optimizer state, returned bitwise unchanged).
+        progress: show a tqdm bar over steps on stderr.
+        tx: the optax transformation.
+        train_step: the jitted step `step(state, batch) -> (state, metrics)`; it
+            donates `state`.
+    """
+
+    def __init__(self, apply_fn: ApplyFn, opt: OptimizerConfig, *, train_head: bool,
+                 progress: bool = False):
+        self.apply_fn = apply_fn
+        self.opt = opt
+        self.train_head = train_head
+        self.progress = progress
+        self.tx = make_optimizer(opt)
+        self.train_step = jax.jit(make_train_step(apply_fn, self.tx, train_head=train_head),
+                                  donate_argnums=0)
+        self._init_state = jax.jit(make_init_state(self.tx, train_head=train_head))
+
+    def init_state(self, backbone: PyTree, head: dict) -> dict:
+        """A fresh train state holding copies of `backbone` and `head`.
+
+        Args:
+            backbone: backbone params pytree.
+            head: {"kernel": [F, C], "bias": [C]}.
+
+        Returns:
+            {"backbone", "head", "opt_state", "step": int32 0}; safe to donate.
+        """
+        return self._init_state(backbone, head)
+
+    def train_epoch(self, state: dict, images: np.ndarray, labels: np.ndarray, *,
+                    key: jax.Array, epoch: int, bar: tqdm.tqdm | None = None
+                    ) -> tuple[dict, dict]:
+        """One pass over all examples in a keyed random order.
+
+        The last partial batch is padded to `batch_size` with mask-0 rows, so every
+        step has the same shapes and no example is dropped.
+
+        Args:
+            state: train state (donated: do not reuse it after the call).
+            images: [N, ...] float32 host array.
+            labels: [N] int32 host array.
+            key: PRNG key of the whole finetuning call.
+            epoch: 0-based epoch index (mixed into the shuffle).
+            bar: optional progress bar, advanced once per step.
+
+        Returns:
+            (state, metrics) with metrics {"loss": mean CE over the epoch's examples,
+            "accuracy": training accuracy over the epoch, "steps": steps taken,
+            "grad_norm": mean pre-clip gradient norm}.
+
+        Raises:
+            FloatingPointError: if a step's loss was not finite (checked once, after
+                the epoch, to avoid a host sync per step).
+        """
+        num_examples = len(images)
+        batch_size = self.opt.batch_size
+        steps = -(-num_examples // batch_size)
+        padding = steps * batch_size - num_examples
+        order = np.concatenate([epoch_order(key, epoch, num_examples),
+                                np.zeros(padding, np.int64)])
+        mask = np.concatenate([np.ones(num_examples, np.float32),
+                               np.zeros(padding, np.float32)])
+
+        step_metrics = []
+        for i in range(steps):
+            rows = order[i * batch_size:(i + 1) * batch_size]
+            batch = {"images": images[rows], "labels": labels[rows],
+                     "mask": mask[i * batch_size:(i + 1) * batch_size]}
+            state, metrics = self.train_step(state, batch)
+            step_metrics.append(metrics)
+            if bar is not None:
+                bar.update(1)
+
+        # One host transfer per epoch; dispatch stays asynchronous until here.
+        step_metrics = jax.device_get(step_metrics)
+        losses = np.array([m["loss"] for m in step_metrics])
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            i = int(bad[0])
+            raise FloatingPointError(
+                f"non-finite loss {losses[i]} in epoch {epoch} at step {i} of that epoch "
+                f"(0-based; step {epoch * steps + i} of this call); lower the learning "
+                f"rate or enable grad_clip")
+        counts = np.array([m["count"] for m in step_metrics])
+        correct = sum(float(m["correct"]) for m in step_metrics)
+        metrics = {
+            "loss": float((losses * counts).sum() / counts.sum()),
+            "accuracy": correct / num_examples,
+            "steps": steps,
+            "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
+        }
+        return state, metrics
+
+    def finetune(self, backbone: PyTree, head: dict, images, labels, *, epochs: int,
+                 key: jax.Array,
+                 on_epoch: Callable[[int, dict], None] | None = None
+                 ) -> tuple[PyTree, dict, dict]:
+        """Finetunes from `backbone`/`head` with a fresh optimizer.
+
+        The inputs are copied before the first (donating) step, so the caller's
+        arrays stay valid and unchanged.
+
+        Args:
+            backbone: backbone params pytree (e.g. the current ATM base).
+            head: the task's head {"kernel": [F, C], "bias": [C]}.
+            images: [N, ...] images (NumPy or JAX; converted to float32 on the host).
+            labels: [N] integer labels in [0, C).
+            epochs: full passes over the data (>= 1).
+            key: PRNG key; epoch e shuffles with `fold_in(key, e)`.
+            on_epoch: optional callback `on_epoch(epoch, epoch_metrics)` after each
+                epoch (for logging; see `train_epoch` for the metrics).
+
+        Returns:
+            (backbone, head, metrics) with metrics {"loss": [mean loss per epoch],
+            "accuracy": [training accuracy per epoch], "steps": int, "examples":
+            epochs * N, "epochs": epochs, "seconds": wall time}. With a frozen head
+            the returned head equals the input bitwise.
+
+        Raises:
+            ValueError: on mismatched or empty data, or epochs < 1.
+            FloatingPointError: if the loss became non-finite.
+        """
+        images = np.asarray(images, np.float32)
+        labels = np.asarray(labels, np.int32)
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f"need as many labels as images, at least one: got "
+                             f"{len(images)} images and {len(labels)} labels")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs={epochs!r} is invalid: must be an integer >= 1")
+
+        start = time.perf_counter()
+        state = self.init_state(backbone, head)
+        steps_per_epoch = -(-len(images) // self.opt.batch_size)
+        bar = (tqdm.tqdm(total=epochs * steps_per_epoch, leave=False, file=sys.stderr,
+                         unit="step") if self.progress else None)
+        losses, accuracies = [], []
+        try:
+            for epoch in range(epochs):
+                state, epoch_metrics = self.train_epoch(state, images, labels, key=key,
+                                                        epoch=epoch, bar=bar)
+                losses.append(epoch_metrics["loss"])
+                accuracies.append(epoch_metrics["accuracy"])
+                if on_epoch is not None:
+                    on_epoch(epoch, epoch_metrics)
+        finally:
+            if bar is not None:
+                bar.close()
+        jax.block_until_ready(state["backbone"])
+        metrics = {
+            "loss": losses,
+            "accuracy": accuracies,
+            "steps": epochs * steps_per_epoch,
+            "examples": epochs * len(images),
+            "epochs": epochs,
+            "seconds": time.perf_counter() - start,
+        }
+        return state["backbone"], state["head"], metrics

@@ -1,0 +1,62 @@
+"""Tests of glyph pretraining and its cache, on a tiny model and a tiny glyph pool."""
+
+import json
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from atm_jax import pretrain
+
+TINY_MODEL = {"name": "vit_tiny", "patch_size": 7, "width": 32, "depth": 1, "num_heads": 2,
+              "mlp_dim": 64}
+TINY_PRETRAIN = {"seed": 0, "num_images": 256, "epochs": 1, "batch_size": 64,
+                 "learning_rate": 1e-3, "warmup_steps": 1, "held_out": 124}
+
+
+def test_pretrain_runs_caches_and_reloads_identically(tmp_path):
+    lines = []
+    backbone, info = pretrain.pretrained_base(TINY_MODEL, TINY_PRETRAIN, cache_dir=tmp_path,
+                                              log=lines.append)
+    assert not info["from_cache"]
+    assert info["steps"] == 4 and info["images"] == 256
+    assert 0.0 <= info["held_out_accuracy"] <= 1.0
+    assert info["config"]["pretrain"]["num_images"] == 256
+    assert any(line.startswith("pretrain epoch 1/1") for line in lines)
+    assert type(backbone) is dict and backbone["patch_embedding"]["kernel"].shape == (7, 7, 1, 32)
+
+    files = sorted(p.name for p in (tmp_path / "bases").iterdir())
+    assert files == [f"{info['key']}.json", f"{info['key']}.msgpack"]  # no temp files left
+    stored = json.loads((tmp_path / "bases" / f"{info['key']}.json").read_text())
+    assert {"held_out_accuracy", "seconds", "steps", "images", "config"} <= set(stored)
+
+    start = time.perf_counter()
+    cached, cached_info = pretrain.pretrained_base(TINY_MODEL, TINY_PRETRAIN,
+                                                   cache_dir=tmp_path, log=lines.append)
+    assert time.perf_counter() - start < 1.0
+    assert cached_info["from_cache"]
+    assert cached_info["held_out_accuracy"] == info["held_out_accuracy"]
+    assert jax.tree.structure(cached) == jax.tree.structure(backbone)
+    for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(backbone)):
+        assert isinstance(a, jax.Array) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cache_key_resolves_defaults_and_separates_configs():
+    explicit = {**pretrain.PRETRAIN_DEFAULTS}
+    key = pretrain.cache_key(pretrain.resolve_configs({}, {}))
+    assert key == pretrain.cache_key(pretrain.resolve_configs({"name": "vit_tiny"}, explicit))
+    assert key != pretrain.cache_key(pretrain.resolve_configs({}, {"seed": 1}))
+    assert key != pretrain.cache_key(pretrain.resolve_configs({"depth": 2}, {}))
+
+
+def test_pretrain_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown pretraining config fields \['steps'\]"):
+        pretrain.pretrained_base(TINY_MODEL, {"steps": 10}, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="num_images=0"):
+        pretrain.pretrained_base(TINY_MODEL, {"num_images": 0}, cache_dir=tmp_path)
+    # Optimizer fields are checked before any rendering or compiling.
+    with pytest.raises(ValueError, match="OptimizerConfig.name='lion'"):
+        pretrain.pretrained_base(TINY_MODEL, {"optimizer": "lion"}, cache_dir=tmp_path)
+    assert not (tmp_path / "bases").exists()
