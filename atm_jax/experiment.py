@@ -174,7 +174,8 @@ def _setup(config, log) -> _Setup:
     for name in config.tasks:
         tasks[name] = data.load_task(name, train_size=config.data.train_size,
                                      validation_size=config.data.validation_size,
-                                     test_size=config.data.test_size, seed=config.seed)
+                                     test_size=config.data.test_size, seed=config.seed,
+                                     cap=config.data.get("cap_to_available", False))
     log(f"data: {len(tasks)} tasks loaded in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{n} ({len(t.train[1])}/{len(t.validation[1])}/{len(t.test[1])}, "
                     f"{t.num_classes} classes)" for n, t in tasks.items()))

@@ -246,6 +246,7 @@ def load_task(
     test_size: int | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    cap: bool = False,
 ) -> TaskData:
     """Loads a mini-suite task, fetching its source into the cache if needed.
 
@@ -260,6 +261,8 @@ def load_task(
       seed: Seed of the stratified subsampling and of the order of examples. It
         never moves examples between pools.
       cache_dir: Cache root; defaults to `atm_jax.data.cache_dir()`.
+      cap: Treat the sizes as upper bounds: a split smaller than requested is taken
+        whole instead of raising (suites mixing large and small tasks use this).
 
     Returns:
       The task's `TaskData`.
@@ -279,7 +282,10 @@ def load_task(
     splits = {}
     for split in SPLITS:
         images, labels = pools[split]
-        size = _check_size(name, split, requested[split], len(labels))
+        wanted = requested[split]
+        if cap and isinstance(wanted, (int, np.integer)) and not isinstance(wanted, bool):
+            wanted = min(int(wanted), len(labels))
+        size = _check_size(name, split, wanted, len(labels))
         index = _stratified(labels, size, _rng(int(seed), split, name))
         splits[split] = (
             (images[index].astype(np.float32) / 255.0)[..., None],
