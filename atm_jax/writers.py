@@ -145,7 +145,10 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     workdir = pathlib.Path(workdir)
     written = []
     flat = [r for r in rows if r["method"] not in curves]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = plt.get_cmap("tab10").colors
+    # One color per method across all plots, in table order.
+    order = [r["method"] for r in rows] + [m for m in curves if m not in {r["method"] for r in rows}]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(order)}
 
     def save(fig, name):
         path = workdir / name
@@ -157,16 +160,16 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
 
     def draw(ax, value_of, ylabel):
         max_it = max((h[-1]["iteration"] for h in curves.values() if h), default=1)
-        for i, (method, history) in enumerate(curves.items()):
+        for method, history in curves.items():
             its = [h["iteration"] for h in history]
-            ax.plot(its, [100 * value_of(h) for h in history], marker="o", ms=3,
-                    color=colors[i % len(colors)], label=method)
-        for j, row in enumerate(flat):
+            ax.plot(its, [100 * value_of(h) for h in history], marker="o", ms=3, lw=2,
+                    color=color[method], label=method)
+        for row in flat:
             v = value_of({"accuracy": row["accuracy"], "average_accuracy": row["average"]})
             if v is None:
                 continue
-            ax.hlines(100 * v, 0, max_it, linestyles="--", lw=1,
-                      color=colors[(len(curves) + j) % len(colors)], label=row["method"])
+            ax.hlines(100 * v, 0, max_it, linestyles="--", lw=1, color=color[row["method"]],
+                      label=row["method"])
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -174,7 +177,7 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw(ax, lambda h: h["average_accuracy"], "average test accuracy (%)")
     ax.set_title("Average accuracy vs iteration (one-shot methods dashed)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, "accuracy_vs_iteration.png")
 
     cols = min(4, len(tasks))
@@ -185,7 +188,8 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
         ax.set_title(task)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     save(fig, "per_task_accuracy_vs_iteration.png")
 
@@ -195,11 +199,11 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     for i, row in enumerate(rows):
         vals = [100 * row["accuracy"].get(t, np.nan) for t in tasks] + [100 * row["average"]]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, vals, width, label=row["method"],
-               color=colors[i % len(colors)])
+               color=color[row["method"]])
     ax.set_xticks(x, [*tasks, "average"])
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Per-task accuracy by method")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(axis="y", alpha=0.3)
     save(fig, "per_task_bars.png")
     return written

@@ -1,0 +1,172 @@
+"""The mini suite over seeds and budgets: ATM vs one-shot merging, mean ± std.
+
+Runs ``configs/mini.py`` (unchanged but for the fields named here) for budgets 5
+and 10 epochs per task with seeds 0, 1, 2, and the budget split of the paper's
+Fig. 5: 10 epochs = K iterations × 10/K epochs for K in 1, 2, 5, 10 (K = 1 is
+one-shot task arithmetic; K = 10 is the main ATM run). The seed changes the data
+subsample, the finetuning order and DARE's masks; the pretrained base and the
+heads stay fixed. Nothing is tuned per method.
+
+Run::
+
+  python benchmarks/mini_study.py                      # ≈ 35 min on 2 CPU cores
+  python benchmarks/mini_study.py --seeds 0 --budgets 10 --no-split   # one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _base_config():
+    spec = importlib.util.spec_from_file_location("mini_config", ROOT / "configs" / "mini.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _mean_std(values) -> str:
+    values = np.asarray(values, float)
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budgets", default="5,10")
+    parser.add_argument("--splits", default="1,2,5,10", help="K values of the budget split (budget 10)")
+    parser.add_argument("--no-split", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/atm_mini_study")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    from atm_jax import experiment
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    quiet = lambda *_: None  # noqa: E731
+    started = time.perf_counter()
+    runs = {}  # (budget, seed) -> results
+    for budget in budgets:
+        for seed in seeds:
+            config = _base_config()
+            config.seed = seed
+            config.budget = budget
+            config.methods.atm.iterations = budget
+            config.methods.valft_atm.iterations = budget
+            t0 = time.perf_counter()
+            runs[budget, seed] = experiment.run_experiment(
+                config, pathlib.Path(args.workdir) / f"b{budget}_s{seed}", log=quiet)
+            row = {r["method"]: r["average"] for r in runs[budget, seed]["rows"]}
+            print(f"budget {budget} seed {seed}: ATM {100 * row['atm']:.1f}, "
+                  f"best one-shot {100 * max(v for k, v in row.items() if k in ('task_arithmetic', 'ties', 'breadcrumbs', 'dare')):.1f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    split = {}  # (K, seed) -> average accuracy, normalized
+    if not args.no_split and 10 in budgets:
+        for k in [int(x) for x in args.splits.split(",")]:
+            for seed in seeds:
+                main_rows = {r["method"]: r for r in runs[10, seed]["rows"]}
+                if k == 10:
+                    row = main_rows["atm"]
+                elif k == 1 and "task_arithmetic" in main_rows:
+                    row = main_rows["task_arithmetic"]  # K = 1 is one-shot task arithmetic
+                else:
+                    config = _base_config()
+                    config.seed = seed
+                    config.references = ()
+                    atm = config.methods.atm
+                    atm.iterations = k
+                    config.methods = {"atm": atm}
+                    out = experiment.run_experiment(
+                        config, pathlib.Path(args.workdir) / f"split_k{k}_s{seed}", log=quiet)
+                    row = out["rows"][0]
+                    individual = main_rows["individual"]["accuracy"]
+                    row["normalized"] = float(np.mean([row["accuracy"][t] / individual[t]
+                                                       for t in individual]))
+                split[k, seed] = (row["average"], row["normalized"])
+                print(f"split K={k} × {10 // k} epochs, seed {seed}: {100 * row['average']:.1f}",
+                      flush=True)
+
+    tasks = runs[budgets[0], seeds[0]]["tasks"]
+    methods = [r["method"] for r in runs[budgets[0], seeds[0]]["rows"]]
+    out = []
+    for budget in budgets:
+        out += [f"### Budget {budget} epochs per task (ATM: {budget} iterations × 1 epoch), "
+                f"test accuracy %, mean ± std over seeds {seeds}", "",
+                "| method | " + " | ".join(tasks) + " | average | normalized |",
+                "|---|" + "---:|" * (len(tasks) + 2)]
+        for m in methods:
+            rows = [next(r for r in runs[budget, s]["rows"] if r["method"] == m) for s in seeds]
+            cells = [_mean_std([100 * r["accuracy"][t] for r in rows]) for t in tasks]
+            cells.append(_mean_std([100 * r["average"] for r in rows]))
+            norm = [r["normalized"] for r in rows]
+            cells.append(f"{np.mean(norm):.3f} ± {np.std(norm, ddof=1):.3f}" if len(norm) > 1
+                         else f"{norm[0]:.3f}")
+            out.append(f"| {experiment.REFERENCE_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        best = [max(next(r for r in runs[budget, s]["rows"] if r["method"] == m)["average"]
+                    for m in ("task_arithmetic", "ties", "breadcrumbs", "dare")) for s in seeds]
+        atm = [next(r for r in runs[budget, s]["rows"] if r["method"] == "atm")["average"]
+               for s in seeds]
+        out += ["", f"ATM − best one-shot baseline: "
+                f"{_mean_std([100 * (a - b) for a, b in zip(atm, best)])} points.", ""]
+    if split:
+        out += ["### Budget split (paper Fig. 5): 10 epochs = K iterations × 10/K epochs", "",
+                "| K × epochs | average accuracy % | normalized |", "|---|---:|---:|"]
+        for k in sorted({k for k, _ in split}):
+            vals = [split[k, s] for s in seeds]
+            out.append(f"| {k} × {10 // k} | {_mean_std([100 * a for a, _ in vals])} | "
+                       f"{np.mean([n for _, n in vals]):.3f} |")
+        out.append("")
+    first = runs[budgets[0], seeds[0]]
+    notes = [n for n in first["notes"] if not n.startswith(("Seed", "Budget"))]
+    out += [f"- {n}" for n in notes]
+    table = "\n".join(out) + "\n"
+    print()
+    print(table)
+    elapsed = time.perf_counter() - started
+    print(f"total {elapsed / 60:.1f} min")
+    if args.no_write:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    header = [f"# mini_study — {stamp:%Y-%m-%d %H:%M} UTC", "",
+              f"- commit: {_commit()}",
+              f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+              f"- configs/mini.py, seeds {seeds}, budgets {budgets}; {elapsed / 60:.0f} min in all",
+              "", ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"mini_study_{stamp:%Y%m%d}.md"
+    path.write_text("\n".join(header) + table)
+    (RESULTS / f"mini_study_{stamp:%Y%m%d}.json").write_text(json.dumps(
+        {"runs": {f"b{b}_s{s}": {k: v for k, v in r.items() if k in ("rows", "curves", "tasks")}
+                  for (b, s), r in runs.items()},
+         "split": {f"k{k}_s{s}": v for (k, s), v in split.items()}}, indent=1))
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
