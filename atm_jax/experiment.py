@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -211,8 +212,9 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
     s = _setup(config, log)
     key = jax.random.key(config.seed)
     opt = OptimizerConfig(**config.optimizer.to_dict())
+    # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
     finetuner = Finetuner(s.apply_fn, opt, train_head=config.heads == "trainable",
-                          progress=config.progress)
+                          progress=bool(config.progress) or sys.stderr.isatty())
 
     def make_finetune(split: str):
         def finetune(base, head, task, epochs, task_key):

@@ -242,11 +242,8 @@ def _size(x) -> int:
 
 def _sparsify(x, lo, hi, key, p, *, band: bool, magnitude: bool):
     """Masked task slices of one leaf: a list of T arrays."""
-    num_tasks = x.shape[0]
-    if p is not None:
-        keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
     out = []
-    for t in range(num_tasks):
+    for t in range(x.shape[0]):
         xt = x[t]
         if magnitude or band:
             mag = jnp.abs(xt)
@@ -255,7 +252,9 @@ def _sparsify(x, lo, hi, key, p, *, band: bool, magnitude: bool):
                 m = m & (mag <= hi[t])
             xt = jnp.where(m, xt, jnp.zeros_like(xt))
         if p is not None:
-            xt = jnp.where(keep[t], xt / (1.0 - p), jnp.zeros_like(xt)).astype(x.dtype)
+            # One mask per task slice (not [T, ...] at once): a third of the memory.
+            keep = jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - p, xt.shape)
+            xt = jnp.where(keep, xt / (1.0 - p), jnp.zeros_like(xt)).astype(x.dtype)
         out.append(xt)
     return out
 
@@ -293,17 +292,18 @@ def _consensus(kept, zero_positive, *, elect: bool, aggregate: str):
 
 
 @partial(jax.jit, static_argnames=("band", "magnitude", "elect", "aggregate", "dropout"))
-def _merge(leaves, lo, hi, key, p, zero_positive, *, band, magnitude, elect, aggregate, dropout):
-    """The whole merge over all leaves: (merged leaves, int8 sign codes or None).
+def _merge(leaves, lo, hi, keys, p, zero_positive, *, band, magnitude, elect, aggregate, dropout):
+    """The merge of a list of leaves: (merged leaves, int8 sign codes or None).
 
-    lo/hi: per-leaf [T] thresholds (or None); zero_positive: the side zero-mass
-    entries take (the model-wide majority sign, see :func:`_elect_majority`).
+    lo/hi: per-leaf [T] thresholds (or None); keys: per-leaf PRNG keys (dropout);
+    zero_positive: the side zero-mass entries take (the model-wide majority sign,
+    see :func:`_majority_needs_negative`).
     """
     outs, codes = [], []
     for i, x in enumerate(leaves):
-        leaf_key = jax.random.fold_in(key, i) if dropout else None
         kept = _sparsify(x, lo[i] if lo is not None else None, hi[i] if hi is not None else None,
-                         leaf_key, p if dropout else None, band=band, magnitude=magnitude)
+                         keys[i] if dropout else None, p if dropout else None, band=band,
+                         magnitude=magnitude)
         merged, code = _consensus(kept, zero_positive, elect=elect, aggregate=aggregate)
         outs.append(merged.astype(x.dtype))
         codes.append(code)
@@ -366,12 +366,22 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
     elif check_finite and (p is not None or elect):
         tree_lib.check_finite(stacked)  # dropout could hide a NaN: check the inputs
     dropout = p is not None
-    args = (leaves, lo, hi, key if dropout else jax.random.key(0), jnp.float32(p if dropout else 0.0))
+    keys = [jax.random.fold_in(key, i) for i in range(len(leaves))] if dropout else None
+    args = (leaves, lo, hi, keys, jnp.float32(p if dropout else 0.0))
     static = dict(band=band_ranks is not None, magnitude=magnitude_ranks is not None, elect=elect,
                   aggregate=aggregate, dropout=dropout)
     # Optimistic: zero-mass entries take "+"; redo with "-" only when the majority
     # says so and such entries exist (rare outside hand-built examples).
-    out, codes = _merge(*args, jnp.bool_(True), **static)
+    if dropout and not traced:
+        # One program per leaf: XLA:CPU otherwise schedules every leaf's random
+        # masks early and holds them all (3.5x the inputs' memory at ViT-B size).
+        pieces = [_merge([x], None if lo is None else [lo[i]], None if hi is None else [hi[i]],
+                         [keys[i]], args[4], jnp.bool_(True), **static)
+                  for i, x in enumerate(leaves)]
+        out = [o[0] for o, _ in pieces]
+        codes = [c[0] for _, c in pieces] if elect else None
+    else:
+        out, codes = _merge(*args, jnp.bool_(True), **static)
     if elect:
         negative = _majority_needs_negative(codes)
         del codes

@@ -77,7 +77,7 @@ def get_config(arg=None):
     config.methods.valft_atm = _atm(10, split="validation")
     config.methods.atm = _atm(10)
     config.eval_batch_size = 500
-    config.progress = False
+    config.progress = False  # True forces step progress bars; a terminal gets them anyway
 
     if arg == "tiny":
         config.data.train_size = 128
