@@ -32,16 +32,22 @@ def fake_cache(tmp_path, monkeypatch):
     sources._MEMO.clear()
 
 
-def _tiny_config():
-    config = _get_config("tiny")
-    config.data.train_size = 48
-    config.data.validation_size = 8
-    config.data.test_size = 16
-    config.optimizer.batch_size = 8
-    config.pretrain.num_images = 256
-    config.pretrain.batch_size = 32
-    config.pretrain.held_out = 64
+# configs/mini.py:tiny, shrunk further to fit the fake sources.
+_FAKE_SIZES = {"data": {"train_size": 48, "validation_size": 8, "test_size": 16},
+               "optimizer": {"batch_size": 8},
+               "pretrain": {"num_images": 256, "batch_size": 32, "held_out": 64}}
+
+
+def _shrink(config):
+    with config.unlocked():
+        for section, fields in _FAKE_SIZES.items():
+            for name, value in fields.items():
+                config[section][name] = value
     return config
+
+
+def _tiny_config():
+    return _shrink(_get_config("tiny"))
 
 
 def test_paper_protocol_fields_of_mini():
@@ -107,13 +113,7 @@ def test_main_end_to_end_on_tiny_data(fake_cache, tmp_path):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}:tiny",
                  f"--workdir={workdir}"])
-    # The tiny config's sizes, shrunk further to the fake sources.
-    for path, value in [("data.train_size", 48), ("data.validation_size", 8), ("data.test_size", 16),
-                        ("optimizer.batch_size", 8), ("pretrain.num_images", 256),
-                        ("pretrain.batch_size", 32), ("pretrain.held_out", 64)]:
-        section, name = path.split(".")
-        with flags.FLAGS["config"].value.unlocked():
-            flags.FLAGS["config"].value[section][name] = value
+    _shrink(flags.FLAGS["config"].value)
     main.main(["atm_jax.main"])
     flags.FLAGS.unparse_flags()
 
