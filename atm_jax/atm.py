@@ -86,23 +86,22 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
       "merge_seconds"}`` (plain Python numbers, ready for JSON).
     """
     start = time.perf_counter()
-    vectors = [tree_lib.task_vector(f, base) for f in finetuned]
     predicate = tree_lib.path_filter(spec.include, spec.exclude)
-    selected = [tree_lib.split(v, predicate)[0] for v in vectors]
-    stacked = tree_lib.stack(selected)
-    del vectors, selected
-    kwargs = dict(spec.kwargs)
+    selected_base, rest = tree_lib.split(base, predicate)
+    stacked = tree_lib.stacked_task_vectors([tree_lib.split(f, predicate)[0] for f in finetuned],
+                                            selected_base)
     fn = merge_lib.get(spec.name)
+    kwargs = dict(spec.kwargs)
     delta = fn(stacked, key=key, **kwargs) if merge_lib.info(spec.name).stochastic \
         else fn(stacked, **kwargs)
     delta = jax.block_until_ready(delta)
     seconds = time.perf_counter() - start
-    _, rest = tree_lib.split(base, predicate)
     full_delta = tree_lib.join(delta, jax.tree.map(jnp.zeros_like, rest))
     new_base = tree_lib.apply(base, full_delta, spec.alpha)
+    gram = tree_lib.gram_matrix(stacked)
     diagnostics = {
-        "task_vector_norm": [float(tree_lib.global_norm(v)) for v in tree_lib.unstack(stacked)],
-        "cosine": np.asarray(tree_lib.cosine_matrix(stacked)).round(6).tolist(),
+        "task_vector_norm": np.sqrt(np.diagonal(np.asarray(gram))).tolist(),
+        "cosine": np.asarray(tree_lib.cosine_from_gram(gram)).round(6).tolist(),
         "delta_norm": float(tree_lib.global_norm(delta)),
         "merge_seconds": round(seconds, 4),
     }

@@ -112,7 +112,7 @@ def validate(config) -> None:
         raise ConfigError(f"config.optimizer.batch_size={config.optimizer.batch_size} is larger than "
                           f"config.data.validation_size={config.data.validation_size}, which "
                           "valFT ATM trains on.")
-    tree_lib.path_filter(tuple(config.merge_include) or None, tuple(config.merge_exclude) or None)
+    _validate_merge_filter(config)
     if not config.methods:
         raise ConfigError("config.methods is empty: add at least one method.")
     for name in config.methods:
@@ -120,14 +120,17 @@ def validate(config) -> None:
         where = f"methods.{name}"
         if spec.get("kind") not in KINDS:
             raise ConfigError(f"config.{where}.kind={spec.get('kind')!r} must be one of {KINDS}.")
+        for required in ("merge", "alpha"):
+            _field(config, f"{where}.{required}")
         try:
             _merge_spec(config, spec)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"config.{where}: {e}") from None
         if spec.kind == "atm":
             iterations = _positive_int(config, f"{where}.iterations")
-            if spec.split not in SPLITS:
-                raise ConfigError(f"config.{where}.split={spec.split!r} must be one of {SPLITS}.")
+            split = _field(config, f"{where}.split")
+            if split not in SPLITS:
+                raise ConfigError(f"config.{where}.split={split!r} must be one of {SPLITS}.")
             if budget % iterations:
                 raise ConfigError(
                     f"config.{where}.iterations={iterations} does not divide config.budget={budget}: "
@@ -136,6 +139,40 @@ def validate(config) -> None:
             config.methods[n].kind == "one_shot" for n in config.methods):
         raise ConfigError("config.references has 'individual' but no one_shot method finetunes "
                           "the individual models; add one or drop the reference.")
+
+
+def _model(config):
+    from atm_jax.models.vit_tiny import vit_from_config
+
+    name = _field(config, "model").get("name", "vit_tiny")
+    if name != "vit_tiny":
+        raise ConfigError(f"config.model.name={name!r} is not available in the mini suite; "
+                          "use 'vit_tiny'.")
+    try:
+        return vit_from_config(config.model)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def _validate_merge_filter(config) -> None:
+    """Every include/exclude regex must compile and match some backbone leaf: a typo
+    would otherwise merge everything, or fail only at the first merge."""
+    include = tuple(config.merge_include) or None
+    exclude = tuple(config.merge_exclude) or None
+    try:
+        predicate = tree_lib.path_filter(include, exclude)
+    except ValueError as e:
+        raise ConfigError(f"config.merge_include / config.merge_exclude: {e}") from None
+    model = _model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))
+    paths = tree_lib.leaf_paths(shapes["params"])
+    for field, patterns in (("merge_include", include), ("merge_exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(tree_lib.path_filter(pattern)(p) for p in paths):
+                raise ConfigError(f"config.{field} pattern {pattern!r} matches no backbone leaf; "
+                                  f"leaf paths look like {paths[:3]}.")
+    if not any(predicate(p) for p in paths):
+        raise ConfigError("config.merge_include / config.merge_exclude leave no backbone leaf to merge.")
 
 
 def _validate_pretrain(config) -> None:
@@ -167,7 +204,6 @@ class _Setup:
 
 def _setup(config, log) -> _Setup:
     from atm_jax import data
-    from atm_jax.models.vit_tiny import vit_from_config
     from atm_jax.pretrain import pretrained_base
 
     start = time.perf_counter()
@@ -181,7 +217,7 @@ def _setup(config, log) -> _Setup:
         + ", ".join(f"{n} ({len(t.train[1])}/{len(t.validation[1])}/{len(t.test[1])}, "
                     f"{t.num_classes} classes)" for n, t in tasks.items()))
     base, base_info = pretrained_base(config.model, config.pretrain, log=log)
-    model = vit_from_config(config.model)
+    model = _model(config)
 
     def apply_fn(params, images, train):
         return model.apply({"params": params}, images, train=train)
@@ -284,7 +320,7 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
         for row in rows:
             row["normalized"] = evaluate_lib.normalized_average(row["accuracy"], individual)
     seconds = time.perf_counter() - started
-    notes = _notes(config, s, seconds)
+    notes = _notes(config, s, opt, seconds)
     tasks = list(config.tasks)
     results = {"tasks": tasks, "rows": rows, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
                "total_seconds": round(seconds, 1), "base": _base_summary(s.base_info),
@@ -336,20 +372,32 @@ def _base_summary(info: Mapping) -> dict:
     return {k: info[k] for k in keep if k in info}
 
 
-def _notes(config, s: _Setup, seconds: float) -> list[str]:
-    info = s.base_info
-    acc = info.get("held_out_accuracy")
+def _notes(config, s: _Setup, opt: OptimizerConfig, seconds: float) -> list[str]:
+    resolved = s.base_info.get("config", {})
+    model, pre = resolved.get("model", {}), resolved.get("pretrain", {})
+    acc = s.base_info.get("held_out_accuracy")
     notes = [
         f"Base: a {tree_lib.num_params(s.base) / 1e6:.2f}M-parameter ViT (patch "
-        f"{config.model.patch_size}, width {config.model.width}, depth {config.model.depth}) "
-        f"pretrained by this project on {config.pretrain.num_images} rendered font glyphs "
-        f"(62 classes, {config.pretrain.epochs} epochs"
+        f"{model.get('patch_size')}, width {model.get('width')}, depth {model.get('depth')}) "
+        f"pretrained by this project on {pre.get('num_images')} rendered font glyphs "
+        f"(62 classes, {pre.get('epochs')} epochs"
         + (f", {100 * acc:.1f}% held-out glyph accuracy" if acc is not None else "")
         + "); no public ViT weights were used.",
         f"Heads: {config.heads.replace('_', ' ')} per task, never merged.",
         f"Budget: {config.budget} epochs per task for every method; optimizer "
-        f"{config.optimizer.name} lr {config.optimizer.learning_rate}, batch "
-        f"{config.optimizer.batch_size}, grad clip {config.optimizer.grad_clip} (same for all).",
+        f"{opt.name} lr {opt.learning_rate}, batch {opt.batch_size}, grad clip {opt.grad_clip} "
+        "(same for all).",
+    ]
+    for name in method_order(config):
+        spec = config.methods[name]
+        if spec.kind == "atm" and spec.split == "validation":
+            sizes = ", ".join(f"{t} {len(task.validation[1])}" for t, task in s.tasks.items())
+            notes.append(
+                f"{name}: trains only on the validation split ({sizes} examples) from the "
+                f"pretrained base, {spec.iterations} iterations × {config.budget // spec.iterations} "
+                "epoch(s): the same epochs but far fewer steps than training-split methods (the "
+                "authors' final code instead starts valFT from task arithmetic).")
+    notes += [
         "Normalized = accuracy ÷ the individually finetuned model's accuracy, averaged over tasks.",
         f"Seed {config.seed}; wall time {seconds:.0f}s.",
     ]

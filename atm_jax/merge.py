@@ -98,16 +98,17 @@ class MergeMethod:
     reference: str
     stochastic: bool = False
     compat: bool = False
+    options: tuple[str, ...] = ()  # keyword arguments beyond the hyperparameters
 
     def __call__(self, stacked: PyTree, *, key: jax.Array | None = None, **hparams) -> PyTree:
         return self.fn(stacked, key=key, **hparams)
 
     def check(self, **hparams) -> None:
         """Validates hyperparameters without merging anything (configs call this)."""
-        unknown = sorted(set(hparams) - set(self.defaults) - {"method", "check_finite"})
+        unknown = sorted(set(hparams) - set(self.defaults) - set(self.options))
         if unknown:
             raise ValueError(f"merge {self.name!r} has no hyperparameter {unknown[0]!r}; "
-                             f"it takes {sorted(self.defaults)}.")
+                             f"it takes {sorted(self.defaults) + sorted(self.options)}.")
         check_hparams(**{**self.defaults, **hparams})
 
 
@@ -119,9 +120,10 @@ def register(name: str, *, reference: str, stochastic: bool = False, compat: boo
     def wrap(fn):
         import inspect
         params = inspect.signature(fn).parameters
-        defaults = {k: p.default for k, p in params.items()
-                    if p.kind is p.KEYWORD_ONLY and k not in ("key", "method", "check_finite")}
-        _REGISTRY[name] = MergeMethod(name, fn, defaults, reference, stochastic, compat)
+        keyword = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "key"]
+        options = tuple(k for k in keyword if k in ("method", "check_finite"))
+        defaults = {k: params[k].default for k in keyword if k not in options}
+        _REGISTRY[name] = MergeMethod(name, fn, defaults, reference, stochastic, compat, options)
         return fn
     return wrap
 

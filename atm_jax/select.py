@@ -215,6 +215,9 @@ def resolve_method(method: str, leaves: Sequence[jax.Array]) -> str:
     """The method "auto" stands for with these inputs."""
     if method not in METHODS:
         raise ValueError(f"Unknown selection method {method!r}; choose one of {METHODS}.")
+    if method == "host" and any(isinstance(x, jax.core.Tracer) for x in leaves):
+        raise ValueError("method='host' needs concrete arrays and cannot run under jax.jit; "
+                         "use method='bisect' or 'top_k' (or 'auto') inside jitted code.")
     if method != "auto":
         return method
     if _is_concrete_cpu(leaves):

@@ -33,10 +33,12 @@ __all__ = [
     "task_vector",
     "apply",
     "stack",
+    "stacked_task_vectors",
     "unstack",
     "ravel",
     "num_params",
     "global_norm",
+    "gram_matrix",
     "cosine_matrix",
     "leaf_paths",
     "path_filter",
@@ -176,6 +178,24 @@ def apply(base: PyTree, delta: PyTree, scale: float | jax.Array = 1.0) -> PyTree
     return jax.tree.map(lambda b, d: (b + scale * d).astype(b.dtype), base, delta)
 
 
+def stacked_task_vectors(finetuned: Sequence[PyTree], base: PyTree) -> PyTree:
+    """``stack([task_vector(f, base) for f in finetuned])`` without the T intermediate
+    task vectors: one jitted program writes the ``[T, ...]`` leaves directly.
+
+    Raises:
+      ValueError: as :func:`stack`, naming the first leaf that differs.
+    """
+    finetuned = list(finetuned)
+    check_compatible([base, *finetuned], names=["base"] + [f"finetuned {i}" for i in range(len(finetuned))],
+                     what="params tree")
+    return _stacked_differences(base, finetuned)
+
+
+@jax.jit
+def _stacked_differences(base, finetuned):
+    return jax.tree.map(lambda b, *fs: jnp.stack([f - b for f in fs]), base, *finetuned)
+
+
 def stack(trees: Sequence[PyTree]) -> PyTree:
     """Stacks T pytrees of one structure into one whose leaves are ``[T, ...]``.
 
@@ -215,18 +235,28 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 
 @jax.jit
+def gram_matrix(stacked: PyTree) -> jax.Array:
+    """``[T, T]`` inner products between the T task vectors (float32), summed per leaf."""
+    gram = jnp.zeros((), jnp.float32)
+    for x in jax.tree.leaves(stacked):
+        flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        gram = gram + flat @ flat.T
+    return gram
+
+
+@jax.jit
 def cosine_matrix(stacked: PyTree) -> jax.Array:
     """``[T, T]`` cosine similarities between the T task vectors of ``stacked``.
 
-    Each task vector is all of its leaves concatenated; computed as a sum of per-leaf
-    Gram matrices, so nothing is ever concatenated. A zero vector has cosine 0 with
+    Each task vector is all of its leaves concatenated; computed from per-leaf Gram
+    matrices, so nothing is ever concatenated. A zero vector has cosine 0 with
     everything (not NaN).
     """
-    leaves = jax.tree.leaves(stacked)
-    gram = 0.0
-    for x in leaves:
-        flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
-        gram = gram + flat @ flat.T
+    return cosine_from_gram(gram_matrix(stacked))
+
+
+def cosine_from_gram(gram: jax.Array) -> jax.Array:
+    """Cosine similarities from a Gram matrix; 0 where a vector is zero."""
     norms = jnp.sqrt(jnp.diagonal(gram))
     denom = jnp.outer(norms, norms)
     return jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)

@@ -96,11 +96,33 @@ def test_bad_configs_fail_before_any_compute(edit, field, monkeypatch, tmp_path)
     assert not (tmp_path / "work").exists()
 
 
-def test_locked_config_rejects_misspelt_override():
+def test_main_rejects_misspelt_override_on_the_command_line(tmp_path):
+    from absl import flags
+
+    from atm_jax import main  # noqa: F401 - defines --config
+
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(flags.UnrecognizedFlagError, match="budgett"):
+        flags.FLAGS(["atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}",
+                     "--config.budgett=3", f"--workdir={tmp_path}"])
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: setattr(c, "merge_exclude", ("^hed/",)), "merge_exclude pattern '\^hed/' matches no"),
+    (lambda c: setattr(c, "merge_include", ("[",)), "config.merge_include / config.merge_exclude: Invalid"),
+    (lambda c: setattr(c, "merge_include", ("block_0",)) or setattr(c, "merge_exclude", ("block_0",)),
+     "leave no backbone leaf"),
+    (lambda c: setattr(c.model, "name", "clip"), "config.model.name='clip'"),
+    (lambda c: c.methods.ties.merge_kwargs.__setattr__("method", "sort"), "method='sort'"),
+    (lambda c: c.methods.dare.merge_kwargs.__setattr__("method", "host"), "no hyperparameter 'method'"),
+])
+def test_filters_model_and_merge_options_are_validated(edit, message):
     config = _get_config()
-    config.lock()
-    with pytest.raises(AttributeError):
-        config.budgett = 3
+    with config.unlocked():
+        edit(config)
+    with pytest.raises(experiment.ConfigError, match=message):
+        experiment.validate(config)
 
 
 def test_main_end_to_end_on_tiny_data(fake_cache, tmp_path):

@@ -188,3 +188,8 @@ def test_bisect_does_not_recompile_for_new_ranks_or_values():
     assert select._bisect._cache_size() == size
     np.testing.assert_array_equal(got[0], _ref(y[0], [7, 50]))
     np.testing.assert_array_equal(got[1], _ref(y[1], [1, 25]))
+
+
+def test_host_method_under_jit_names_the_alternatives():
+    with pytest.raises(ValueError, match="method='host'.*'bisect' or 'top_k'"):
+        jax.jit(lambda x: select.thresholds([x], [1], method="host"))(jnp.ones((1, 4)))
