@@ -271,7 +271,7 @@ def path_filter(include: str | Iterable[str] | None = None,
                 exclude: str | Iterable[str] | None = None) -> Callable[[str], bool]:
     """A predicate on leaf paths: matches any ``include`` regex and no ``exclude`` one.
 
-    Regexes use ``re.search`` on slash-joined paths such as ``"backbone/block_0/mlp/kernel"``.
+    Regexes use ``re.search`` on slash-joined paths such as ``"block_0/attention/query/kernel"``.
     ``include=None`` means everything. Task heads are kept out of merges by an
     ``exclude`` pattern in the config rather than by code.
     """

@@ -327,9 +327,9 @@ def main():
               f"- inputs: {args.tasks} × {per_task / 1e6:.1f}M float32 (ViT-B/16 leaf shapes), "
               f"median of {args.repeats} runs after one warm-up, each in its own process",
               "- peak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs",
-              ""]
+              "", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"merge_bench_{stamp:%Y%m%d}.md"
+    path = RESULTS / f"merge_bench_{stamp:%Y%m%d_%H%M}.md"
     path.write_text("\n".join(header) + table + "\n")
     print(f"\nwrote {path.relative_to(ROOT)}")
 

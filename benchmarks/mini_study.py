@@ -159,9 +159,9 @@ def main():
               f"- configs/mini.py, seeds {seeds}, budgets {budgets}; {elapsed / 60:.0f} min in all",
               "", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"mini_study_{stamp:%Y%m%d}.md"
+    path = RESULTS / f"mini_study_{stamp:%Y%m%d_%H%M}.md"
     path.write_text("\n".join(header) + table)
-    (RESULTS / f"mini_study_{stamp:%Y%m%d}.json").write_text(json.dumps(
+    (RESULTS / f"mini_study_{stamp:%Y%m%d_%H%M}.json").write_text(json.dumps(
         {"runs": {f"b{b}_s{s}": {k: v for k, v in r.items() if k in ("rows", "curves", "tasks")}
                   for (b, s), r in runs.items()},
          "split": {f"k{k}_s{s}": v for (k, s), v in split.items()}}, indent=1))
