@@ -365,33 +365,34 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
             lo = [t[:, 1] for t in per_leaf]
         else:
             lo = [t[:, 0] for t in per_leaf]
-    elif check_finite and (p is not None or elect):
+    elif check_finite and p is not None:
         tree_lib.check_finite(stacked)  # dropout could hide a NaN: check the inputs
     dropout = p is not None
     keys = [jax.random.fold_in(key, i) for i in range(len(leaves))] if dropout else None
-    args = (leaves, lo, hi, keys, jnp.float32(p if dropout else 0.0))
+    p_arr = jnp.float32(p if dropout else 0.0)
     static = dict(band=band_ranks is not None, magnitude=magnitude_ranks is not None, elect=elect,
                   aggregate=aggregate, dropout=dropout)
+
+    def run(zero_positive):
+        if dropout and not traced:
+            # One program per leaf: XLA:CPU otherwise schedules every leaf's random
+            # masks early and holds them all (3.5x the inputs' memory at ViT-B size).
+            pieces = [_merge([x], None if lo is None else [lo[i]], None if hi is None else [hi[i]],
+                             [keys[i]], p_arr, zero_positive, **static)
+                      for i, x in enumerate(leaves)]
+            return [o[0] for o, _ in pieces], ([c[0] for _, c in pieces] if elect else None)
+        return _merge(leaves, lo, hi, keys, p_arr, zero_positive, **static)
+
     # Optimistic: zero-mass entries take "+"; redo with "-" only when the majority
     # says so and such entries exist (rare outside hand-built examples).
-    if dropout and not traced:
-        # One program per leaf: XLA:CPU otherwise schedules every leaf's random
-        # masks early and holds them all (3.5x the inputs' memory at ViT-B size).
-        pieces = [_merge([x], None if lo is None else [lo[i]], None if hi is None else [hi[i]],
-                         [keys[i]], args[4], jnp.bool_(True), **static)
-                  for i, x in enumerate(leaves)]
-        out = [o[0] for o, _ in pieces]
-        codes = [c[0] for _, c in pieces] if elect else None
-    else:
-        out, codes = _merge(*args, jnp.bool_(True), **static)
+    out, codes = run(jnp.bool_(True))
     if elect:
         negative = _majority_needs_negative(codes)
         del codes
         if isinstance(negative, jax.Array):  # traced: decide inside the program
-            out = jax.lax.cond(negative, lambda: _merge(*args, jnp.bool_(False), **static)[0],
-                               lambda: out)
+            out = jax.lax.cond(negative, lambda: run(jnp.bool_(False))[0], lambda: out)
         elif negative:
-            out = _merge(*args, jnp.bool_(False), **static)[0]
+            out = run(jnp.bool_(False))[0]
     if check_finite and rank_fn is None and p is None and not elect:
         # A plain sum propagates every NaN/Inf: checking the 1/T-sized output suffices.
         if not tree_lib._all_finite(out).all():

@@ -70,7 +70,7 @@ def _abs_mask(itemsize: int) -> int:
 _CHUNK = 1 << 18  # entries per pass: small enough to stay in cache
 
 
-def _host_group(arrays: Sequence[np.ndarray], ranks: Sequence[int]) -> tuple[np.ndarray, float]:
+def _host_group(arrays: Sequence[np.ndarray], ranks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """k-th largest |x| over the concatenation of ``arrays`` for each rank.
 
     Returns the values and the largest magnitude (the caller's finiteness check).

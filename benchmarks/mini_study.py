@@ -29,6 +29,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+ONE_SHOT = ("task_arithmetic", "ties", "breadcrumbs", "dare")
 
 
 def _base_config():
@@ -83,7 +84,7 @@ def main():
                 config, pathlib.Path(args.workdir) / f"b{budget}_s{seed}", log=quiet)
             row = {r["method"]: r["average"] for r in runs[budget, seed]["rows"]}
             print(f"budget {budget} seed {seed}: ATM {100 * row['atm']:.1f}, "
-                  f"best one-shot {100 * max(v for k, v in row.items() if k in ('task_arithmetic', 'ties', 'breadcrumbs', 'dare')):.1f} "
+                  f"best one-shot {100 * max(row[m] for m in ONE_SHOT):.1f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     split = {}  # (K, seed) -> average accuracy, normalized
@@ -129,7 +130,7 @@ def main():
                          else f"{norm[0]:.3f}")
             out.append(f"| {experiment.REFERENCE_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
         best = [max(next(r for r in runs[budget, s]["rows"] if r["method"] == m)["average"]
-                    for m in ("task_arithmetic", "ties", "breadcrumbs", "dare")) for s in seeds]
+                    for m in ONE_SHOT) for s in seeds]
         atm = [next(r for r in runs[budget, s]["rows"] if r["method"] == "atm")["average"]
                for s in seeds]
         out += ["", f"ATM − best one-shot baseline: "
