@@ -1,4 +1,4 @@
-"""Fetches the mini suite's sources into the cache and prints what it holds.
+"""Fetches or writes datasets into place and prints what it holds.
 
 Usage::
 
@@ -6,9 +6,19 @@ Usage::
   python -m atm_jax.data.prepare mini --cache_dir DIR    # elsewhere
   python -m atm_jax.data.prepare mini --force            # fetch raw files again
 
-This is the one command that downloads (pip / apt-get), so it ignores
-``$ATM_JAX_OFFLINE``. Running it again is cheap: present files are only
-checksummed and decoded arrays are reused.
+  # The paper's tasks as tfds array_record datasets (needs TensorFlow and network:
+  # pip install -e ".[prepare]"); names are paper task names or tfds names.
+  python -m atm_jax.data.prepare tfds cifar100 dtd eurosat mnist svhn --data_dir DIR
+  python -m atm_jax.data.prepare tfds resisc45 --data_dir DIR --manual_dir MANUAL
+  python -m atm_jax.data.prepare tfds glue --data_dir DIR   # the 7 GLUE tasks
+  python -m atm_jax.data.prepare tfds vision --data_dir DIR # the 6 tfds vision tasks
+
+  # The tiny local image-folder and TSV tasks of atm_jax.data.local (offline).
+  python -m atm_jax.data.prepare local --root DIR
+
+These are the commands that download (pip / apt-get / tfds), so they ignore
+``$ATM_JAX_OFFLINE``. Running one again is cheap: present files are only
+checksummed and decoded arrays or prepared datasets are reused.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from atm_jax.data import mini, sources
+from atm_jax.data import local, mini, paper, sources, tfds_source
 
 SUITES = {"mini": mini.MINI_TASKS}
 
@@ -69,16 +79,90 @@ def prepare(suite: str = "mini", *, cache_dir: str | None = None, force: bool = 
     return "\n".join(lines)
 
 
+def tfds_names(names: Sequence[str]) -> list[str]:
+    """Maps paper task names (and the groups "vision", "glue") to tfds names.
+
+    Other names pass through unchanged, so any tfds name can be prepared.
+    """
+    groups = {"vision": paper.VISION_TASKS, "glue": paper.GLUE_TASKS}
+    out: list[str] = []
+    for name in names:
+        for task in groups.get(name, (name,)):
+            spec = paper.PAPER_TASKS.get(task)
+            if spec is not None and spec.tfds_name is None:
+                if name in groups:
+                    continue  # GTSRB has no tfds builder; the group skips it.
+                raise tfds_source.DatasetNotPreparedError(tfds_source.NO_BUILDER[task])
+            tfds_name = spec.tfds_name if spec is not None else task
+            if tfds_name not in out:
+                out.append(tfds_name)
+    return out
+
+
+def prepare_tfds(
+    names: Sequence[str], *, data_dir: str | None = None, manual_dir: str | None = None
+) -> str:
+    """Prepares tfds datasets as array_record; returns a summary.
+
+    Args:
+      names: Paper task names, "vision", "glue", or tfds names.
+      data_dir: tfds data dir; defaults to `tfds_source.default_data_dir`.
+      manual_dir: Folder of manual downloads (RESISC45); defaults to
+        ``data_dir/downloads/manual``.
+
+    Raises:
+      tfds_source.DatasetNotPreparedError: If TensorFlow is missing, a dataset has
+        no tfds builder, or a manual download is missing.
+    """
+    start = time.perf_counter()
+    folders = tfds_source.prepare(tfds_names(names), data_dir, manual=manual_dir)
+    lines = [f"data_dir: {tfds_source.resolve_data_dir(data_dir)}"]
+    lines += [f"  {folder}  {_size(folder) / 1e6:.1f} MB" for folder in folders]
+    lines.append(f"took {time.perf_counter() - start:.1f} s")
+    return "\n".join(lines)
+
+
+def prepare_local(root: str) -> str:
+    """Writes the tiny local tasks of `atm_jax.data.local` under ``root``."""
+    start = time.perf_counter()
+    local.make_image_folder(pathlib.Path(root) / "images")
+    local.make_text_tasks(pathlib.Path(root) / "text")
+    lines = [f"{root}/images: {', '.join(local.IMAGE_TASKS)}"]
+    lines.append(f"{root}/text: {', '.join(local.TEXT_TASKS)} + tokenizer")
+    lines.append(f"took {time.perf_counter() - start:.1f} s")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", choices=sorted(SUITES), help="which suite to fetch")
-    parser.add_argument(
+    commands = parser.add_subparsers(dest="command", required=True)
+    mini_parser = commands.add_parser("mini", help="fetch the mini suite's sources")
+    mini_parser.add_argument(
         "--cache_dir", default=None, help="cache root (default: $ATM_JAX_CACHE or ~/.cache/atm_jax)"
     )
-    parser.add_argument("--force", action="store_true", help="download raw files again")
+    mini_parser.add_argument("--force", action="store_true", help="download raw files again")
+    tfds_parser = commands.add_parser(
+        "tfds", help="prepare tfds datasets as array_record (needs TensorFlow)"
+    )
+    tfds_parser.add_argument(
+        "names", nargs="+", help="paper task names, 'vision', 'glue', or tfds names"
+    )
+    tfds_parser.add_argument(
+        "--data_dir", default=None, help="tfds data dir (default: $TFDS_DATA_DIR or CACHE/tfds)"
+    )
+    tfds_parser.add_argument(
+        "--manual_dir", default=None, help="manual downloads (default: DATA_DIR/downloads/manual)"
+    )
+    local_parser = commands.add_parser("local", help="write the tiny local tasks")
+    local_parser.add_argument("--root", required=True, help="folder to write them under")
     args = parser.parse_args(argv)
     try:
-        print(prepare(args.suite, cache_dir=args.cache_dir, force=args.force))
+        if args.command == "mini":
+            print(prepare("mini", cache_dir=args.cache_dir, force=args.force))
+        elif args.command == "tfds":
+            print(prepare_tfds(args.names, data_dir=args.data_dir, manual_dir=args.manual_dir))
+        else:
+            print(prepare_local(args.root))
     except (sources.SourceUnavailableError, sources.ChecksumError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
