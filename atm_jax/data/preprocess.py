@@ -23,6 +23,7 @@ overshoots, PIL's clip between the passes can move single pixels by more.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -66,6 +67,7 @@ def resize_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return size, int(size * width / height)
 
 
+@functools.partial(jax.jit, static_argnames="size")
 def _sample(images: jax.Array, size: int, scale: jax.Array, translation: jax.Array) -> jax.Array:
     """Bicubic resampling of [B, H, W, C] to [B, size, size, C].
 
@@ -110,6 +112,7 @@ def resize_center_crop(images: jax.Array | np.ndarray, size: int = 224) -> jax.A
     return _sample(images, size, scale, translation)
 
 
+@functools.partial(jax.jit, static_argnames=("batch", "height", "width", "scale", "ratio"))
 def random_crop_boxes(
     key: jax.Array,
     batch: int,
