@@ -194,7 +194,8 @@ def test_registry_lists_the_papers_tasks():
         task = paper.PAPER_TASKS[name]
         assert len(set(task.class_names)) == task.num_classes
         assert all("{c}" in t for t in task.templates)
-    assert paper.PAPER_TASKS["gtsrb"].prompts("stop")[0] == 'a zoomed in photo of a "stop" traffic sign.'
+    stop = paper.PAPER_TASKS["gtsrb"].prompts("stop")[0]
+    assert stop == 'a zoomed in photo of a "stop" traffic sign.'
     assert paper.PAPER_TASKS["mnli"].test_split == "validation_matched"
     assert paper.PAPER_TASKS["qqp"].text_keys == ("question1", "question2")
 
@@ -413,6 +414,15 @@ def test_gtsrb_official_layout(tmp_path):
     x, y = task.train
     assert x.shape == (39, 12, 12, 3) and np.array_equal(x[:, 6, 6, 0], y)
     assert task.class_names[14] == "stop"
+    # GTSRB as plain numbered class folders, and registered names with "_" for " ".
+    numbered = [f"{c:05d}" for c in (2, 0, 1)]
+    assert paper._folder_labels(numbered, "xyz", tmp_path) == ("00000", "00001", "00002")
+    named = paper._folder_labels(["sea_ice", "Ship"], ("ship", "sea ice"), tmp_path)
+    assert named == ("Ship", "sea_ice")
+    with pytest.raises(image_folder.ImageFolderError, match="match neither"):
+        paper._folder_labels(["cat", "dog"], ("ship", "sea ice"), tmp_path)
+    with pytest.raises(ValueError, match="text task; source='folder' reads image"):
+        paper.load_paper_task("cola", source="folder", folder=tmp_path)
 
 
 # --- text -----------------------------------------------------------------------------
@@ -467,7 +477,9 @@ def test_tsv_source_and_errors(text_root, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train.tsv").write_text("sentence\tlabel\nhello\t0\n")
     with pytest.raises(ValueError, match="header"):
-        paper.load_paper_task("bad", source="tsv", folder=tmp_path, tokenizer=local.build_tokenizer())
+        paper.load_paper_task(
+            "bad", source="tsv", folder=tmp_path, tokenizer=local.build_tokenizer()
+        )
     text.write_tsv(tmp_path / "x.tsv", ["a b", "c"], [1, 0], pairs=["d", "e f"])
     assert text.read_tsv(tmp_path / "x.tsv")[1] == ["d", "e f"]
 
@@ -546,7 +558,8 @@ _TABLE = np.random.default_rng(0).standard_normal((_VOCAB, _WIDTH)).astype(np.fl
 
 
 def _word_ids(sentence: str) -> list[int]:
-    return [1 + int(hashlib.md5(w.encode()).hexdigest(), 16) % (_VOCAB - 1) for w in sentence.split()]
+    digests = (int(hashlib.md5(w.encode()).hexdigest(), 16) for w in sentence.split())
+    return [1 + d % (_VOCAB - 1) for d in digests]
 
 
 def _fake_tokenize(texts):
@@ -578,7 +591,9 @@ def test_zero_shot_head_matches_numpy_recipe():
     np.testing.assert_allclose(head["kernel"], expected, rtol=1e-5, atol=1e-5)
     assert not np.asarray(head["bias"]).any()
     callables = [lambda c, t=t: t.format(c=c) for t in task.templates]
-    again = zero_shot.zero_shot_head(_fake_encode, _fake_tokenize, task.class_names, callables, scale)
+    again = zero_shot.zero_shot_head(
+        _fake_encode, _fake_tokenize, task.class_names, callables, scale
+    )
     np.testing.assert_array_equal(again["kernel"], head["kernel"])
 
 

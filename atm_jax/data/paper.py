@@ -606,6 +606,11 @@ def load_paper_task(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     is_text = source == "tsv" or (task is not None and task.modality == "text")
+    if task is not None and source != "tfds" and (task.modality == "text") != (source == "tsv"):
+        raise ValueError(
+            f"{name!r} is a {task.modality} task; source={source!r} reads "
+            f"{'text' if source == 'tsv' else 'image'} tasks"
+        )
     if is_text:
         if tokenizer is None:
             raise ValueError(f"Text task {name!r} needs tokenizer= (an object, path or hub id)")
