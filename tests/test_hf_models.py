@@ -362,6 +362,12 @@ def minilm() -> pathlib.Path:
         raise
 
 
+def test_minilm_cache_is_reused_offline(minilm, monkeypatch):
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+    assert pretrained.minilm_folder() == minilm
+    assert sorted(p.name for p in minilm.iterdir()) == sorted(pretrained.MINILM_FILES)
+
+
 def test_minilm_matches_pytorch(minilm):
     import tokenizers
 
