@@ -40,7 +40,7 @@ FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTre
 EvaluateFn = Callable[[PyTree, Mapping[str, PyTree]], dict[str, float]]
 Callback = Callable[[dict], None]
 
-__all__ = ["MergeSpec", "merge_step", "run", "one_shot", "task_key", "merge_key"]
+__all__ = ["MergeSpec", "Progress", "merge_step", "run", "one_shot", "task_key", "merge_key"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,32 @@ class MergeSpec:
         merge_lib.info(self.name).check(**self.kwargs)
         if not (np.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha={self.alpha!r} must be a positive number (the paper uses 1).")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where :func:`run` or :func:`one_shot` stands: enough to continue it exactly.
+
+    Handed to ``on_progress`` after every finished task finetune and every merge,
+    and accepted back as ``start`` (e.g. from a checkpoint) to continue from there.
+
+    Attributes:
+      iteration: merges done so far (0 for one_shot).
+      base: the current base.
+      heads: the heads the next finetunes start from.
+      history: the records so far (see :func:`run`).
+      finetuned: the finetuned params of the tasks already done in the current
+        iteration, in task order (empty right after a merge).
+      finetuned_heads: their heads, ``{task: head}``.
+      finetune_metrics: their metrics, ``{task: metrics}``.
+    """
+    iteration: int
+    base: PyTree
+    heads: dict[str, PyTree]
+    history: list[dict] = dataclasses.field(default_factory=list)
+    finetuned: list[PyTree] = dataclasses.field(default_factory=list)
+    finetuned_heads: dict[str, PyTree] = dataclasses.field(default_factory=dict)
+    finetune_metrics: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 def task_key(key: jax.Array, iteration: int, task_index: int) -> jax.Array:
@@ -108,26 +134,35 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
     return new_base, diagnostics
 
 
-def _finetune_all(base, heads, tasks, finetune, epochs, key, iteration, log):
-    finetuned, new_heads, metrics = [], {}, {}
-    for i, task in enumerate(tasks):
+def _finetune_all(progress: Progress, tasks, finetune, epochs, key, log, on_progress, name):
+    """Finetunes the tasks not yet in ``progress`` from ``progress.base``, in order."""
+    for i in range(len(progress.finetuned), len(tasks)):
+        task = tasks[i]
         start = time.perf_counter()
-        params, head, m = finetune(base, heads[task], task, epochs, task_key(key, iteration, i))
-        finetuned.append(params)
-        new_heads[task] = head
-        metrics[task] = dict(m, seconds=round(time.perf_counter() - start, 3))
+        try:
+            params, head, m = finetune(progress.base, progress.heads[task], task, epochs,
+                                       task_key(key, progress.iteration, i))
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"{name}: task {task!r}, iteration {progress.iteration + 1}: {e}") from None
+        progress.finetuned.append(params)
+        progress.finetuned_heads[task] = head
+        progress.finetune_metrics[task] = dict(m, seconds=round(time.perf_counter() - start, 3))
         if log:
             loss = m.get("loss", [float("nan")])
             log(f"  finetune {task}: {epochs} epoch(s), final loss {loss[-1]:.4f}, "
-                f"{metrics[task]['seconds']:.1f}s")
-    return finetuned, new_heads, metrics
+                f"{progress.finetune_metrics[task]['seconds']:.1f}s")
+        if on_progress:
+            on_progress(progress)
 
 
 def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         evaluate: EvaluateFn | None, iterations: int, epochs_per_iteration: int,
         merge: MergeSpec = MergeSpec(), key: jax.Array, carry_heads: bool = True,
         callback: Callback | None = None, log: Callable[[str], None] | None = None,
-        name: str = "atm") -> tuple[PyTree, dict[str, PyTree], list[dict]]:
+        name: str = "atm", start: Progress | None = None,
+        on_progress: Callable[[Progress], None] | None = None
+        ) -> tuple[PyTree, dict[str, PyTree], list[dict]]:
     """The ATM loop: ``iterations`` × (finetune every task → merge → apply).
 
     Args:
@@ -148,51 +183,77 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
       callback: called with each iteration's record, as soon as it exists.
       log: a line printer for progress (None: silent).
       name: the method name put into records.
+      start: continue from this :class:`Progress` instead of ``base``/``heads``
+        (their values are then ignored): the result is bitwise that of an
+        uninterrupted run, since every key derives from ``key``, the iteration
+        and the task index.
+      on_progress: called with the :class:`Progress` after every task finetune
+        and every merge (e.g. to checkpoint).
 
     Returns:
       ``(final base, final heads, history)``; ``history[k]`` is the record after
       ``k`` iterations (``history[0]`` the starting point when ``evaluate`` is given).
+
+    Raises:
+      FloatingPointError: a finetune's loss became non-finite; the message names
+        the method, task, iteration and step.
     """
     _check_positive("iterations", iterations)
     _check_positive("epochs_per_iteration", epochs_per_iteration)
     tasks = list(heads)
     if not tasks:
         raise ValueError("ATM needs at least one task (heads is empty).")
-    heads = dict(heads)
-    history = []
+    if start is None:
+        progress = Progress(0, base, dict(heads))
+    else:
+        progress = start
+        if not 0 <= progress.iteration <= iterations or len(progress.finetuned) > len(tasks):
+            raise ValueError(f"start is at iteration {progress.iteration} with "
+                             f"{len(progress.finetuned)} tasks done, outside this run's "
+                             f"{iterations} iterations × {len(tasks)} tasks.")
 
     def record(iteration, extra):
         rec = {"method": name, "iteration": iteration,
                "epochs_per_task": iteration * epochs_per_iteration, **extra}
         if evaluate is not None:
-            rec["accuracy"] = {t: float(a) for t, a in evaluate(base, heads).items()}
+            rec["accuracy"] = {t: float(a) for t, a in evaluate(progress.base, progress.heads).items()}
             rec["average_accuracy"] = float(np.mean(list(rec["accuracy"].values())))
-        history.append(rec)
+        progress.history.append(rec)
         if callback:
             callback(rec)
         if log and "average_accuracy" in rec:
             log(f"[{name}] iteration {iteration}/{iterations}: average accuracy "
                 f"{rec['average_accuracy']:.4f}")
 
-    if evaluate is not None:
+    if evaluate is not None and not progress.history:
         record(0, {})
-    for k in range(iterations):
+        if on_progress:
+            on_progress(progress)
+    while progress.iteration < iterations:
+        k = progress.iteration
         if log:
-            log(f"[{name}] iteration {k + 1}/{iterations}")
-        finetuned, new_heads, ft_metrics = _finetune_all(
-            base, heads, tasks, finetune, epochs_per_iteration, key, k, log)
-        base, diagnostics = merge_step(base, finetuned, merge, key=merge_key(key, k))
-        del finetuned
+            done = len(progress.finetuned)
+            log(f"[{name}] iteration {k + 1}/{iterations}"
+                + (f" (resumed after {done} of {len(tasks)} tasks)" if done else ""))
+        _finetune_all(progress, tasks, finetune, epochs_per_iteration, key, log, on_progress, name)
+        new_base, diagnostics = merge_step(progress.base, progress.finetuned, merge,
+                                           key=merge_key(key, k))
+        ft_metrics = progress.finetune_metrics
         if carry_heads:
-            heads = new_heads
+            progress.heads = dict(progress.finetuned_heads)
+        progress.base, progress.iteration = new_base, k + 1
+        progress.finetuned, progress.finetuned_heads, progress.finetune_metrics = [], {}, {}
         record(k + 1, {"finetune": ft_metrics, "merge": diagnostics})
-    return base, heads, history
+        if on_progress:
+            on_progress(progress)
+    return progress.base, progress.heads, progress.history
 
 
 def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
              evaluate: EvaluateFn, epochs: int, merges: Mapping[str, MergeSpec],
              key: jax.Array, callback: Callback | None = None,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, start: Progress | None = None,
+             on_progress: Callable[[Progress], None] | None = None) -> dict:
     """The one-shot baselines: finetune every task for the whole budget, merge once.
 
     Every task is finetuned from ``base`` for ``epochs`` (the same keys as ATM's
@@ -200,29 +261,39 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
     "individual" reference that normalized accuracy divides by), and then every
     merge in ``merges`` is applied once to the same task vectors.
 
+    ``start`` / ``on_progress`` work as in :func:`run` (a :class:`Progress` after
+    every task finetune), so a resumed call skips the finetunes already done.
+
     Returns:
       ``{"individual": {task: acc}, "merged": {method: {task: acc}},
-      "finetune": {task: metrics}, "merge": {method: diagnostics}}``.
+      "finetune": {task: metrics}, "merge": {method: diagnostics},
+      "params": {method: merged params}}``.
     """
     _check_positive("epochs", epochs)
     tasks = list(heads)
     if not tasks:
         raise ValueError("one_shot needs at least one task (heads is empty).")
+    progress = start if start is not None else Progress(0, base, dict(heads))
     if log:
-        log(f"[one-shot] finetuning {len(tasks)} task(s) for {epochs} epoch(s) each")
-    finetuned, new_heads, ft_metrics = _finetune_all(base, heads, tasks, finetune, epochs, key, 0, log)
+        done = len(progress.finetuned)
+        log(f"[one-shot] finetuning {len(tasks)} task(s) for {epochs} epoch(s) each"
+            + (f" (resumed: {done} already done)" if done else ""))
+    _finetune_all(progress, tasks, finetune, epochs, key, log, on_progress, "one-shot")
+    finetuned, new_heads = progress.finetuned, progress.finetuned_heads
     individual = {}
     for task, params in zip(tasks, finetuned):
         individual[task] = float(evaluate(params, {task: new_heads[task]})[task])
-    out = {"individual": individual, "merged": {}, "finetune": ft_metrics, "merge": {}}
+    out = {"individual": individual, "merged": {}, "finetune": progress.finetune_metrics,
+           "merge": {}, "params": {}}
     if callback:
         callback({"method": "individual", "iteration": 1, "epochs_per_task": epochs,
                   "accuracy": individual, "average_accuracy": float(np.mean(list(individual.values())))})
     for method, spec in merges.items():
-        merged, diagnostics = merge_step(base, finetuned, spec, key=merge_key(key, 0))
+        merged, diagnostics = merge_step(progress.base, finetuned, spec, key=merge_key(key, 0))
         acc = {t: float(a) for t, a in evaluate(merged, new_heads).items()}
         out["merged"][method] = acc
         out["merge"][method] = diagnostics
+        out["params"][method] = merged
         rec = {"method": method, "iteration": 1, "epochs_per_task": epochs, "accuracy": acc,
                "average_accuracy": float(np.mean(list(acc.values()))), "merge": diagnostics}
         if callback:

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.serialization
 import jax
 import numpy as np
 
 from atm_jax import atm as atm_lib
+from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
 from atm_jax import merge as merge_lib
 from atm_jax import tree as tree_lib
@@ -67,6 +71,32 @@ def _positive_int(config, path: str) -> int:
     return int(value)
 
 
+RESUME_MODES = ("auto", "force")
+_TOP_LEVEL = ("seed", "suite", "tasks", "data", "model", "pretrain", "heads", "head_seed",
+              "optimizer", "budget", "merge_include", "merge_exclude", "references", "methods",
+              "eval_batch_size", "progress", "resume", "checkpoint", "save_params")
+_SECTIONS = {"data": ("train_size", "validation_size", "test_size", "cap_to_available"),
+             "optimizer": ("name", "learning_rate", "weight_decay", "grad_clip", "batch_size",
+                           "schedule", "warmup_steps", "decay_steps"),
+             "checkpoint": ("keep",)}
+_METHOD_KEYS = ("kind", "merge", "merge_kwargs", "alpha", "iterations", "split")
+
+
+def _check_keys(node, allowed, where: str) -> None:
+    """Unknown keys are typos: ``--config.FIELD`` can't add them, but code can."""
+    unknown = sorted(set(node.keys()) - set(allowed))
+    if unknown:
+        raise ConfigError(f"config.{where}{unknown[0]} is not a known field; "
+                          f"config.{where or ''}* has {sorted(allowed)}.")
+
+
+def _integer(config, path: str) -> int:
+    value = _field(config, path)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"config.{path}={value!r} must be an integer >= 0.")
+    return int(value)
+
+
 def method_order(config) -> list[str]:
     """Method names in table order (ml_collections sorts keys, so order is ours)."""
     names = list(config.methods.keys())
@@ -82,7 +112,26 @@ def validate(config) -> None:
     """
     from atm_jax import data  # the registry of task names
 
-    tasks = tuple(_field(config, "tasks"))
+    _check_keys(config, _TOP_LEVEL, "")
+    for section, allowed in _SECTIONS.items():
+        _check_keys(_field(config, section), allowed, section + ".")
+    _integer(config, "seed")
+    _integer(config, "head_seed")
+    for flag in ("progress", "save_params"):
+        if not isinstance(_field(config, flag), bool):
+            raise ConfigError(f"config.{flag}={config[flag]!r} must be True or False.")
+    if _field(config, "resume") not in RESUME_MODES:
+        raise ConfigError(f"config.resume={config.resume!r} must be one of {RESUME_MODES}: 'auto' "
+                          "continues a run found in the workdir when its config is the same, "
+                          "'force' continues it even when the config differs.")
+    keep = _positive_int(config, "checkpoint.keep")
+    if keep < 2:
+        raise ConfigError(f"config.checkpoint.keep={keep} must be at least 2, so a damaged newest "
+                          "checkpoint leaves an older one to resume from.")
+    tasks = _field(config, "tasks")
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"config.tasks={tasks!r} must be a tuple of task names.")
+    tasks = tuple(tasks)
     if not tasks:
         raise ConfigError("config.tasks is empty: name at least one task.")
     if len(set(tasks)) != len(tasks):
@@ -107,6 +156,10 @@ def validate(config) -> None:
         OptimizerConfig(**config.optimizer.to_dict())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.optimizer: {e}") from None
+    if config.optimizer.batch_size > config.data.train_size:
+        raise ConfigError(f"config.optimizer.batch_size={config.optimizer.batch_size} is larger than "
+                          f"config.data.train_size={config.data.train_size}: every step would be "
+                          "mostly padding. Lower the batch size or raise the train size.")
     if config.optimizer.batch_size > config.data.validation_size and any(
             m.kind == "atm" and m.split == "validation" for m in config.methods.values()):
         raise ConfigError(f"config.optimizer.batch_size={config.optimizer.batch_size} is larger than "
@@ -118,6 +171,9 @@ def validate(config) -> None:
     for name in config.methods:
         spec = config.methods[name]
         where = f"methods.{name}"
+        if not hasattr(spec, "keys"):
+            raise ConfigError(f"config.{where}={spec!r} must be a ConfigDict with kind, merge, alpha.")
+        _check_keys(spec, _METHOD_KEYS, where + ".")
         if spec.get("kind") not in KINDS:
             raise ConfigError(f"config.{where}.kind={spec.get('kind')!r} must be one of {KINDS}.")
         for required in ("merge", "alpha"):
@@ -154,6 +210,14 @@ def _model(config):
         raise ConfigError(f"config.model: {e}") from None
 
 
+def _backbone_shapes(config):
+    """The backbone's params as ShapeDtypeStructs: no weights are made or loaded."""
+    model = _model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))
+    return shapes["params"]
+
+
 def _validate_merge_filter(config) -> None:
     """Every include/exclude regex must compile and match some backbone leaf: a typo
     would otherwise merge everything, or fail only at the first merge."""
@@ -163,9 +227,7 @@ def _validate_merge_filter(config) -> None:
         predicate = tree_lib.path_filter(include, exclude)
     except ValueError as e:
         raise ConfigError(f"config.merge_include / config.merge_exclude: {e}") from None
-    model = _model(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))
-    paths = tree_lib.leaf_paths(shapes["params"])
+    paths = tree_lib.leaf_paths(_backbone_shapes(config))
     for field, patterns in (("merge_include", include), ("merge_exclude", exclude)):
         for pattern in patterns or ():
             if not any(tree_lib.path_filter(pattern)(p) for p in paths):
@@ -232,99 +294,290 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
                    log: Callable[[str], None] = print) -> dict:
     """Runs every reference and method of ``config``; writes the results to ``workdir``.
 
+    Resumable: a checkpoint is written after every reference, every finished task
+    finetune and every merge (``<workdir>/checkpoints``, the newest
+    ``config.checkpoint.keep`` kept). Started again on the same workdir, the run
+    continues from the newest intact checkpoint and ends with bitwise the params
+    and ``metrics.jsonl`` of an uninterrupted run.
+
     Returns:
       The content of ``results.json``.
+
+    Raises:
+      ConfigError: a bad config field, or the workdir holds a run of another
+        config (and ``config.resume`` is not "force"), or it is not writable.
+      FloatingPointError: a finetune diverged; the message names method, task,
+        iteration and step, and the last good checkpoint stays in place.
     """
     validate(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    writers.write_json(workdir / "config.json", json.loads(config.to_json()))
-    metrics_path = workdir / "metrics.jsonl"
-    if writers.is_writer():
-        metrics_path.unlink(missing_ok=True)  # a fresh run; resume is not supported yet
-    metrics = writers.MetricsWriter(metrics_path)
+    workdir = _writable_workdir(workdir)
     started = time.perf_counter()
+    config_json = json.loads(config.to_json())
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
+    try:
+        restored = ckpt.latest()
+        if restored is not None:
+            _check_resumable(restored.meta["config"], config_json, config.resume, workdir)
+            log(f"resuming from checkpoint step {restored.step} in {workdir / 'checkpoints'} "
+                f"({_describe(restored.meta)})")
+        writers.write_json(workdir / "config.json", config_json)
+        metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
+        metrics.reset(restored.meta["metrics"] if restored else [])
 
-    s = _setup(config, log)
-    key = jax.random.key(config.seed)
-    opt = OptimizerConfig(**config.optimizer.to_dict())
-    # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
-    finetuner = Finetuner(s.apply_fn, opt, train_head=config.heads == "trainable",
-                          progress=bool(config.progress) or sys.stderr.isatty())
+        _check_disk_space(workdir, _backbone_shapes(config), len(config.tasks),
+                          config.checkpoint.keep)
+        s = _setup(config, log)
+        run = _Resumable(config, config_json, s, ckpt, metrics, restored, log)
+        run.execute()
+    finally:
+        ckpt.close()
+    seconds = time.perf_counter() - started
+    return _write_results(config, workdir, s, run, seconds, log)
 
-    def make_finetune(split: str):
-        def finetune(base, head, task, epochs, task_key):
-            images, labels = s.tasks[task].split(split)
-            return finetuner.finetune(base, head, images, labels, epochs=epochs, key=task_key)
-        return finetune
 
-    def evaluate(params, heads):
-        return {t: evaluate_lib.accuracy(s.apply_fn, params, h, *s.tasks[t].test,
-                                         batch_size=config.eval_batch_size)
+def _writable_workdir(workdir) -> pathlib.Path:
+    """Creates the workdir and proves it writable before any data or compute."""
+    workdir = pathlib.Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"workdir {str(workdir)!r} is not writable ({e.strerror or e}); pass "
+                          "--workdir=<a folder you can write>.") from None
+    return workdir
+
+
+def _check_disk_space(workdir: pathlib.Path, base_shapes, num_tasks: int, keep: int) -> None:
+    """Fails before training when the checkpoints cannot fit on the workdir's disk.
+
+    The largest checkpoint holds the base, and a finetuned copy per task of the
+    unfinished iteration; ``keep`` of them live at once, plus one being written.
+    """
+    model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base_shapes))
+    needed = model_bytes * (num_tasks + 1) * (keep + 1)
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise ConfigError(
+            f"workdir {str(workdir)!r} has {free / 2**30:.2f} GiB free but the checkpoints need "
+            f"about {needed / 2**30:.2f} GiB ({keep} kept + 1 in flight, each up to {num_tasks + 1} "
+            f"× {model_bytes / 2**20:.1f} MiB); free space, lower config.checkpoint.keep "
+            "(at least 2) or use another --workdir.")
+
+
+_UNCHECKED_FIELDS = ("resume", "progress")
+
+
+def config_differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted fields whose values differ between two config dicts, as "field: old -> new"."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        path = f"{prefix}{name}"
+        if not prefix and name in _UNCHECKED_FIELDS:
+            continue
+        a, b = old.get(name, "<absent>"), new.get(name, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def _check_resumable(saved: dict, current: dict, resume: str, workdir: pathlib.Path) -> None:
+    diffs = config_differences(saved, current)
+    if not diffs:
+        return
+    listing = "\n  ".join(diffs)
+    if resume != "force":
+        raise ConfigError(
+            f"workdir {str(workdir)!r} holds a run with a different config:\n  {listing}\n"
+            "Use another --workdir for a new run, or pass --config.resume=force to continue "
+            "this one with the new values (its results then mix both configs).")
+
+
+def _describe(meta: Mapping) -> str:
+    position, done = meta["position"], meta["done"]
+    unit = position.get("unit")
+    if unit is None:
+        return "after " + (", ".join(done) if done else "nothing") + " finished"
+    text = f"in {unit}, after " + (", ".join(done) + " finished" if done else "the start")
+    if position.get("iteration"):
+        text += f"; {position['iteration']} merge(s) done"
+    if position.get("tasks_done"):
+        text += f"; {position['tasks_done']} task finetune(s) of the next iteration done"
+    return text
+
+
+class _Resumable:
+    """The run as a list of units (references, one-shot, each ATM method) with
+    checkpoints inside them; restores where a checkpoint left off."""
+
+    def __init__(self, config, config_json, s: _Setup, ckpt, metrics, restored, log):
+        self.config, self.s, self.ckpt, self.metrics, self.log = config, s, ckpt, metrics, log
+        self.config_json = config_json
+        self.key = jax.random.key(config.seed)
+        self.key_data = np.asarray(jax.random.key_data(self.key))
+        self.opt = OptimizerConfig(**config.optimizer.to_dict())
+        # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
+        self.finetuner = Finetuner(s.apply_fn, self.opt, train_head=config.heads == "trainable",
+                                   progress=bool(config.progress) or sys.stderr.isatty())
+        self.task_names = list(s.tasks)
+        if restored is None:
+            self.step, self.done, self.rows, self.curves = 0, [], [], {}
+            self.timings, self.individual, self.position, self.arrays = {}, None, {}, {}
+        else:
+            m = restored.meta
+            if not np.array_equal(np.asarray(restored.state["key"]), self.key_data):
+                raise ConfigError("the checkpoint's PRNG key differs from config.seed's key; "
+                                  "it belongs to another run.")
+            self.step, self.done, self.rows = restored.step, list(m["done"]), list(m["rows"])
+            self.curves, self.timings = dict(m["curves"]), dict(m["timings"])
+            self.individual, self.position = m["individual"], dict(m["position"])
+            self.arrays = restored.state
+
+    # -- checkpoints --------------------------------------------------------------------
+    def save(self, position: dict, arrays: Mapping[str, Any] | None = None) -> None:
+        self.step += 1
+        meta = {"config": self.config_json, "done": self.done, "rows": self.rows,
+                "curves": self.curves, "timings": self.timings, "individual": self.individual,
+                "position": position, "metrics": self.metrics.lines}
+        meta = json.loads(json.dumps(meta, default=writers._jsonable))
+        self.ckpt.save(self.step, {"key": self.key_data, **(arrays or {})}, meta)
+
+    def _progress_saver(self, unit: str, with_base: bool):
+        def on_progress(p: atm_lib.Progress):
+            arrays = {"finetuned": {str(i): f for i, f in enumerate(p.finetuned)},
+                      "finetuned_heads": p.finetuned_heads, "heads": p.heads}
+            if with_base:
+                arrays["base"] = p.base
+            self.save({"unit": unit, "iteration": p.iteration, "tasks_done": len(p.finetuned),
+                       "history": p.history, "finetune_metrics": p.finetune_metrics}, arrays)
+        return on_progress
+
+    def _restored_progress(self, unit: str, base) -> atm_lib.Progress | None:
+        if self.position.get("unit") != unit:
+            return None
+        a, pos = self.arrays, self.position
+        order = lambda d: {t: d[t] for t in self.task_names if t in d}  # noqa: E731
+        finetuned = a.get("finetuned", {})
+        return atm_lib.Progress(
+            iteration=pos["iteration"], base=a.get("base", base), heads=order(a["heads"]),
+            history=list(pos["history"]),
+            finetuned=[finetuned[str(i)] for i in range(pos["tasks_done"])],
+            finetuned_heads=order(a.get("finetuned_heads", {})),
+            finetune_metrics=dict(pos["finetune_metrics"]))
+
+    def finish_unit(self, unit: str, params=None) -> None:
+        """Marks ``unit`` done (its final params written first) and checkpoints."""
+        if params:
+            for name, p in params.items():
+                writers.write_bytes(self.workdir / "params" / f"{name}.msgpack",
+                                    flax.serialization.to_bytes(p))
+        self.done.append(unit)
+        self.position = {}
+        self.save({"unit": None})
+
+    # -- the units ---------------------------------------------------------------------
+    @property
+    def workdir(self) -> pathlib.Path:
+        return self.metrics.path.parent
+
+    def units(self) -> list[str]:
+        out = [r for r in ("pretrained", "linear_probe") if r in self.config.references]
+        order = method_order(self.config)
+        if any(self.config.methods[n].kind == "one_shot" for n in order):
+            out.append("one_shot")
+        return out + [n for n in order if self.config.methods[n].kind == "atm"]
+
+    def execute(self) -> None:
+        for unit in self.units():
+            if unit in self.done:
+                continue
+            t0 = time.perf_counter()
+            if unit == "pretrained":
+                self.pretrained()
+            elif unit == "linear_probe":
+                self.linear_probe()
+            elif unit == "one_shot":
+                self.one_shot()
+            else:
+                self.atm(unit)
+            self.timings[unit] = round(self.timings.get(unit, 0.0) + time.perf_counter() - t0, 1)
+
+    def evaluate(self, params, heads):
+        return {t: evaluate_lib.accuracy(self.s.apply_fn, params, h, *self.s.tasks[t].test,
+                                         batch_size=self.config.eval_batch_size)
                 for t, h in heads.items()}
 
-    rows: list[dict] = []
-    curves: dict[str, list[dict]] = {}
-    timings: dict[str, float] = {}
-    budget = config.budget
+    def make_finetune(self, split: str):
+        def finetune(base, head, task, epochs, task_key):
+            images, labels = self.s.tasks[task].split(split)
+            return self.finetuner.finetune(base, head, images, labels, epochs=epochs, key=task_key)
+        return finetune
 
-    def add_row(method, accuracy, epochs, kind):
-        rows.append({"method": method, "kind": kind, "epochs": epochs,
-                     "accuracy": dict(accuracy),
-                     "average": evaluate_lib.average(accuracy)})
+    def add_row(self, method, accuracy, epochs, kind):
+        self.rows.append({"method": method, "kind": kind, "epochs": epochs,
+                          "accuracy": dict(accuracy), "average": evaluate_lib.average(accuracy)})
 
-    if "pretrained" in config.references:
-        acc = evaluate(s.base, s.heads)
-        add_row("pretrained", acc, 0, "reference")
-        metrics({"method": "pretrained", "iteration": 0, "epochs_per_task": 0, "accuracy": acc})
-        log(f"[pretrained] average accuracy {evaluate_lib.average(acc):.4f}")
-    if "linear_probe" in config.references:
-        t0 = time.perf_counter()
-        acc = _linear_probe(s, opt, budget, key, config.eval_batch_size)
-        timings["linear_probe"] = time.perf_counter() - t0
-        add_row("linear_probe", acc, budget, "reference")
-        metrics({"method": "linear_probe", "iteration": 1, "epochs_per_task": budget,
-                 "accuracy": acc})
-        log(f"[linear_probe] average accuracy {evaluate_lib.average(acc):.4f}")
+    def pretrained(self):
+        acc = self.evaluate(self.s.base, self.s.heads)
+        self.add_row("pretrained", acc, 0, "reference")
+        self.metrics({"method": "pretrained", "iteration": 0, "epochs_per_task": 0, "accuracy": acc})
+        self.log(f"[pretrained] average accuracy {evaluate_lib.average(acc):.4f}")
+        self.finish_unit("pretrained")
 
-    order = method_order(config)
-    one_shot_names = [n for n in order if config.methods[n].kind == "one_shot"]
-    individual = None
-    if one_shot_names:
-        t0 = time.perf_counter()
-        merges = {n: _merge_spec(config, config.methods[n]) for n in one_shot_names}
-        out = atm_lib.one_shot(s.base, s.heads, finetune=make_finetune("train"), evaluate=evaluate,
-                               epochs=budget, merges=merges, key=key, callback=metrics, log=log)
-        timings["one_shot"] = time.perf_counter() - t0
-        individual = out["individual"]
+    def linear_probe(self):
+        budget = self.config.budget
+        acc = _linear_probe(self.s, self.opt, budget, self.key, self.config.eval_batch_size)
+        self.add_row("linear_probe", acc, budget, "reference")
+        self.metrics({"method": "linear_probe", "iteration": 1, "epochs_per_task": budget,
+                      "accuracy": acc})
+        self.log(f"[linear_probe] average accuracy {evaluate_lib.average(acc):.4f}")
+        self.finish_unit("linear_probe")
+
+    def one_shot(self):
+        config, budget = self.config, self.config.budget
+        names = [n for n in method_order(config) if config.methods[n].kind == "one_shot"]
+        merges = {n: _merge_spec(config, config.methods[n]) for n in names}
+        out = atm_lib.one_shot(
+            self.s.base, self.s.heads, finetune=self.make_finetune("train"), evaluate=self.evaluate,
+            epochs=budget, merges=merges, key=self.key, callback=self.metrics, log=self.log,
+            start=self._restored_progress("one_shot", self.s.base),
+            on_progress=self._progress_saver("one_shot", with_base=False))
+        self.individual = out["individual"]
         if "individual" in config.references:
-            add_row("individual", individual, budget, "reference")
-        for n in one_shot_names:
-            add_row(n, out["merged"][n], budget, "one_shot")
+            self.add_row("individual", self.individual, budget, "reference")
+        for n in names:
+            self.add_row(n, out["merged"][n], budget, "one_shot")
+        self.finish_unit("one_shot", out["params"] if config.save_params else None)
 
-    for n in order:
-        spec = config.methods[n]
-        if spec.kind != "atm":
-            continue
-        t0 = time.perf_counter()
-        _, _, history = atm_lib.run(
-            s.base, s.heads, finetune=make_finetune(spec.split), evaluate=evaluate,
-            iterations=spec.iterations, epochs_per_iteration=budget // spec.iterations,
-            merge=_merge_spec(config, spec), key=key, carry_heads=config.heads == "trainable",
-            callback=metrics, log=log, name=n)
-        timings[n] = time.perf_counter() - t0
-        curves[n] = history
-        add_row(n, history[-1]["accuracy"], budget, "atm")
+    def atm(self, name: str):
+        config, spec = self.config, self.config.methods[name]
+        base, heads, history = atm_lib.run(
+            self.s.base, self.s.heads, finetune=self.make_finetune(spec.split),
+            evaluate=self.evaluate, iterations=spec.iterations,
+            epochs_per_iteration=config.budget // spec.iterations, merge=_merge_spec(config, spec),
+            key=self.key, carry_heads=config.heads == "trainable", callback=self.metrics,
+            log=self.log, name=name, start=self._restored_progress(name, self.s.base),
+            on_progress=self._progress_saver(name, with_base=True))
+        self.curves[name] = history
+        self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
+        self.finish_unit(name, {name: base} if config.save_params else None)
 
-    if individual is not None:
+
+def _write_results(config, workdir: pathlib.Path, s: _Setup, run: _Resumable, seconds: float,
+                   log) -> dict:
+    rows, curves = run.rows, run.curves
+    if run.individual is not None:
         for row in rows:
-            row["normalized"] = evaluate_lib.normalized_average(row["accuracy"], individual)
-    seconds = time.perf_counter() - started
-    notes = _notes(config, s, opt, seconds)
+            row["normalized"] = evaluate_lib.normalized_average(row["accuracy"], run.individual)
+    notes = _notes(config, s, run.opt, seconds)
     tasks = list(config.tasks)
-    results = {"tasks": tasks, "rows": rows, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+    timings = {k: v for k, v in run.timings.items() if k != "pretrained"}
+    results = {"tasks": tasks, "rows": rows, "timings_seconds": timings,
                "total_seconds": round(seconds, 1), "base": _base_summary(s.base_info),
-               "heads": config.heads, "budget_epochs": budget, "notes": notes,
+               "heads": config.heads, "budget_epochs": config.budget, "notes": notes,
                "curves": {n: [{k: h[k] for k in ("iteration", "accuracy", "average_accuracy")}
                               for h in hist] for n, hist in curves.items()},
                "cosine_last_iteration": {n: hist[-1]["merge"]["cosine"] for n, hist in curves.items()

@@ -4,7 +4,14 @@ Flags only; the work is ``atm_jax.experiment.run_experiment(config, workdir)``.
 Override any config field with ``--config.FIELD=VALUE`` (e.g.
 ``--config.methods.atm.iterations=5``); the config is locked, so a misspelt field
 is an error, not a silent no-op.
+
+A run found in ``--workdir`` resumes from its newest checkpoint (see
+``atm_jax.experiment.run_experiment``). Bad config values, a workdir holding
+another config's run, and a diverged finetune end the program with a one-paragraph
+message on stderr and exit status 2, 2 and 3; the checkpoints stay in place.
 """
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,7 +27,16 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from atm_jax import experiment  # after flag parsing: --help stays fast
 
-    experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
+    try:
+        experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
+    except experiment.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: training diverged: {e}\nThe last good checkpoint in {_WORKDIR.value}/"
+              "checkpoints is kept: change the optimizer (e.g. --config.optimizer.learning_rate) and "
+              "rerun with --config.resume=force to continue from it.", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

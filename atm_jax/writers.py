@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["is_writer", "write_text", "write_json", "MetricsWriter", "results_markdown", "plot_results"]
+__all__ = ["is_writer", "write_text", "write_bytes", "write_json", "MetricsWriter", "results_markdown", "plot_results"]
 
 
 def is_writer() -> bool:
@@ -42,6 +42,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically writes ``data`` to ``path`` (process 0 only)."""
+    if not is_writer():
+        return
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically writes ``obj`` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
@@ -58,16 +76,27 @@ def _jsonable(x):
 
 
 class MetricsWriter:
-    """Appends one JSON line per task per (method, iteration) to ``metrics.jsonl``."""
+    """Appends one JSON line per task per (method, iteration) to ``metrics.jsonl``.
+
+    Keeps the lines it holds in ``lines``, so a checkpoint can store them and a
+    resumed run can :meth:`reset` the file to exactly that content: records written
+    after the checkpoint (and about to be written again) are dropped, none is lost.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        self.lines: list[str] = []
         if is_writer():
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def reset(self, lines: Sequence[str] = ()) -> None:
+        """Atomically replaces the file with ``lines`` (a fresh run: none)."""
+        self.lines = list(lines)
+        write_text(self.path, "".join(line + "\n" for line in self.lines))
+
     def __call__(self, record: Mapping[str, Any]) -> None:
         """Splits an iteration record (``atm_jax.atm`` format) into per-task lines."""
-        if not is_writer() or "accuracy" not in record:
+        if "accuracy" not in record:
             return
         finetune = record.get("finetune", {})
         merge = record.get("merge", {})
@@ -83,6 +112,9 @@ class MetricsWriter:
             if norms is not None and i < len(norms):
                 line["task_vector_norm"] = norms[i]
             lines.append(json.dumps(line, default=_jsonable))
+        self.lines += lines
+        if not is_writer():
+            return
         with open(self.path, "a") as f:
             f.write("\n".join(lines) + "\n")
             f.flush()

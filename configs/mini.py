@@ -78,6 +78,11 @@ def get_config(arg=None):
     config.methods.atm = _atm(10)
     config.eval_batch_size = 500
     config.progress = False  # True forces step progress bars; a terminal gets them anyway
+    # Checkpoints after every finetune and merge; a run found in the workdir resumes
+    # ("auto": only with the same config; "force": even with a different one).
+    config.resume = "auto"
+    config.checkpoint = ml_collections.ConfigDict({"keep": 3})
+    config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
 
     if arg == "tiny":
         config.data.train_size = 128

@@ -1,0 +1,298 @@
+"""Checkpoint / resume: SIGKILL fault injection, no redone work, damaged checkpoints,
+config mismatch, divergence, unwritable or full workdirs, bad config values."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from atm_jax import checkpoint, experiment
+from atm_jax.data import sources
+
+import fakes
+from fault_driver import tiny_config
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUTPUTS = ("metrics.jsonl", "params/ties.msgpack", "params/dare.msgpack", "params/atm.msgpack")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fake-data cache shared by every subprocess (the tiny base is pretrained once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def drive(cache, workdir, calls, fault=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu")
+    command = [sys.executable, str(HERE / "fault_driver.py"), str(workdir), str(calls)]
+    return subprocess.run(command + ([fault] if fault else []), env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """An uninterrupted run: the outputs every resumed run must equal bitwise."""
+    root = tmp_path_factory.mktemp("reference")
+    done = drive(cache, root / "work", root / "calls")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def _events(path: pathlib.Path) -> list[tuple[str, str]]:
+    return [tuple(line.split()) for line in path.read_text().splitlines()]
+
+
+# Each run of the chain is killed at one point and the next run resumes from what the
+# previous one left; the order walks through every unit of the run.
+CHAIN = (
+    "eval:3",      # mid-evaluation inside the linear probe
+    "step:10",     # mid-finetune: the second one-shot task, second step
+    "save:1",      # mid-save: orbax's temporary folder exists, no commit yet
+    "merge:2",     # mid-merge: DARE's one-shot merge done, not yet evaluated or saved
+    "metrics:3",   # after a metrics record reached the file, before its checkpoint
+    "CORRUPT",     # (not a kill) the newest checkpoint's files damaged on disk
+    "step:6",      # mid-finetune inside ATM (iteration 1, second task)
+    "merge:1",     # mid-merge inside ATM
+    "params:1",    # while writing the final params of the ATM method
+    "results:1",   # while writing results.md / plots, after the last checkpoint
+)
+
+
+def _corrupt_newest(ckpt_dir: pathlib.Path) -> int:
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    newest = ckpt_dir / str(steps[-1])
+    files = sorted((f for f in newest.rglob("*") if f.is_file()), key=lambda f: -f.stat().st_size)
+    for f in files[:3]:  # the biggest files hold the arrays
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    return steps[-1]
+
+
+def test_sigkill_at_every_point_then_resume_gives_bitwise_the_uninterrupted_run(
+        cache, reference, tmp_path):
+    workdir, calls = tmp_path / "work", tmp_path / "calls"
+    resumed_from, saw_tmp_folder, warned = [], False, False
+    for fault in CHAIN:
+        if fault == "CORRUPT":
+            damaged = _corrupt_newest(workdir / "checkpoints")
+            continue
+        run = drive(cache, workdir, calls, fault)
+        assert run.returncode == -9, (fault, run.returncode, run.stderr[-3000:])
+        log = run.stdout + run.stderr
+        resumed_from += [line for line in log.splitlines() if line.startswith("resuming from")]
+        if "damaged or incomplete" in log:
+            warned = True
+            assert f"checkpoint step {damaged}" in log
+        if fault.startswith("save"):
+            saw_tmp_folder = any("tmp" in p.name for p in (workdir / "checkpoints").iterdir())
+    final = drive(cache, workdir, calls)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resuming from" in final.stdout
+    assert saw_tmp_folder, "the mid-save kill left no partial checkpoint to skip"
+    assert warned, "the damaged checkpoint was not reported"
+    # Every kill after the first resumed, and from ever later points.
+    assert len(resumed_from) == len(CHAIN) - 2
+    for name in OUTPUTS:
+        assert (workdir / name).read_bytes() == (reference / "work" / name).read_bytes(), name
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    keys = [(r["method"], r["iteration"], r["task"]) for r in map(json.loads, lines)]
+    assert len(keys) == len(set(keys))
+    ours = json.loads((workdir / "results.json").read_text())
+    theirs = json.loads((reference / "work" / "results.json").read_text())
+    assert ours["rows"] == theirs["rows"] and ours["curves"] == theirs["curves"]
+    # Every finetune of the reference finished exactly once, whatever was redone.
+    ends = [i for e, i in _events(calls) if e == "end"]
+    reference_ends = [i for e, i in _events(reference / "calls") if e == "end"]
+    assert set(ends) == set(reference_ends)
+
+
+def test_resumed_run_does_not_redo_finished_tasks(cache, reference, tmp_path):
+    workdir, calls = tmp_path / "work", tmp_path / "calls"
+    # Saves: pretrained, linear probe, 2 one-shot tasks, one-shot done, ATM iteration 0,
+    # ATM iteration 1 task 1 (the 7th): kill right after it is on disk.
+    killed = drive(cache, workdir, calls, "saved:7")
+    assert killed.returncode == -9
+    first = [i for e, i in _events(calls) if e == "start"]
+    resumed = drive(cache, workdir, calls)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 task finetune(s) of the next iteration done" in resumed.stdout
+    starts = [i for e, i in _events(calls) if e == "start"]
+    reference_starts = [i for e, i in _events(reference / "calls") if e == "start"]
+    assert len(first) == 3  # two one-shot tasks and the first ATM task
+    assert starts == reference_starts  # nothing finished was started again
+    for name in OUTPUTS:
+        assert (workdir / name).read_bytes() == (reference / "work" / name).read_bytes(), name
+
+
+# -- in-process tests ------------------------------------------------------------------
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
+    sources._MEMO.clear()
+    fakes.install_fake_suite()
+    yield tmp_path
+    sources._MEMO.clear()
+
+
+def _quick_config():
+    config = tiny_config()
+    with config.unlocked():
+        config.methods = {"atm": config.methods.atm}
+        config.references = ()
+    return config
+
+
+def quiet(*_):
+    pass
+
+
+def test_checkpointer_skips_damaged_steps_with_a_warning(tmp_path):
+    messages = []
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", keep=3, log=messages.append)
+    for step in (1, 2, 3):
+        ckpt.save(step, {"x": np.full((1000,), step, np.float32)}, {"position": step})
+    assert ckpt.latest().step == 3
+    _corrupt_newest(tmp_path / "c")
+    restored = ckpt.latest()
+    assert restored.step == 2 and restored.meta["position"] == 2
+    np.testing.assert_array_equal(restored.state["x"], np.full((1000,), 2, np.float32))
+    assert any("checkpoint step 3" in m and "damaged" in m for m in messages)
+    assert [p.name.split("-")[0] for p in (tmp_path / "c.damaged").iterdir()] == ["3"]
+    assert ckpt.steps() == [1, 2]
+    for step_dir in ("2", "1"):  # a step with files missing is skipped too
+        for f in (tmp_path / "c" / step_dir / "state").rglob("*"):
+            if f.is_file():
+                f.unlink()
+    assert ckpt.latest() is None
+    ckpt.close()
+    with pytest.raises(ValueError, match="keep=1"):
+        checkpoint.Checkpointer(tmp_path / "d", keep=1)
+
+
+def test_config_mismatch_refuses_unless_forced(fake_cache, tmp_path):
+    config = _quick_config()
+    workdir = tmp_path / "work"
+    experiment.run_experiment(config, workdir, log=quiet)
+    changed = _quick_config()
+    with changed.unlocked():
+        changed.optimizer.learning_rate = 0.002
+        changed.budget = 4
+        changed.methods.atm.iterations = 4
+    with pytest.raises(experiment.ConfigError) as info:
+        experiment.run_experiment(changed, workdir, log=quiet)
+    message = str(info.value)
+    assert "optimizer.learning_rate: 0.001 -> 0.002" in message
+    assert "budget: 2 -> 4" in message and "methods.atm.iterations: 2 -> 4" in message
+    assert "--config.resume=force" in message
+    # Fields that cannot change the numbers do not count.
+    same = _quick_config()
+    with same.unlocked():
+        same.progress = True
+    experiment.run_experiment(same, workdir, log=quiet)
+    with changed.unlocked():
+        changed.resume = "force"
+    lines = []
+    experiment.run_experiment(changed, workdir, log=lines.append)
+    assert any(line.startswith("resuming from checkpoint") for line in lines)
+
+
+def test_divergence_names_task_iteration_and_step_and_keeps_the_last_checkpoint(fake_cache, tmp_path):
+    config = _quick_config()
+    with config.unlocked():
+        config.optimizer.learning_rate = 1e38  # overflows to inf within a step or two
+        config.optimizer.grad_clip = None
+    workdir = tmp_path / "work"
+    with pytest.raises(FloatingPointError) as info:
+        experiment.run_experiment(config, workdir, log=quiet)
+    message = str(info.value)
+    assert "atm: task 'mnist', iteration 1" in message
+    assert "non-finite loss" in message and "step" in message
+    latest = checkpoint.Checkpointer(workdir / "checkpoints", log=quiet).latest()
+    assert latest is not None and latest.meta["position"]["unit"] == "atm"
+    assert latest.meta["position"]["iteration"] == 0  # the evaluated start, before the failure
+
+
+def test_main_reports_divergence_and_exits_3(fake_cache, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}:tiny",
+           f"--workdir={tmp_path / 'file' / 'work'}"]
+    (tmp_path / "file").write_text("a file, not a folder")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2
+    assert "is not writable" in run.stderr and "--workdir" in run.stderr
+
+
+def test_unwritable_workdir_fails_before_any_data(fake_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr("atm_jax.data.load_task", _forbidden)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(experiment.ConfigError, match="is not writable"):
+        experiment.run_experiment(_quick_config(), tmp_path / "file" / "work", log=quiet)
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("work started although the run could not be saved")
+
+
+def test_full_disk_fails_before_training(fake_cache, tmp_path, monkeypatch):
+    import shutil
+
+    from atm_jax.finetune import Finetuner
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    monkeypatch.setattr(Finetuner, "finetune", _forbidden)
+    with pytest.raises(experiment.ConfigError, match=r"GiB free but the checkpoints need"):
+        experiment.run_experiment(_quick_config(), tmp_path / "work", log=quiet)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.__setitem__("budgett", 3), r"config.budgett is not a known field"),
+    (lambda c: c.optimizer.__setitem__("lr", 1e-3), r"config.optimizer.lr is not a known field"),
+    (lambda c: c.methods.atm.__setitem__("iters", 3), r"config.methods.atm.iters is not a known"),
+    (lambda c: setattr(c, "resume", "maybe"), r"config.resume='maybe' must be one of"),
+    (lambda c: setattr(c.checkpoint, "keep", 1), r"config.checkpoint.keep=1 must be at least 2"),
+    (lambda c: setattr(c, "seed", -1), r"config.seed=-1 must be an integer >= 0"),
+    (lambda c: setattr(c.optimizer, "batch_size", 64), r"batch_size=64 is larger than config.data.train_size=32"),
+    (lambda c: setattr(c.optimizer, "batch_size", 0), r"batch_size=0"),
+    (lambda c: setattr(c, "budget", -2), r"config.budget=-2 must be a positive integer"),
+    (lambda c: setattr(c, "eval_batch_size", 0), r"config.eval_batch_size=0"),
+    (lambda c: setattr(c.methods.atm, "alpha", 0.0), r"alpha=0.0 must be a positive number"),
+    (lambda c: setattr(c.methods.atm, "iterations", -1), r"config.methods.atm.iterations=-1"),
+    (lambda c: setattr(c.methods.atm, "merge", "average"), r"Unknown merge 'average'"),
+    (lambda c: setattr(c.methods.atm, "kind", "atm2"), r"config.methods.atm.kind='atm2'"),
+    (lambda c: setattr(c, "tasks", ("mnist", "svhn")), r"unknown task 'svhn'"),
+])
+def test_every_bad_value_is_named_before_any_work(edit, message, tmp_path, monkeypatch):
+    config = _quick_config()
+    with config.unlocked():
+        edit(config)
+    monkeypatch.setattr("atm_jax.data.load_task", _forbidden)
+    with pytest.raises(experiment.ConfigError, match=message):
+        experiment.run_experiment(config, tmp_path / "work", log=quiet)
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.seed=1.5", "invalid literal for int"),
+    ("--config.budget=ten", "invalid literal for int"),
+    ("--config.progress=yes", "Non-boolean argument"),
+    ("--config.optimizer.learning_rate=fast", "could not convert string to float"),
+])
+def test_wrong_types_on_the_command_line_are_refused_by_the_locked_config(override, message, tmp_path):
+    cmd = [sys.executable, "-m", "atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}",
+           f"--workdir={tmp_path / 'work'}", override]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0
+    assert f"flag {override}: " in run.stderr and message in run.stderr
+    assert not (tmp_path / "work").exists()
