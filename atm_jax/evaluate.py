@@ -58,7 +58,9 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
     Raises:
         ValueError: on empty or mismatched data, or batch_size < 1.
     """
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)
+    if images.dtype.kind in "fb":
+        images = images.astype(np.float32, copy=False)
     labels = np.asarray(labels, np.int32)
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images, at least one: got "
@@ -79,7 +81,7 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
         if real < batch_size:  # pad the last batch so its shapes match the others
             pad = batch_size - real
             batch_images = np.concatenate(
-                [batch_images, np.zeros((pad,) + images.shape[1:], np.float32)])
+                [batch_images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             batch_labels = np.concatenate([batch_labels, np.zeros(pad, np.int32)])
         mask = np.arange(batch_size) < real
         counts.append(count_correct(backbone, head, batch_images, batch_labels, mask))

@@ -33,6 +33,7 @@ from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
 from atm_jax import merge as merge_lib
+from atm_jax import setups
 from atm_jax import tree as tree_lib
 from atm_jax import writers
 from atm_jax.finetune import Finetuner, OptimizerConfig
@@ -72,14 +73,26 @@ def _positive_int(config, path: str) -> int:
 
 
 RESUME_MODES = ("auto", "force")
-_TOP_LEVEL = ("seed", "suite", "tasks", "data", "model", "pretrain", "heads", "head_seed",
-              "optimizer", "budget", "merge_include", "merge_exclude", "references", "methods",
-              "eval_batch_size", "progress", "resume", "checkpoint", "save_params")
-_SECTIONS = {"data": ("train_size", "validation_size", "test_size", "cap_to_available"),
-             "optimizer": ("name", "learning_rate", "weight_decay", "grad_clip", "batch_size",
-                           "schedule", "warmup_steps", "decay_steps"),
-             "checkpoint": ("keep",)}
+SUITES = ("mini", "paper")
+_COMMON = ("seed", "suite", "tasks", "data", "model", "heads", "head_seed", "optimizer", "budget",
+           "merge_include", "merge_exclude", "references", "methods", "eval_batch_size", "progress",
+           "resume", "checkpoint", "save_params")
+_TOP_LEVEL = {"mini": _COMMON + ("pretrain",), "paper": _COMMON + ("export_hf",)}
+_OPTIMIZER_KEYS = ("name", "learning_rate", "weight_decay", "grad_clip", "batch_size", "schedule",
+                   "warmup_steps", "decay_steps")
+_SECTIONS = {
+    "mini": {"data": ("train_size", "validation_size", "test_size", "cap_to_available"),
+             "optimizer": _OPTIMIZER_KEYS, "checkpoint": ("keep",)},
+    "paper": {"data": ("source", "data_dir", "folder", "tokenizer", "train_size", "test_size",
+                       "validation_fraction", "validation_cap", "image_size", "max_length",
+                       "augment"),
+              "model": ("name", "weights", "allow_pickle", "init_seed"),
+              "optimizer": _OPTIMIZER_KEYS, "checkpoint": ("keep",)},
+}
 _METHOD_KEYS = ("kind", "merge", "merge_kwargs", "alpha", "iterations", "split")
+# Paper suite: which heads each model uses, and which data sources exist.
+PAPER_HEADS = {"clip": "zero_shot", "bert": "frozen_random", "roberta": "frozen_random"}
+DATA_SOURCES = ("tfds", "folder", "local")
 
 
 def _check_keys(node, allowed, where: str) -> None:
@@ -112,8 +125,11 @@ def validate(config) -> None:
     """
     from atm_jax import data  # the registry of task names
 
-    _check_keys(config, _TOP_LEVEL, "")
-    for section, allowed in _SECTIONS.items():
+    suite = _field(config, "suite")
+    if suite not in SUITES:
+        raise ConfigError(f"config.suite={suite!r} must be one of {SUITES}.")
+    _check_keys(config, _TOP_LEVEL[suite], "")
+    for section, allowed in _SECTIONS[suite].items():
         _check_keys(_field(config, section), allowed, section + ".")
     _integer(config, "seed")
     _integer(config, "head_seed")
@@ -136,19 +152,12 @@ def validate(config) -> None:
         raise ConfigError("config.tasks is empty: name at least one task.")
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"config.tasks={tasks!r} names a task twice.")
-    if _field(config, "suite") != "mini":
-        raise ConfigError(f"config.suite={config.suite!r} is not supported yet; use 'mini'.")
-    for task in tasks:
-        if task not in data.MINI_TASKS:
-            raise ConfigError(f"config.tasks has unknown task {task!r}; "
-                              f"the mini suite has {list(data.MINI_TASKS)}.")
-    _validate_pretrain(config)
-    for split in ("train_size", "validation_size", "test_size"):
-        _positive_int(config, f"data.{split}")
+    if suite == "mini":
+        _validate_mini(config, tasks)
+    else:
+        _validate_paper(config, tasks)
     budget = _positive_int(config, "budget")
     _positive_int(config, "eval_batch_size")
-    if config.heads not in HEAD_MODES:
-        raise ConfigError(f"config.heads={config.heads!r} must be one of {HEAD_MODES}.")
     for ref in config.references:
         if ref not in REFERENCES:
             raise ConfigError(f"config.references has unknown entry {ref!r}; allowed: {REFERENCES}.")
@@ -156,15 +165,7 @@ def validate(config) -> None:
         OptimizerConfig(**config.optimizer.to_dict())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.optimizer: {e}") from None
-    if config.optimizer.batch_size > config.data.train_size:
-        raise ConfigError(f"config.optimizer.batch_size={config.optimizer.batch_size} is larger than "
-                          f"config.data.train_size={config.data.train_size}: every step would be "
-                          "mostly padding. Lower the batch size or raise the train size.")
-    if config.optimizer.batch_size > config.data.validation_size and any(
-            m.kind == "atm" and m.split == "validation" for m in config.methods.values()):
-        raise ConfigError(f"config.optimizer.batch_size={config.optimizer.batch_size} is larger than "
-                          f"config.data.validation_size={config.data.validation_size}, which "
-                          "valFT ATM trains on.")
+    _validate_batch_size(config)
     _validate_merge_filter(config)
     if not config.methods:
         raise ConfigError("config.methods is empty: add at least one method.")
@@ -197,25 +198,95 @@ def validate(config) -> None:
                           "the individual models; add one or drop the reference.")
 
 
-def _model(config):
-    from atm_jax.models.vit_tiny import vit_from_config
+def _validate_mini(config, tasks) -> None:
+    from atm_jax import data
 
+    for task in tasks:
+        if task not in data.MINI_TASKS:
+            raise ConfigError(f"config.tasks has unknown task {task!r}; "
+                              f"the mini suite has {list(data.MINI_TASKS)}.")
     name = _field(config, "model").get("name", "vit_tiny")
     if name != "vit_tiny":
         raise ConfigError(f"config.model.name={name!r} is not available in the mini suite; "
-                          "use 'vit_tiny'.")
+                          "use 'vit_tiny' (or suite='paper' for clip / bert / roberta).")
     try:
-        return vit_from_config(config.model)
+        from atm_jax.models.vit_tiny import vit_from_config
+
+        vit_from_config(config.model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
+    _validate_pretrain(config)
+    for split in ("train_size", "validation_size", "test_size"):
+        _positive_int(config, f"data.{split}")
+    if config.heads not in HEAD_MODES:
+        raise ConfigError(f"config.heads={config.heads!r} must be one of {HEAD_MODES}.")
+
+
+def _validate_paper(config, tasks) -> None:
+    from atm_jax.data import local, paper
+
+    name = _field(config, "model.name")
+    if name not in PAPER_HEADS:
+        raise ConfigError(f"config.model.name={name!r} must be one of {tuple(PAPER_HEADS)}.")
+    modality = "image" if name == "clip" else "text"
+    source = _field(config, "data.source")
+    if source not in DATA_SOURCES:
+        raise ConfigError(f"config.data.source={source!r} must be one of {DATA_SOURCES}.")
+    if source == "local":
+        known = local.IMAGE_TASKS if modality == "image" else local.TEXT_TASKS
+    else:
+        known = {t: v for t, v in paper.PAPER_TASKS.items() if v.modality == modality}
+    for task in tasks:
+        if task not in known and not (source == "folder" and modality == "image"):
+            raise ConfigError(f"config.tasks has unknown task {task!r} for model {name!r} and "
+                              f"data.source={source!r}; known: {sorted(known)}.")
+    needs_folder = [t for t in tasks if source == "folder" or (
+        source == "tfds" and paper.PAPER_TASKS[t].tfds_name is None)]
+    if needs_folder and not _field(config, "data.folder"):
+        raise ConfigError(f"config.data.folder is empty but {needs_folder} must be read from an "
+                          "image folder (no tfds builder): set --config.data.folder=ROOT holding "
+                          "ROOT/<task>/{train,test}/<class>/*.png (GTSRB's official archive "
+                          "layout under ROOT/gtsrb works too).")
+    if config.heads != PAPER_HEADS[name]:
+        raise ConfigError(f"config.heads={config.heads!r}: model {name!r} uses "
+                          f"{PAPER_HEADS[name]!r} heads (the paper's recipe).")
+    for field in ("data.train_size", "data.test_size", "data.validation_cap", "data.image_size",
+                  "model.init_seed"):
+        _integer(config, field)
+    _positive_int(config, "data.max_length")
+    fraction = _field(config, "data.validation_fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"config.data.validation_fraction={fraction!r} must be in (0, 1).")
+    for flag in ("data.augment", "model.allow_pickle", "export_hf"):
+        if not isinstance(_field(config, flag), bool):
+            raise ConfigError(f"config.{flag}={_field(config, flag)!r} must be True or False.")
+    weights = _field(config, "model.weights")
+    folder = pathlib.Path(weights).expanduser() if weights else None
+    if folder is not None and folder.is_dir() and not (folder / "config.json").is_file():
+        raise ConfigError(f"config.model.weights={weights!r} is a folder without config.json; "
+                          "point it at a Hugging Face model folder or a hub id.")
+    if not weights and source != "local":
+        raise ConfigError("config.model.weights is empty (random init) but config.data.source="
+                          f"{source!r}: random init is for smoke runs on local data only.")
+
+
+def _validate_batch_size(config) -> None:
+    batch = config.optimizer.batch_size
+    train = config.data.train_size
+    if train and batch > train:
+        raise ConfigError(f"config.optimizer.batch_size={batch} is larger than "
+                          f"config.data.train_size={train}: every step would be "
+                          "mostly padding. Lower the batch size or raise the train size.")
+    validation = config.data.get("validation_size") or config.data.get("validation_cap")
+    if validation and batch > validation and any(
+            m.kind == "atm" and m.split == "validation" for m in config.methods.values()):
+        raise ConfigError(f"config.optimizer.batch_size={batch} is larger than the validation split "
+                          f"({validation} examples), which valFT ATM trains on.")
 
 
 def _backbone_shapes(config):
-    """The backbone's params as ShapeDtypeStructs: no weights are made or loaded."""
-    model = _model(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))
-    return shapes["params"]
+    """The backbone's params as ShapeDtypeStructs, or None for hub weights."""
+    return setups.backbone_shapes(config)
 
 
 def _validate_merge_filter(config) -> None:
@@ -227,7 +298,17 @@ def _validate_merge_filter(config) -> None:
         predicate = tree_lib.path_filter(include, exclude)
     except ValueError as e:
         raise ConfigError(f"config.merge_include / config.merge_exclude: {e}") from None
-    paths = tree_lib.leaf_paths(_backbone_shapes(config))
+    shapes = _backbone_shapes(config)
+    if shapes is None:  # weights from the hub: checked once they are loaded
+        return
+    _check_filter_matches(config, shapes)
+
+
+def _check_filter_matches(config, shapes) -> None:
+    include = tuple(config.merge_include) or None
+    exclude = tuple(config.merge_exclude) or None
+    predicate = tree_lib.path_filter(include, exclude)
+    paths = tree_lib.leaf_paths(shapes)
     for field, patterns in (("merge_include", include), ("merge_exclude", exclude)):
         for pattern in patterns or ():
             if not any(tree_lib.path_filter(pattern)(p) for p in paths):
@@ -252,42 +333,6 @@ def _merge_spec(config, spec) -> atm_lib.MergeSpec:
     return atm_lib.MergeSpec(
         name=spec.merge, kwargs=dict(spec.get("merge_kwargs", {}) or {}), alpha=float(spec.alpha),
         include=tuple(config.merge_include) or None, exclude=tuple(config.merge_exclude) or None)
-
-
-@dataclasses.dataclass
-class _Setup:
-    tasks: dict
-    apply_fn: Callable
-    base: Any
-    heads: dict
-    base_info: dict
-    width: int
-
-
-def _setup(config, log) -> _Setup:
-    from atm_jax import data
-    from atm_jax.pretrain import pretrained_base
-
-    start = time.perf_counter()
-    tasks = {}
-    for name in config.tasks:
-        tasks[name] = data.load_task(name, train_size=config.data.train_size,
-                                     validation_size=config.data.validation_size,
-                                     test_size=config.data.test_size, seed=config.seed,
-                                     cap=config.data.get("cap_to_available", False))
-    log(f"data: {len(tasks)} tasks loaded in {time.perf_counter() - start:.1f}s: "
-        + ", ".join(f"{n} ({len(t.train[1])}/{len(t.validation[1])}/{len(t.test[1])}, "
-                    f"{t.num_classes} classes)" for n, t in tasks.items()))
-    base, base_info = pretrained_base(config.model, config.pretrain, log=log)
-    model = _model(config)
-
-    def apply_fn(params, images, train):
-        return model.apply({"params": params}, images, train=train)
-
-    head_key = jax.random.key(config.head_seed)
-    heads = {name: init_head(jax.random.fold_in(head_key, i), model.width, t.num_classes)
-             for i, (name, t) in enumerate(tasks.items())}
-    return _Setup(tasks, apply_fn, base, heads, base_info, model.width)
 
 
 def run_experiment(config, workdir: str | pathlib.Path, *,
@@ -324,9 +369,14 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
         metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
         metrics.reset(restored.meta["metrics"] if restored else [])
 
-        _check_disk_space(workdir, _backbone_shapes(config), len(config.tasks),
-                          config.checkpoint.keep)
-        s = _setup(config, log)
+        shapes = _backbone_shapes(config)
+        if shapes is not None:
+            _check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)
+        s = setups.build(config, log)
+        if shapes is None:
+            shapes = jax.eval_shape(lambda: s.base)
+            _check_filter_matches(config, shapes)
+            _check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)
         run = _Resumable(config, config_json, s, ckpt, metrics, restored, log)
         run.execute()
     finally:
@@ -413,7 +463,7 @@ class _Resumable:
     """The run as a list of units (references, one-shot, each ATM method) with
     checkpoints inside them; restores where a checkpoint left off."""
 
-    def __init__(self, config, config_json, s: _Setup, ckpt, metrics, restored, log):
+    def __init__(self, config, config_json, s: setups.Setup, ckpt, metrics, restored, log):
         self.config, self.s, self.ckpt, self.metrics, self.log = config, s, ckpt, metrics, log
         self.config_json = config_json
         self.key = jax.random.key(config.seed)
@@ -421,7 +471,8 @@ class _Resumable:
         self.opt = OptimizerConfig(**config.optimizer.to_dict())
         # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
         self.finetuner = Finetuner(s.apply_fn, self.opt, train_head=config.heads == "trainable",
-                                   progress=bool(config.progress) or sys.stderr.isatty())
+                                   progress=bool(config.progress) or sys.stderr.isatty(),
+                                   augment=s.augment)
         self.task_names = list(s.tasks)
         if restored is None:
             self.step, self.done, self.rows, self.curves = 0, [], [], {}
@@ -474,6 +525,10 @@ class _Resumable:
             for name, p in params.items():
                 writers.write_bytes(self.workdir / "params" / f"{name}.msgpack",
                                     flax.serialization.to_bytes(p))
+                if self.config.get("export_hf") and self.s.export and writers.is_writer():
+                    folder = self.workdir / "hf" / name
+                    self.s.export(folder, p)
+                    self.log(f"[{name}] exported as a Hugging Face folder: {folder}")
         self.done.append(unit)
         self.position = {}
         self.save({"unit": None})
@@ -566,7 +621,7 @@ class _Resumable:
         self.finish_unit(name, {name: base} if config.save_params else None)
 
 
-def _write_results(config, workdir: pathlib.Path, s: _Setup, run: _Resumable, seconds: float,
+def _write_results(config, workdir: pathlib.Path, s: setups.Setup, run: _Resumable, seconds: float,
                    log) -> dict:
     rows, curves = run.rows, run.curves
     if run.individual is not None:
@@ -576,7 +631,7 @@ def _write_results(config, workdir: pathlib.Path, s: _Setup, run: _Resumable, se
     tasks = list(config.tasks)
     timings = {k: v for k, v in run.timings.items() if k != "pretrained"}
     results = {"tasks": tasks, "rows": rows, "timings_seconds": timings,
-               "total_seconds": round(seconds, 1), "base": _base_summary(s.base_info),
+               "total_seconds": round(seconds, 1), "base": dict(s.base_info),
                "heads": config.heads, "budget_epochs": config.budget, "notes": notes,
                "curves": {n: [{k: h[k] for k in ("iteration", "accuracy", "average_accuracy")}
                               for h in hist] for n, hist in curves.items()},
@@ -594,7 +649,7 @@ def _write_results(config, workdir: pathlib.Path, s: _Setup, run: _Resumable, se
     return results
 
 
-def _linear_probe(s: _Setup, opt: OptimizerConfig, epochs: int, key, eval_batch_size) -> dict:
+def _linear_probe(s: setups.Setup, opt: OptimizerConfig, epochs: int, key, eval_batch_size) -> dict:
     """Head-only training on frozen-base features: same optimizer, same budget.
 
     The features are computed once, so the probe costs far less than a finetune;
@@ -620,23 +675,8 @@ def _linear_probe(s: _Setup, opt: OptimizerConfig, epochs: int, key, eval_batch_
     return acc
 
 
-def _base_summary(info: Mapping) -> dict:
-    keep = ("held_out_accuracy", "seconds", "steps", "images", "from_cache", "path")
-    return {k: info[k] for k in keep if k in info}
-
-
-def _notes(config, s: _Setup, opt: OptimizerConfig, seconds: float) -> list[str]:
-    resolved = s.base_info.get("config", {})
-    model, pre = resolved.get("model", {}), resolved.get("pretrain", {})
-    acc = s.base_info.get("held_out_accuracy")
-    notes = [
-        f"Base: a {tree_lib.num_params(s.base) / 1e6:.2f}M-parameter ViT (patch "
-        f"{model.get('patch_size')}, width {model.get('width')}, depth {model.get('depth')}) "
-        f"pretrained by this project on {pre.get('num_images')} rendered font glyphs "
-        f"(62 classes, {pre.get('epochs')} epochs"
-        + (f", {100 * acc:.1f}% held-out glyph accuracy" if acc is not None else "")
-        + "); no public ViT weights were used.",
-        f"Heads: {config.heads.replace('_', ' ')} per task, never merged.",
+def _notes(config, s: setups.Setup, opt: OptimizerConfig, seconds: float) -> list[str]:
+    notes = list(s.notes) + [
         f"Budget: {config.budget} epochs per task for every method; optimizer "
         f"{opt.name} lr {opt.learning_rate}, batch {opt.batch_size}, grad clip {opt.grad_clip} "
         "(same for all).",

@@ -36,6 +36,7 @@ from atm_jax.models.heads import apply_head
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, bool], jax.Array]
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("constant", "warmup_cosine")
@@ -140,14 +141,24 @@ def _trainable(state: dict, train_head: bool) -> dict:
     return {"backbone": state["backbone"]}
 
 
+def as_inputs(x) -> np.ndarray:
+    """Host inputs as NumPy: floats become float32, integer inputs (uint8 images,
+    token ids) keep their dtype so big datasets stay compact until the device."""
+    x = np.asarray(x)
+    return x.astype(np.float32, copy=False) if x.dtype.kind in "fb" else x
+
+
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
-                    train_head: bool) -> Callable[[dict, dict], tuple[dict, dict]]:
+                    train_head: bool, augment: Augment | None = None
+                    ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Builds the (unjitted) train step: masked cross-entropy, one optimizer update.
 
     Args:
         apply_fn: `apply_fn(backbone, images, train) -> features [B, F]`.
         tx: the optimizer.
         train_head: whether the head gets gradients and optimizer state.
+        augment: optional `augment(images, key) -> images`, applied to every
+            training batch with the batch's own key (`batch["key"]`).
 
     Returns:
         `step(state, batch) -> (state, metrics)` with state
@@ -163,7 +174,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
 
         def loss_fn(trainable):
             head = trainable["head"] if train_head else state["head"]
-            features = apply_fn(trainable["backbone"], batch["images"], True)
+            images = batch["images"] if augment is None else augment(batch["images"], batch["key"])
+            features = apply_fn(trainable["backbone"], images, True)
             logits = apply_head(head, features).astype(jnp.float32)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
             count = mask.sum()
@@ -240,20 +252,24 @@ class Finetuner:
         train_head: whether the head is trained (else frozen: no gradient, no
             optimizer state, returned bitwise unchanged).
         progress: show a tqdm bar over steps on stderr.
+        augment: optional `augment(images, key) -> images` for training batches
+            (e.g. random resized crops); step i of epoch e uses the key
+            `fold_in(fold_in(key, e), i)`, so runs stay reproducible.
         tx: the optax transformation.
         train_step: the jitted step `step(state, batch) -> (state, metrics)`; it
             donates `state`.
     """
 
     def __init__(self, apply_fn: ApplyFn, opt: OptimizerConfig, *, train_head: bool,
-                 progress: bool = False):
+                 progress: bool = False, augment: Augment | None = None):
         self.apply_fn = apply_fn
+        self.augment = augment
         self.opt = opt
         self.train_head = train_head
         self.progress = progress
         self.tx = make_optimizer(opt)
-        self.train_step = jax.jit(make_train_step(apply_fn, self.tx, train_head=train_head),
-                                  donate_argnums=0)
+        self.train_step = jax.jit(make_train_step(apply_fn, self.tx, train_head=train_head,
+                                                  augment=augment), donate_argnums=0)
         self._init_state = jax.jit(make_init_state(self.tx, train_head=train_head))
 
     def init_state(self, backbone: PyTree, head: dict) -> dict:
@@ -302,11 +318,14 @@ class Finetuner:
         mask = np.concatenate([np.ones(num_examples, np.float32),
                                np.zeros(padding, np.float32)])
 
+        epoch_key = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
         step_metrics = []
         for i in range(steps):
             rows = order[i * batch_size:(i + 1) * batch_size]
             batch = {"images": images[rows], "labels": labels[rows],
                      "mask": mask[i * batch_size:(i + 1) * batch_size]}
+            if self.augment is not None:
+                batch["key"] = jax.random.fold_in(epoch_key, i)
             state, metrics = self.train_step(state, batch)
             step_metrics.append(metrics)
             if bar is not None:
@@ -361,7 +380,7 @@ class Finetuner:
             ValueError: on mismatched or empty data, or epochs < 1.
             FloatingPointError: if the loss became non-finite.
         """
-        images = np.asarray(images, np.float32)
+        images = as_inputs(images)
         labels = np.asarray(labels, np.int32)
         if len(images) != len(labels) or len(images) == 0:
             raise ValueError(f"need as many labels as images, at least one: got "

@@ -8,7 +8,8 @@ is an error, not a silent no-op.
 A run found in ``--workdir`` resumes from its newest checkpoint (see
 ``atm_jax.experiment.run_experiment``). Bad config values, a workdir holding
 another config's run, and a diverged finetune end the program with a one-paragraph
-message on stderr and exit status 2, 2 and 3; the checkpoints stay in place.
+message on stderr and exit status 2, 2 and 3; the checkpoints stay in place. A
+missing dataset, tokenizer or weights file (exit 2) names the command that fetches it.
 """
 
 import sys
@@ -25,11 +26,22 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from absl import logging
+
     from atm_jax import experiment  # after flag parsing: --help stays fast
+
+    # orbax logs every checkpoint step at INFO; the run's own progress lines are enough.
+    logging.set_verbosity(logging.WARNING)
+
+    from atm_jax.data.image_folder import ImageFolderError
+    from atm_jax.data.sources import SourceUnavailableError
+    from atm_jax.models import hf
 
     try:
         experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
-    except experiment.ConfigError as e:
+    except (experiment.ConfigError, SourceUnavailableError, ImageFolderError, hf.CheckpointError,
+            hf.UnsafeCheckpointError, hf.HubUnavailableError) as e:
+        # Bad input (config, data, weights): the message says what to do; no traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
