@@ -240,13 +240,6 @@ def _validate_paper(config, tasks) -> None:
         if task not in known and not (source == "folder" and modality == "image"):
             raise ConfigError(f"config.tasks has unknown task {task!r} for model {name!r} and "
                               f"data.source={source!r}; known: {sorted(known)}.")
-    needs_folder = [t for t in tasks if source == "folder" or (
-        source == "tfds" and paper.PAPER_TASKS[t].tfds_name is None)]
-    if needs_folder and not _field(config, "data.folder"):
-        raise ConfigError(f"config.data.folder is empty but {needs_folder} must be read from an "
-                          "image folder (no tfds builder): set --config.data.folder=ROOT holding "
-                          "ROOT/<task>/{train,test}/<class>/*.png (GTSRB's official archive "
-                          "layout under ROOT/gtsrb works too).")
     if config.heads != PAPER_HEADS[name]:
         raise ConfigError(f"config.heads={config.heads!r}: model {name!r} uses "
                           f"{PAPER_HEADS[name]!r} heads (the paper's recipe).")

@@ -57,7 +57,8 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict({
         "source": "tfds",        # tfds | folder | local
         "data_dir": "",          # tfds data dir; "" = $TFDS_DATA_DIR or ~/.cache/atm_jax/tfds
-        "folder": "",            # image-folder root for tasks without a tfds builder (GTSRB)
+        "folder": "",            # image-folder root for tasks without a tfds builder (GTSRB);
+                                 # "" = ~/.cache/atm_jax/folders
         "tokenizer": "",         # "" = the tokenizer saved with the weights
         "train_size": 0,         # 0 = all of the 90% training part
         "test_size": 0,          # 0 = the whole test split

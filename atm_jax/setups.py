@@ -115,10 +115,17 @@ def _weights(config, log):
         log(f"model: {name} with random init (tiny config, seed {config.model.init_seed}); "
             "a smoke run, not a pretrained model")
         return cfg, params, {"weights": "random init", "family": name}
-    checkpoint = hf.load(config.model.weights, allow_pickle=config.model.allow_pickle)
-    if checkpoint.family != name:
-        from atm_jax.experiment import ConfigError
+    from atm_jax.experiment import ConfigError
 
+    try:
+        checkpoint = hf.load(config.model.weights, allow_pickle=config.model.allow_pickle)
+    except hf.HubUnavailableError as e:
+        raise ConfigError(f"{e}\nOn the command line: --config.model.weights=/path/to/folder "
+                          "(the folder also needs the tokenizer files for text models, or set "
+                          "--config.data.tokenizer).") from None
+    except hf.UnsafeCheckpointError as e:
+        raise ConfigError(f"{e}\nOn the command line: --config.model.allow_pickle=True.") from None
+    if checkpoint.family != name:
         raise ConfigError(f"config.model.weights={config.model.weights!r} holds a "
                           f"{checkpoint.family} model but config.model.name={name!r}.")
     log(f"model: {name} weights from {config.model.weights}")
@@ -126,17 +133,21 @@ def _weights(config, log):
                                                    "family": name}
 
 
-def _local_root(kind: str) -> pathlib.Path:
+def _cache() -> pathlib.Path:
     from atm_jax.data import sources
 
-    return sources.cache_dir() / "local" / kind
+    return sources.cache_dir()
+
+
+def _local_root(kind: str) -> pathlib.Path:
+    return _cache() / "local" / kind
 
 
 def _load_tasks(config, tokenizer, log) -> dict:
     from atm_jax.data import local, paper
 
     d = config.data
-    source, folder = d.source, d.folder or None
+    source, folder = d.source, d.folder or str(_cache() / "folders")
     if source == "local":
         if config.model.name == "clip":
             folder = local.make_image_folder(_local_root("images"), tasks=tuple(config.tasks))
@@ -158,6 +169,19 @@ def _load_tasks(config, tokenizer, log) -> dict:
         log(f"data: {name}: {len(t.train[1])} train / {len(t.validation[1])} validation / "
             f"{len(t.test[1])} test, {t.num_classes} classes")
     return tasks
+
+
+def _check_data_present(config) -> None:
+    """Every tfds dataset of the run is prepared (a disk check only), or the error
+    names the command that prepares it."""
+    from atm_jax.data import paper, tfds_source
+
+    if config.data.source != "tfds":
+        return
+    for name in config.tasks:
+        spec = paper.PAPER_TASKS[name]
+        if spec.tfds_name is not None:
+            tfds_source.find_prepared(spec.tfds_name, config.data.data_dir or None, task=name)
 
 
 def _tokenizer(config, default: str | None):
@@ -193,7 +217,8 @@ def _paper(config, log) -> Setup:
     from atm_jax.models import bert, clip, hf, zero_shot
 
     name = config.model.name
-    if name == "clip":  # data first: a missing dataset fails before any weights download
+    _check_data_present(config)  # a missing dataset fails before any download or decode
+    if name == "clip":
         tasks = _load_tasks(config, None, log)
     cfg, params, info = _weights(config, log)
     notes = [f"Model: {name}, " + (f"weights {info['weights']}" if config.model.weights else
