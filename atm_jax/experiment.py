@@ -15,7 +15,6 @@ plots.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -32,12 +31,10 @@ import numpy as np
 from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
-from atm_jax import merge as merge_lib
 from atm_jax import setups
 from atm_jax import tree as tree_lib
 from atm_jax import writers
 from atm_jax.finetune import Finetuner, OptimizerConfig
-from atm_jax.models.heads import init_head
 
 __all__ = ["validate", "run_experiment", "method_order", "DISPLAY_ORDER"]
 
@@ -123,8 +120,6 @@ def validate(config) -> None:
     Cheap: no data is loaded and nothing is compiled, so a typo fails in a second,
     not after an hour of finetuning.
     """
-    from atm_jax import data  # the registry of task names
-
     suite = _field(config, "suite")
     if suite not in SUITES:
         raise ConfigError(f"config.suite={suite!r} must be one of {SUITES}.")
@@ -285,10 +280,9 @@ def _backbone_shapes(config):
 def _validate_merge_filter(config) -> None:
     """Every include/exclude regex must compile and match some backbone leaf: a typo
     would otherwise merge everything, or fail only at the first merge."""
-    include = tuple(config.merge_include) or None
-    exclude = tuple(config.merge_exclude) or None
     try:
-        predicate = tree_lib.path_filter(include, exclude)
+        tree_lib.path_filter(tuple(config.merge_include) or None,
+                             tuple(config.merge_exclude) or None)
     except ValueError as e:
         raise ConfigError(f"config.merge_include / config.merge_exclude: {e}") from None
     shapes = _backbone_shapes(config)

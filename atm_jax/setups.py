@@ -233,10 +233,10 @@ def _paper(config, log) -> Setup:
             embeds = vision.apply({"params": backbone}, preprocess.normalize(images))
             return embeds / jnp.linalg.norm(embeds, axis=-1, keepdims=True)
 
-        augment = None
-        if config.data.augment:
-            def augment(images, key):
-                return preprocess.random_resized_crop(images, key, image_size, scale=(0.9, 1.0))
+        def random_crop(images, key):
+            return preprocess.random_resized_crop(images, key, image_size, scale=(0.9, 1.0))
+
+        augment = random_crop if config.data.augment else None
 
         heads = _zero_shot_heads(config, cfg, params, tasks, log)
         backbone = params["vision"]

@@ -28,22 +28,11 @@ def is_writer() -> bool:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically writes ``text`` to ``path`` (process 0 only)."""
-    if not is_writer():
-        return
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, text.encode())
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically writes ``data`` to ``path`` (process 0 only)."""
+    """Atomically writes ``data`` to ``path`` (temp file, fsync, rename; process 0 only)."""
     if not is_writer():
         return
     path = pathlib.Path(path)

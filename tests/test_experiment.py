@@ -7,9 +7,7 @@ import pathlib
 import pytest
 
 from atm_jax import experiment
-from atm_jax.data import sources
 
-import fakes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,17 +17,6 @@ def _get_config(arg=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-@pytest.fixture
-def fake_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
-    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
-    sources._MEMO.clear()
-    fakes.install_fake_suite()
-    yield tmp_path
-    sources._MEMO.clear()
 
 
 # configs/mini.py:tiny, shrunk further to fit the fake sources.

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 
 from atm_jax import checkpoint, experiment
-from atm_jax.data import sources
 
-import fakes
 from fault_driver import tiny_config
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -134,17 +132,6 @@ def test_resumed_run_does_not_redo_finished_tasks(cache, reference, tmp_path):
 
 # -- in-process tests ------------------------------------------------------------------
 
-@pytest.fixture
-def fake_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
-    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
-    sources._MEMO.clear()
-    fakes.install_fake_suite()
-    yield tmp_path
-    sources._MEMO.clear()
-
-
 def _quick_config():
     config = tiny_config()
     with config.unlocked():
@@ -223,7 +210,32 @@ def test_divergence_names_task_iteration_and_step_and_keeps_the_last_checkpoint(
     assert latest.meta["position"]["iteration"] == 0  # the evaluated start, before the failure
 
 
-def test_main_reports_divergence_and_exits_3(fake_cache, tmp_path):
+def test_main_reports_divergence_and_exits_3(fake_cache, tmp_path, capsys):
+    from absl import flags
+
+    from atm_jax import main
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}:tiny",
+                     f"--workdir={tmp_path / 'work'}"])
+        config = flags.FLAGS["config"].value
+        with config.unlocked():
+            for key, value in _quick_config().items():
+                config[key] = value
+            config.optimizer.learning_rate = 1e38
+            config.optimizer.grad_clip = None
+        with pytest.raises(SystemExit) as info:
+            main.main(["atm_jax.main"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert info.value.code == 3
+    err = capsys.readouterr().err
+    assert "training diverged: atm: task 'mnist', iteration 1" in err
+    assert "--config.resume=force" in err and "checkpoints is kept" in err
+
+
+def test_main_reports_an_unwritable_workdir_and_exits_2(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}:tiny",
            f"--workdir={tmp_path / 'file' / 'work'}"]
