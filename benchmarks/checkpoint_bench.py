@@ -1,0 +1,108 @@
+"""What checkpointing costs at paper scale: save and restore of ATM checkpoints.
+
+Inside an ATM iteration a checkpoint holds the current base and every task
+finetuned so far (so a preemption loses at most one task's finetune); the biggest
+one, after the last task, holds 1 + T models. This times `atm_jax.checkpoint`
+(orbax, synchronous, plus a CRC-32 of every array) on CLIP ViT-B/16 image-encoder
+sized params (≈86M float32 each) for growing numbers of finetuned copies, on the
+workdir's disk.
+
+Run::
+
+  python benchmarks/checkpoint_bench.py                  # writes benchmarks/results/
+  python benchmarks/checkpoint_bench.py --copies 0 1 --no-write   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from merge_bench import RESULTS, ROOT, _commit, vit_b16_shapes  # noqa: E402
+
+
+def params(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {path: rng.standard_normal(shape, dtype=np.float32)
+            for path, shape in vit_b16_shapes().items()}
+
+
+def measure(copies: int, directory: pathlib.Path, repeats: int) -> dict:
+    from atm_jax import checkpoint
+
+    state = {"key": np.arange(2, dtype=np.uint32), "base": params(0),
+             "finetuned": {str(i): params(i + 1) for i in range(copies)}}
+    nbytes = sum(a.nbytes for tree in [state["base"], *state["finetuned"].values()]
+                 for a in tree.values())
+    saves, restores, crcs = [], [], []
+    for r in range(repeats):
+        folder = directory / f"c{copies}_{r}"
+        ckpt = checkpoint.Checkpointer(folder, keep=2, log=lambda *_: None)
+        t0 = time.perf_counter()
+        checkpoint.digest(state)
+        crcs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ckpt.save(1, state, {"position": {}})
+        saves.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        restored = ckpt.latest()
+        restores.append(time.perf_counter() - t0)
+        assert restored is not None and restored.step == 1
+        ckpt.close()
+        shutil.rmtree(folder)
+    return {"copies": copies, "gib": nbytes / 2**30, "save": float(np.median(saves)),
+            "restore": float(np.median(restores)), "crc": float(np.median(crcs))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, nargs="+", default=[0, 1, 3, 7],
+                        help="finetuned models in the checkpoint besides the base")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    base = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="ckpt_bench_"))
+    rows = [measure(c, base, args.repeats) for c in args.copies]
+    lines = ["| models in checkpoint | size | save (incl. CRC) | of which CRC-32 | restore + verify | save GiB/s |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| 1 + {r['copies']} | {r['gib']:.2f} GiB | {r['save']:.2f} s | {r['crc']:.2f} s | "
+                     f"{r['restore']:.2f} s | {r['gib'] / r['save']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.no_write:
+        return
+    import jax
+    import orbax.checkpoint as ocp
+
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    header = [f"# checkpoint_bench — {stamp:%Y-%m-%d %H:%M} UTC", "",
+              f"- commit: {_commit()}",
+              f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+              f"{platform.platform()}; disk of {base}",
+              f"- jax {jax.__version__}, orbax-checkpoint {ocp.__version__}",
+              f"- each model: CLIP ViT-B/16 image encoder leaf shapes, "
+              f"{sum(np.prod(s) for s in vit_b16_shapes().values()) / 1e6:.1f}M float32; "
+              f"median of {args.repeats}; save is synchronous and atomic",
+              "", ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"checkpoint_bench_{stamp:%Y%m%d_%H%M}.md"
+    path.write_text("\n".join(header) + table + "\n")
+    print(f"\nwrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
