@@ -352,6 +352,10 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
             _check_resumable(restored.meta["config"], config_json, config.resume, workdir)
             log(f"resuming from checkpoint step {restored.step} in {workdir / 'checkpoints'} "
                 f"({_describe(restored.meta)})")
+        elif (workdir / "config.json").is_file():
+            # No checkpoint, but another run's files: don't overwrite them unasked.
+            _check_resumable(json.loads((workdir / "config.json").read_text()), config_json,
+                             config.resume, workdir)
         writers.write_json(workdir / "config.json", config_json)
         metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
         metrics.reset(restored.meta["metrics"] if restored else [])

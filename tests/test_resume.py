@@ -194,6 +194,18 @@ def test_config_mismatch_refuses_unless_forced(fake_cache, tmp_path):
     assert any(line.startswith("resuming from checkpoint") for line in lines)
 
 
+def test_results_of_another_config_without_checkpoints_are_not_overwritten(fake_cache, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    other = json.loads(_quick_config().to_json())
+    other["budget"] = 6
+    (workdir / "config.json").write_text(json.dumps(other))
+    (workdir / "results.md").write_text("another run's table")
+    with pytest.raises(experiment.ConfigError, match="budget: 6 -> 2"):
+        experiment.run_experiment(_quick_config(), workdir, log=quiet)
+    assert (workdir / "results.md").read_text() == "another run's table"
+
+
 def test_divergence_names_task_iteration_and_step_and_keeps_the_last_checkpoint(fake_cache, tmp_path):
     config = _quick_config()
     with config.unlocked():
