@@ -8,8 +8,14 @@ Every checkpoint is one numbered step holding two items:
 * ``meta``: a JSON document (where the run stands, the records written so far,
   the config, and a CRC-32 of every array in ``state``).
 
-Orbax writes a step into a temporary folder and renames it when complete, so a
-kill during a save leaves the previous step intact. :meth:`Checkpointer.latest`
+Big pytrees that stay the same over several steps (a task's finetuned model inside
+an ATM iteration) are written once as *items* (``<directory>/items/<name>``, see
+:meth:`Checkpointer.save_item`) and a step only names them with their CRCs; an item
+is deleted once no kept step names it. So the k-th checkpoint of an iteration
+writes one model, not k.
+
+Orbax writes a step (and an item) into a temporary folder and renames it when
+complete, so a kill during a save leaves the previous step intact. :meth:`Checkpointer.latest`
 goes from the newest step to the oldest and skips (with a warning) any step that
 cannot be read or whose arrays no longer match their recorded CRCs.
 """
@@ -27,10 +33,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "Restored", "digest"]
+__all__ = ["Checkpointer", "FormatError", "Restored", "digest"]
 
 PyTree = Any
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: finetuned models as items
+
+
+class FormatError(RuntimeError):
+    """A checkpoint written in another format version: not damaged, just not ours."""
 
 
 def digest(state: PyTree) -> dict[str, int]:
@@ -44,10 +54,11 @@ def digest(state: PyTree) -> dict[str, int]:
 
 
 class Restored:
-    """A checkpoint read back: ``step``, ``state`` (NumPy/JAX arrays) and ``meta``."""
+    """A checkpoint read back: ``step``, ``state`` (NumPy/JAX arrays), ``meta`` and
+    the ``items`` it names (``{name: pytree}``)."""
 
-    def __init__(self, step: int, state: dict, meta: dict):
-        self.step, self.state, self.meta = step, state, meta
+    def __init__(self, step: int, state: dict, meta: dict, items: dict):
+        self.step, self.state, self.meta, self.items = step, state, meta, items
 
 
 class Checkpointer:
@@ -70,18 +81,56 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        self._items = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        self._item_refs: dict[int, dict[str, dict]] = {}  # step -> the items it names
 
+    @property
+    def items_directory(self) -> pathlib.Path:
+        return self.directory / "items"
+
+    def save_item(self, name: str, tree: PyTree) -> dict[str, int]:
+        """Writes ``tree`` as item ``name`` (atomic; replaces an older one of that
+        name) and returns its CRCs, to pass to :meth:`save` in ``items``."""
+        self._items.save((self.items_directory / name).absolute(),
+                         args=ocp.args.StandardSave(tree), force=True)
+        return digest(tree)
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first."""
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Mapping[str, PyTree], meta: Mapping[str, Any]) -> None:
-        """Writes step ``step`` (blocking; atomic); drops steps beyond ``keep``."""
-        meta = dict(meta, step=step, format=FORMAT_VERSION, digest=digest(state))
+    def save(self, step: int, state: Mapping[str, PyTree], meta: Mapping[str, Any],
+             items: Mapping[str, dict[str, int]] | None = None) -> None:
+        """Writes step ``step`` (blocking; atomic) naming ``items`` ({name: CRCs from
+        :meth:`save_item`}); drops steps beyond ``keep`` and items no kept step names."""
+        items = dict(items or {})
+        meta = dict(meta, step=step, format=FORMAT_VERSION, digest=digest(state), items=items)
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
+        self._item_refs[step] = items
+        self._collect_items()
+
+    def _refs(self, step: int) -> dict[str, dict]:
+        if step not in self._item_refs:
+            try:
+                meta = self._manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+                self._item_refs[step] = dict(meta.get("items", {}))
+            except Exception:  # noqa: BLE001 - an unreadable step keeps nothing alive
+                self._item_refs[step] = {}
+        return self._item_refs[step]
+
+    def _collect_items(self) -> None:
+        """Deletes items (and half-written item folders) that no kept step names."""
+        if not self.items_directory.is_dir():
+            return
+        kept = set()
+        for step in self.steps():
+            kept |= set(self._refs(step))
+        for path in self.items_directory.iterdir():
+            if path.name not in kept:
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest(self) -> Restored | None:
         """The newest readable, intact step; None when there is none.
@@ -95,16 +144,29 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
                 state, meta = dict(restored["state"]), dict(restored["meta"])
                 if meta.get("format") != FORMAT_VERSION:
-                    raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+                    raise FormatError(
+                        f"checkpoint step {step} in {self.directory} has format "
+                        f"{meta.get('format')!r} but this atm_jax reads format {FORMAT_VERSION}: "
+                        "finish that run with the atm_jax version that started it, or start "
+                        "this one in a new --workdir.")
                 if digest(state) != meta.get("digest"):
                     raise ValueError("array contents differ from the CRC-32s recorded at save time")
+                items = {}
+                for name, crcs in meta.get("items", {}).items():
+                    items[name] = self._items.restore((self.items_directory / name).absolute(),
+                                                      args=ocp.args.StandardRestore())
+                    if digest(items[name]) != crcs:
+                        raise ValueError(f"item {name!r} differs from the CRC-32s recorded at "
+                                         "save time")
+            except FormatError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure means "unusable step"
                 self.log(f"WARNING: checkpoint step {step} in {self.directory} is damaged or "
                          f"incomplete ({type(e).__name__}: {str(e)[:200]}); trying an older one.")
                 damaged.append(step)
                 continue
             self._set_aside(damaged)
-            return Restored(step, state, meta)
+            return Restored(step, state, meta, items)
         return None
 
     def _set_aside(self, steps: list[int]) -> None:

@@ -347,7 +347,10 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
     config_json = json.loads(config.to_json())
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
     try:
-        restored = ckpt.latest()
+        try:
+            restored = ckpt.latest()
+        except checkpoint_lib.FormatError as e:
+            raise ConfigError(str(e)) from None
         if restored is not None:
             _check_resumable(restored.meta["config"], config_json, config.resume, workdir)
             log(f"resuming from checkpoint step {restored.step} in {workdir / 'checkpoints'} "
@@ -468,6 +471,7 @@ class _Resumable:
         if restored is None:
             self.step, self.done, self.rows, self.curves = 0, [], [], {}
             self.timings, self.individual, self.position, self.arrays = {}, None, {}, {}
+            self.items = {}
         else:
             m = restored.meta
             if not np.array_equal(np.asarray(restored.state["key"]), self.key_data):
@@ -476,25 +480,37 @@ class _Resumable:
             self.step, self.done, self.rows = restored.step, list(m["done"]), list(m["rows"])
             self.curves, self.timings = dict(m["curves"]), dict(m["timings"])
             self.individual, self.position = m["individual"], dict(m["position"])
-            self.arrays = restored.state
+            self.arrays, self.items = restored.state, restored.items
 
     # -- checkpoints --------------------------------------------------------------------
-    def save(self, position: dict, arrays: Mapping[str, Any] | None = None) -> None:
+    def save(self, position: dict, arrays: Mapping[str, Any] | None = None,
+             items: Mapping[str, dict] | None = None) -> None:
         self.step += 1
         meta = {"config": self.config_json, "done": self.done, "rows": self.rows,
                 "curves": self.curves, "timings": self.timings, "individual": self.individual,
                 "position": position, "metrics": self.metrics.lines}
         meta = json.loads(json.dumps(meta, default=writers._jsonable))
-        self.ckpt.save(self.step, {"key": self.key_data, **(arrays or {})}, meta)
+        self.ckpt.save(self.step, {"key": self.key_data, **(arrays or {})}, meta, items)
+
+    @staticmethod
+    def _item_name(unit: str, iteration: int, task_index: int) -> str:
+        return f"{unit}.iteration{iteration}.task{task_index}"
 
     def _progress_saver(self, unit: str, with_base: bool):
+        """Checkpoints a Progress: each finished finetune is written once, as an item."""
+        written: dict[str, dict] = {}
+
         def on_progress(p: atm_lib.Progress):
-            arrays = {"finetuned": {str(i): f for i, f in enumerate(p.finetuned)},
-                      "finetuned_heads": p.finetuned_heads, "heads": p.heads}
+            names = [self._item_name(unit, p.iteration, i) for i in range(len(p.finetuned))]
+            for name, params in zip(names, p.finetuned):
+                if name not in written:
+                    written[name] = self.ckpt.save_item(name, params)
+            arrays = {"finetuned_heads": p.finetuned_heads, "heads": p.heads}
             if with_base:
                 arrays["base"] = p.base
             self.save({"unit": unit, "iteration": p.iteration, "tasks_done": len(p.finetuned),
-                       "history": p.history, "finetune_metrics": p.finetune_metrics}, arrays)
+                       "history": p.history, "finetune_metrics": p.finetune_metrics}, arrays,
+                      {n: written[n] for n in names})
         return on_progress
 
     def _restored_progress(self, unit: str, base) -> atm_lib.Progress | None:
@@ -502,11 +518,11 @@ class _Resumable:
             return None
         a, pos = self.arrays, self.position
         order = lambda d: {t: d[t] for t in self.task_names if t in d}  # noqa: E731
-        finetuned = a.get("finetuned", {})
+        finetuned = [self.items[self._item_name(unit, pos["iteration"], i)]
+                     for i in range(pos["tasks_done"])]
         return atm_lib.Progress(
             iteration=pos["iteration"], base=a.get("base", base), heads=order(a["heads"]),
-            history=list(pos["history"]),
-            finetuned=[finetuned[str(i)] for i in range(pos["tasks_done"])],
+            history=list(pos["history"]), finetuned=finetuned,
             finetuned_heads=order(a.get("finetuned_heads", {})),
             finetune_metrics=dict(pos["finetune_metrics"]))
 

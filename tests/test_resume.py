@@ -167,6 +167,43 @@ def test_checkpointer_skips_damaged_steps_with_a_warning(tmp_path):
         checkpoint.Checkpointer(tmp_path / "d", keep=1)
 
 
+def test_items_are_written_once_verified_and_deleted_when_no_kept_step_names_them(tmp_path):
+    messages = []
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", keep=2, log=messages.append)
+    model = lambda v: {"w": np.full((500,), v, np.float32)}  # noqa: E731
+    crcs = {"a": ckpt.save_item("a", model(1.0))}
+    ckpt.save(1, {"x": np.zeros(2)}, {"n": 1}, crcs)
+    crcs["b"] = ckpt.save_item("b", model(2.0))
+    ckpt.save(2, {"x": np.zeros(2)}, {"n": 2}, crcs)
+    restored = ckpt.latest()
+    assert restored.step == 2 and set(restored.items) == {"a", "b"}
+    np.testing.assert_array_equal(restored.items["b"]["w"], model(2.0)["w"])
+    # A damaged item makes its step unusable: the older step (naming only "a") is used.
+    data_files = sorted((f for f in (tmp_path / "c" / "items" / "b").rglob("*") if f.is_file()),
+                        key=lambda f: -f.stat().st_size)
+    blob = bytearray(data_files[0].read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data_files[0].write_bytes(bytes(blob))
+    restored = ckpt.latest()
+    assert restored.step == 1 and set(restored.items) == {"a"}
+    assert any("checkpoint step 2" in m for m in messages)
+    # Steps 3 and 4 name no item: once step 1 is dropped too, "a" and "b" are deleted.
+    ckpt.save(3, {"x": np.zeros(2)}, {"n": 3})
+    assert sorted(p.name for p in (tmp_path / "c" / "items").iterdir()) == ["a"]
+    ckpt.save(4, {"x": np.zeros(2)}, {"n": 4})
+    assert list((tmp_path / "c" / "items").iterdir()) == []
+    ckpt.close()
+
+
+def test_a_checkpoint_of_another_format_is_refused_not_discarded(fake_cache, tmp_path, monkeypatch):
+    config = _quick_config()
+    experiment.run_experiment(config, tmp_path / "work", log=quiet)
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", checkpoint.FORMAT_VERSION + 1)
+    with pytest.raises(experiment.ConfigError, match="has format 2 but this atm_jax reads format 3"):
+        experiment.run_experiment(config, tmp_path / "work", log=quiet)
+    assert not (tmp_path / "work" / "checkpoints.damaged").exists()
+
+
 def test_config_mismatch_refuses_unless_forced(fake_cache, tmp_path):
     config = _quick_config()
     workdir = tmp_path / "work"
