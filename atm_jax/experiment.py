@@ -449,7 +449,7 @@ def _describe(meta: Mapping) -> str:
     if position.get("iteration"):
         text += f"; {position['iteration']} merge(s) done"
     if position.get("tasks_done"):
-        text += f"; {position['tasks_done']} task finetune(s) of the next iteration done"
+        text += f"; {position['tasks_done']} task finetune(s) done since the last merge"
     return text
 
 

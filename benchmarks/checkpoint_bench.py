@@ -1,11 +1,12 @@
 """What checkpointing costs at paper scale: save and restore of ATM checkpoints.
 
-Inside an ATM iteration a checkpoint holds the current base and every task
-finetuned so far (so a preemption loses at most one task's finetune); the biggest
-one, after the last task, holds 1 + T models. This times `atm_jax.checkpoint`
-(orbax, synchronous, plus a CRC-32 of every array) on CLIP ViT-B/16 image-encoder
-sized params (≈86M float32 each) for growing numbers of finetuned copies, on the
-workdir's disk.
+Inside an ATM iteration every task's finetune is checkpointed (so a preemption
+loses at most one task's finetune). Table 1 times `atm_jax.checkpoint` (orbax,
+synchronous, plus a CRC-32 of every array) for one checkpoint holding the base and
+T finetuned copies of CLIP ViT-B/16 image-encoder sized params (≈86M float32 each).
+Table 2 times the saves of one whole ATM iteration of T tasks, side by side: every
+step holding all finetunes so far (the first design, O(T²) bytes) vs each finetune
+written once as an item and the steps naming it (what `atm_jax.experiment` does).
 
 Run::
 
@@ -64,6 +65,28 @@ def measure(copies: int, directory: pathlib.Path, repeats: int) -> dict:
             "restore": float(np.median(restores)), "crc": float(np.median(crcs))}
 
 
+def iteration(tasks: int, directory: pathlib.Path, items: bool) -> float:
+    """Seconds of checkpoint saves in one ATM iteration of ``tasks`` task finetunes."""
+    from atm_jax import checkpoint
+
+    base = params(0)
+    models = [params(i + 1) for i in range(tasks)]
+    folder = directory / f"iteration_{'items' if items else 'full'}"
+    ckpt = checkpoint.Checkpointer(folder, keep=3, log=lambda *_: None)
+    t0 = time.perf_counter()
+    crcs = {}
+    for k in range(1, tasks + 1):
+        if items:
+            crcs[f"task{k}"] = ckpt.save_item(f"task{k}", models[k - 1])
+            ckpt.save(k, {"base": base}, {}, crcs)
+        else:
+            ckpt.save(k, {"base": base, "finetuned": {str(i): m for i, m in enumerate(models[:k])}}, {})
+    seconds = time.perf_counter() - t0
+    ckpt.close()
+    shutil.rmtree(folder)
+    return seconds
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, nargs="+", default=[0, 1, 3, 7],
@@ -80,6 +103,13 @@ def main():
     for r in rows:
         lines.append(f"| 1 + {r['copies']} | {r['gib']:.2f} GiB | {r['save']:.2f} s | {r['crc']:.2f} s | "
                      f"{r['restore']:.2f} s | {r['gib'] / r['save']:.2f} |")
+    tasks = max(args.copies)
+    full = iteration(tasks, base, items=False)
+    once = iteration(tasks, base, items=True)
+    lines += ["", f"One ATM iteration of {tasks} tasks (a checkpoint after every task finetune):", "",
+              "| checkpoint layout | bytes written | saves in the iteration |", "|---|---:|---:|",
+              f"| every step holds base + all finetunes so far | {(tasks + tasks * (tasks + 1) / 2) * rows[0]['gib']:.1f} GiB | {full:.1f} s |",
+              f"| each finetune once as an item (atm_jax) | {2 * tasks * rows[0]['gib']:.1f} GiB | {once:.1f} s |"]
     table = "\n".join(lines)
     print(table)
     if args.no_write:

@@ -121,7 +121,7 @@ def test_resumed_run_does_not_redo_finished_tasks(cache, reference, tmp_path):
     first = [i for e, i in _events(calls) if e == "start"]
     resumed = drive(cache, workdir, calls)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "1 task finetune(s) of the next iteration done" in resumed.stdout
+    assert "1 task finetune(s) done since the last merge" in resumed.stdout
     starts = [i for e, i in _events(calls) if e == "start"]
     reference_starts = [i for e, i in _events(reference / "calls") if e == "start"]
     assert len(first) == 3  # two one-shot tasks and the first ATM task
