@@ -75,8 +75,9 @@ def hf_config(model_cfg) -> dict | None:
     from atm_jax.models import bert, clip
 
     if not model_cfg.weights:
-        if model_cfg.name == "clip":
-            return clip.tiny_config()
+        if model_cfg.name == "clip":  # special ids of the local prompt tokenizer
+            return clip.tiny_config(text_config={"pad_token_id": 0, "bos_token_id": 2,
+                                                 "eos_token_id": 3})
         extra = {"pad_token_id": 0} if model_cfg.name == "roberta" else {}
         return bert.tiny_config(model_cfg.name, **extra)
     folder = pathlib.Path(model_cfg.weights).expanduser()
@@ -197,14 +198,13 @@ def _tokenizer(config, default: str | None):
 
 def _glyph_tokenizer(class_names):
     """A word-level tokenizer over the local zero-shot prompts, for random-init CLIP."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     words = sorted({w for t in LOCAL_TEMPLATES for w in t.replace("{c}", " ").replace(".", " ").split()}
                    | {c.lower() for c in class_names} | {"."})
+    # [PAD], [SOS], [EOS] = 0, 2, 3: the ids `hf_config` gives the tiny CLIP text tower.
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[SOS]", "[EOS]", *words])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    from tokenizers import normalizers
-
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -293,15 +293,6 @@ def _zero_shot_heads(config, cfg, params, tasks, log) -> dict:
     def tokenize(prompts):
         tokens = text.tokenize(tokenizer, prompts, max_length=length)
         return tokens[:, 0], tokens[:, 1]
-
-    if not config.model.weights:  # the tiny config pools at its own EOS id
-        eos = clip.text_settings(cfg)["eos_token_id"]
-        sos = clip.text_settings(cfg)["bos_token_id"]
-
-        def tokenize(prompts, _base=tokenize):  # noqa: F811 - remap [SOS]/[EOS] to the config's ids
-            ids, mask = _base(prompts)
-            ids = np.where(ids == vocab["[EOS]"], eos, np.where(ids == vocab["[SOS]"], sos, ids))
-            return ids, mask
 
     heads = {}
     for name, task in tasks.items():
