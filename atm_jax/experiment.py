@@ -359,13 +359,12 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
             # No checkpoint, but another run's files: don't overwrite them unasked.
             _check_resumable(json.loads((workdir / "config.json").read_text()), config_json,
                              config.resume, workdir)
-        writers.write_json(workdir / "config.json", config_json)
-        metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
-        metrics.reset(restored.meta["metrics"] if restored else [])
-
         shapes = _backbone_shapes(config)
         if shapes is not None:
             _check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)
+        writers.write_json(workdir / "config.json", config_json)
+        metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
+        metrics.reset(restored.meta["metrics"] if restored else [])
         s = setups.build(config, log)
         if shapes is None:
             shapes = jax.eval_shape(lambda: s.base)
@@ -396,17 +395,18 @@ def _writable_workdir(workdir) -> pathlib.Path:
 def _check_disk_space(workdir: pathlib.Path, base_shapes, num_tasks: int, keep: int) -> None:
     """Fails before training when the checkpoints cannot fit on the workdir's disk.
 
-    The largest checkpoint holds the base, and a finetuned copy per task of the
-    unfinished iteration; ``keep`` of them live at once, plus one being written.
+    Each of the ``keep`` steps (+ one being written) holds a base; the finetunes of
+    an unfinished iteration are stored once each (up to one per task, plus one
+    being replaced).
     """
     model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base_shapes))
-    needed = model_bytes * (num_tasks + 1) * (keep + 1)
+    needed = model_bytes * (keep + 1 + num_tasks + 1)
     free = shutil.disk_usage(workdir).free
     if free < needed:
         raise ConfigError(
             f"workdir {str(workdir)!r} has {free / 2**30:.2f} GiB free but the checkpoints need "
-            f"about {needed / 2**30:.2f} GiB ({keep} kept + 1 in flight, each up to {num_tasks + 1} "
-            f"× {model_bytes / 2**20:.1f} MiB); free space, lower config.checkpoint.keep "
+            f"about {needed / 2**30:.2f} GiB ({keep} kept + 1 in flight, {num_tasks} finetunes, "
+            f"{model_bytes / 2**20:.1f} MiB each); free space, lower config.checkpoint.keep "
             "(at least 2) or use another --workdir.")
 
 
@@ -475,8 +475,9 @@ class _Resumable:
         else:
             m = restored.meta
             if not np.array_equal(np.asarray(restored.state["key"]), self.key_data):
-                raise ConfigError("the checkpoint's PRNG key differs from config.seed's key; "
-                                  "it belongs to another run.")
+                raise ConfigError("the checkpoint was made with another config.seed (its PRNG key "
+                                  "differs); a run cannot change its seed midway, even with "
+                                  "resume=force: use a new --workdir.")
             self.step, self.done, self.rows = restored.step, list(m["done"]), list(m["rows"])
             self.curves, self.timings = dict(m["curves"]), dict(m["timings"])
             self.individual, self.position = m["individual"], dict(m["position"])
