@@ -43,7 +43,6 @@ class Setup:
       apply_fn: ``(backbone, inputs, train) -> features [B, F]``.
       base: the pretrained backbone (the pytree that is finetuned and merged).
       heads: ``{task: {"kernel": [F, C], "bias": [C]}}``.
-      width: F.
       augment: ``(inputs, key) -> inputs`` for training batches, or None.
       export: ``(folder, backbone) -> None`` writing a Hugging Face folder, or None.
       base_info: facts about the base for results.json.
@@ -53,7 +52,6 @@ class Setup:
     apply_fn: Callable
     base: PyTree
     heads: dict
-    width: int
     augment: Callable | None = None
     export: Callable[[pathlib.Path, PyTree], None] | None = None
     base_info: dict = dataclasses.field(default_factory=dict)
@@ -105,7 +103,8 @@ def backbone_shapes(config):
 
 
 def _weights(config, log):
-    """(family, HF config dict, full params) from the named weights or a random init."""
+    """(HF config dict, full params, facts for results.json) from the named weights or a
+    random init."""
     from atm_jax.models import bert, clip, hf
 
     name = config.model.name
@@ -247,8 +246,8 @@ def _paper(config, log) -> Setup:
         notes.append("Heads: CLIP zero-shot classifiers from the text tower (prompt templates "
                      "averaged), frozen, never merged; only the image encoder is finetuned and "
                      "merged.")
-        return Setup(tasks, apply_fn, backbone, heads, clip.projection_dim(cfg), augment, export,
-                     info, notes)
+        return Setup(tasks, apply_fn, backbone, heads, augment=augment, export=export,
+                     base_info=info, notes=notes)
 
     tokenizer = _tokenizer(config, config.model.weights or None)
     tasks = _load_tasks(config, tokenizer, log)
@@ -271,7 +270,7 @@ def _paper(config, log) -> Setup:
 
     notes.append(f"Heads: frozen random linear heads on the pooled output (seed "
                  f"{config.head_seed}), never merged; max length {config.data.max_length}.")
-    return Setup(tasks, apply_fn, params, heads, width, None, export, info, notes)
+    return Setup(tasks, apply_fn, params, heads, export=export, base_info=info, notes=notes)
 
 
 def _zero_shot_heads(config, cfg, params, tasks, log) -> dict:
@@ -347,5 +346,5 @@ def _mini(config, log) -> Setup:
         f"Heads: {config.heads.replace('_', ' ')} per task, never merged.",
     ]
     keep = ("held_out_accuracy", "seconds", "steps", "images", "from_cache", "path")
-    return Setup(tasks, apply_fn, base, heads, model.width, None, None,
-                 {k: base_info[k] for k in keep if k in base_info}, notes)
+    return Setup(tasks, apply_fn, base, heads,
+                 base_info={k: base_info[k] for k in keep if k in base_info}, notes=notes)

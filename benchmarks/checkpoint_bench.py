@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import pathlib
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from merge_bench import RESULTS, ROOT, _commit, vit_b16_shapes  # noqa: E402
+from merge_bench import RESULTS, ROOT, _commit, machine, vit_b16_shapes  # noqa: E402
 
 
 def params(seed: int) -> dict:
@@ -104,12 +102,14 @@ def main():
         lines.append(f"| 1 + {r['copies']} | {r['gib']:.2f} GiB | {r['save']:.2f} s | {r['crc']:.2f} s | "
                      f"{r['restore']:.2f} s | {r['gib'] / r['save']:.2f} |")
     tasks = max(args.copies)
-    full = iteration(tasks, base, items=False)
-    once = iteration(tasks, base, items=True)
-    lines += ["", f"One ATM iteration of {tasks} tasks (a checkpoint after every task finetune):", "",
-              "| checkpoint layout | bytes written | saves in the iteration |", "|---|---:|---:|",
-              f"| every step holds base + all finetunes so far | {(tasks + tasks * (tasks + 1) / 2) * rows[0]['gib']:.1f} GiB | {full:.1f} s |",
-              f"| each finetune once as an item (atm_jax) | {2 * tasks * rows[0]['gib']:.1f} GiB | {once:.1f} s |"]
+    if tasks:
+        model_gib = rows[0]["gib"] / (1 + rows[0]["copies"])
+        full = iteration(tasks, base, items=False)
+        once = iteration(tasks, base, items=True)
+        lines += ["", f"One ATM iteration of {tasks} tasks (a checkpoint after every task finetune):", "",
+                  "| checkpoint layout | bytes written (from the sizes) | saves in the iteration |", "|---|---:|---:|",
+                  f"| every step holds base + all finetunes so far | {(tasks + tasks * (tasks + 1) / 2) * model_gib:.1f} GiB | {full:.1f} s |",
+                  f"| each finetune once as an item (atm_jax) | {2 * tasks * model_gib:.1f} GiB | {once:.1f} s |"]
     table = "\n".join(lines)
     print(table)
     if args.no_write:
@@ -120,9 +120,7 @@ def main():
     stamp = datetime.datetime.now(datetime.timezone.utc)
     header = [f"# checkpoint_bench — {stamp:%Y-%m-%d %H:%M} UTC", "",
               f"- commit: {_commit()}",
-              f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-              f"{platform.platform()}; disk of {base}",
+              f"- machine: {machine()}; disk of {base}",
               f"- jax {jax.__version__}, orbax-checkpoint {ocp.__version__}",
               f"- each model: CLIP ViT-B/16 image encoder leaf shapes, "
               f"{sum(np.prod(s) for s in vit_b16_shapes().values()) / 1e6:.1f}M float32; "

@@ -260,6 +260,13 @@ def _commit() -> str:
         return "unknown"
 
 
+def machine() -> str:
+    """The machine line of every results header."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {memory:.0f} GiB, "
+            f"{platform.platform()}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=7)
@@ -320,9 +327,7 @@ def main():
         versions += f", torch {torch.__version__}"
     header = [f"# merge_bench — {stamp:%Y-%m-%d %H:%M} UTC", "",
               f"- commit: {_commit()}",
-              f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-              f"{platform.platform()}",
+              f"- machine: {machine()}",
               f"- {versions}",
               f"- inputs: {args.tasks} × {per_task / 1e6:.1f}M float32 (ViT-B/16 leaf shapes), "
               f"median of {args.repeats} runs after one warm-up, each in its own process",
