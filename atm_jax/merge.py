@@ -153,7 +153,7 @@ def get(name: str) -> Callable[..., PyTree]:
 
 def _leaves(stacked: PyTree) -> tuple[list[jax.Array], Any, list[str]]:
     with_path, treedef = jax.tree_util.tree_flatten_with_path(stacked)
-    paths = [tree_lib._path_str(p) for p, _ in with_path]
+    paths = [tree_lib.path_str(p) for p, _ in with_path]
     leaves = [x for _, x in with_path]
     if not leaves:
         raise ValueError("Nothing to merge: the stacked task vectors have no leaves "
@@ -395,7 +395,7 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
             out = run(jnp.bool_(False))[0]
     if check_finite and rank_fn is None and p is None and not elect:
         # A plain sum propagates every NaN/Inf: checking the 1/T-sized output suffices.
-        if not tree_lib._all_finite(out).all():
+        if not tree_lib.all_finite(out).all():
             tree_lib.check_finite(stacked)
             raise ValueError("The merged task vector overflowed to Inf: the task vectors are too large.")
     return jax.tree.unflatten(treedef, out)

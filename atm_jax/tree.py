@@ -46,10 +46,12 @@ __all__ = [
     "join",
     "check_compatible",
     "check_finite",
+    "all_finite",
+    "path_str",
 ]
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
     """'encoder/block_0/attn/kernel' from a jax key path."""
     parts = []
     for key in path:
@@ -68,7 +70,7 @@ def _path_str(path) -> str:
 
 def leaf_paths(tree: PyTree) -> list[str]:
     """Slash-joined paths of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
-    return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 # ----------------------------------------------------------------------------
@@ -87,10 +89,10 @@ def check_compatible(trees: Sequence[PyTree], *, names: Sequence[str] | None = N
         raise ValueError(f"Expected at least one {what}, got an empty list.")
     names = list(names) if names is not None else [f"{what} {i}" for i in range(len(trees))]
     ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(trees[0])
-    ref_paths = [_path_str(p) for p, _ in ref_leaves]
+    ref_paths = [path_str(p) for p, _ in ref_leaves]
     for name, tree in zip(names[1:], trees[1:]):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        paths = [_path_str(p) for p, _ in leaves]
+        paths = [path_str(p) for p, _ in leaves]
         if treedef != ref_def:
             missing = sorted(set(ref_paths) - set(paths))
             extra = sorted(set(paths) - set(ref_paths))
@@ -121,7 +123,7 @@ def _host_finite(x) -> bool:
     return bool(np.isfinite(np.asarray(x)).all())
 
 
-def _all_finite(leaves) -> np.ndarray:
+def all_finite(leaves) -> np.ndarray:
     """Per-leaf finiteness; NumPy threads for CPU arrays (XLA:CPU reductions are slow)."""
     if not leaves:
         return np.ones((0,), bool)
@@ -141,7 +143,7 @@ def check_finite(stacked: PyTree, *, what: str = "task vector") -> None:
     """
     leaves_with_path = jax.tree_util.tree_flatten_with_path(stacked)[0]
     leaves = [x for _, x in leaves_with_path]
-    ok = _all_finite(leaves)
+    ok = all_finite(leaves)
     if ok.all():
         return
     i = int(np.argmin(ok))
@@ -150,7 +152,7 @@ def check_finite(stacked: PyTree, *, what: str = "task vector") -> None:
     per_task = [int(np.sum(~np.isfinite(x[t]))) for t in range(x.shape[0])] if x.ndim else []
     bad = [t for t, n in enumerate(per_task) if n]
     raise ValueError(
-        f"Leaf {_path_str(path)!r} of the {what}s holds NaN or Inf values "
+        f"Leaf {path_str(path)!r} of the {what}s holds NaN or Inf values "
         f"(task index {bad[0] if bad else '?'}, {per_task[bad[0]] if bad else '?'} entries). "
         "A finetune probably diverged: lower the learning rate or enable gradient clipping.")
 
@@ -305,9 +307,9 @@ def split(tree: PyTree, predicate: Callable[[str], bool]) -> tuple[PyTree, PyTre
     ``rest``, and the other way round. ``join(selected, rest)`` restores ``tree``.
     """
     selected = jax.tree_util.tree_map_with_path(
-        lambda p, x: x if predicate(_path_str(p)) else None, tree)
+        lambda p, x: x if predicate(path_str(p)) else None, tree)
     rest = jax.tree_util.tree_map_with_path(
-        lambda p, x: None if predicate(_path_str(p)) else x, tree)
+        lambda p, x: None if predicate(path_str(p)) else x, tree)
     return selected, rest
 
 
