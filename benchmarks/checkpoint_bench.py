@@ -17,7 +17,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import datetime
 import pathlib
 import shutil
 import sys
@@ -27,7 +26,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from merge_bench import RESULTS, ROOT, _commit, machine, vit_b16_shapes  # noqa: E402
+import common  # noqa: E402
+from common import vit_b16_shapes  # noqa: E402
 
 
 def params(seed: int) -> dict:
@@ -117,19 +117,14 @@ def main():
     import jax
     import orbax.checkpoint as ocp
 
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    header = [f"# checkpoint_bench — {stamp:%Y-%m-%d %H:%M} UTC", "",
-              f"- commit: {_commit()}",
-              f"- machine: {machine()}; disk of {base}",
-              f"- jax {jax.__version__}, orbax-checkpoint {ocp.__version__}",
-              f"- each model: CLIP ViT-B/16 image encoder leaf shapes, "
-              f"{sum(np.prod(s) for s in vit_b16_shapes().values()) / 1e6:.1f}M float32; "
-              f"median of {args.repeats}; save is synchronous and atomic",
-              "", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"checkpoint_bench_{stamp:%Y%m%d_%H%M}.md"
-    path.write_text("\n".join(header) + table + "\n")
-    print(f"\nwrote {path.relative_to(ROOT)}")
+    path = common.write_results("checkpoint_bench", [
+        f"disk of {base}",
+        f"jax {jax.__version__}, orbax-checkpoint {ocp.__version__}",
+        f"each model: CLIP ViT-B/16 image encoder leaf shapes, "
+        f"{sum(np.prod(s) for s in vit_b16_shapes().values()) / 1e6:.1f}M float32; "
+        f"median of {args.repeats}; save is synchronous and atomic",
+    ], table)
+    print(f"\nwrote {path.relative_to(common.ROOT)}")
 
 
 if __name__ == "__main__":

@@ -19,19 +19,17 @@ Run::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import vit_b16_shapes  # noqa: E402
 
 # (operator, hyperparameters): the paper's settings where it states them.
 OPERATORS = [
@@ -49,25 +47,6 @@ NUMPY_REFS = {"mean", "sum", "ties", "breadcrumbs", "dare"}
 TORCH_REFS = {"mean", "ties"}
 
 
-def vit_b16_shapes(blocks: int = 12) -> dict[str, tuple[int, ...]]:
-    """Leaf shapes of the CLIP ViT-B/16 image encoder (≈86M parameters at 12 blocks)."""
-    w, mlp = 768, 3072
-    shapes = {"conv1/kernel": (16, 16, 3, w), "class_embedding": (w,),
-              "positional_embedding": (197, w), "ln_pre/scale": (w,), "ln_pre/bias": (w,)}
-    for i in range(blocks):
-        p = f"blocks_{i}"
-        shapes.update({
-            f"{p}/ln_1/scale": (w,), f"{p}/ln_1/bias": (w,),
-            f"{p}/attn/in_proj/kernel": (w, 3 * w), f"{p}/attn/in_proj/bias": (3 * w,),
-            f"{p}/attn/out_proj/kernel": (w, w), f"{p}/attn/out_proj/bias": (w,),
-            f"{p}/ln_2/scale": (w,), f"{p}/ln_2/bias": (w,),
-            f"{p}/mlp/fc/kernel": (w, mlp), f"{p}/mlp/fc/bias": (mlp,),
-            f"{p}/mlp/proj/kernel": (mlp, w), f"{p}/mlp/proj/bias": (w,),
-        })
-    shapes.update({"ln_post/scale": (w,), "ln_post/bias": (w,), "proj": (w, 512)})
-    return shapes
-
-
 def _make_inputs(tasks: int, blocks: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     out = {}
@@ -75,28 +54,6 @@ def _make_inputs(tasks: int, blocks: int) -> dict[str, np.ndarray]:
         # Task vectors are small and roughly Gaussian; the scale does not matter.
         out[name] = (rng.standard_normal((tasks, *shape), dtype=np.float32) * 1e-3)
     return out
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # ----------------------------------------------------------------------------
@@ -212,8 +169,8 @@ def _worker(impl: str, op: str, hp: dict, tasks: int, blocks: int, repeats: int)
     # Peak memory counts from here on, warm-up (compilation) included: freed
     # buffers may stay resident in an allocator, so measuring only after a
     # warm-up would flatter the timed runs.
-    base = _rss_bytes()
-    has_peak = _reset_peak()
+    base = common.rss_bytes()
+    has_peak = common.reset_peak()
     out = call()  # warm-up: compilation, page faults
     del out
     times = []
@@ -222,19 +179,15 @@ def _worker(impl: str, op: str, hp: dict, tasks: int, blocks: int, repeats: int)
         out = call()
         times.append(time.perf_counter() - start)
         del out
-    peak = _peak_bytes() if has_peak else 0
+    peak = common.peak_bytes() if has_peak else 0
     return {"times": times, "median": float(np.median(times)), "stacked_bytes": stacked_bytes,
             "peak_extra_bytes": max(0, peak - base) if has_peak else None}
 
 
 def _measure(impl, op, hp, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", json.dumps([impl, op, hp]),
-           "--tasks", str(args.tasks), "--blocks", str(args.blocks), "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        print(f"  {impl} {op} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_worker(__file__, ["--worker", json.dumps([impl, op, hp]),
+                                        "--tasks", str(args.tasks), "--blocks", str(args.blocks),
+                                        "--repeats", str(args.repeats)])
 
 
 def _label(op, hp):
@@ -250,21 +203,6 @@ def _fmt_mem(r):
     if r is None or r["peak_extra_bytes"] is None:
         return "–"
     return f"{1 + r['peak_extra_bytes'] / r['stacked_bytes']:.2f}×"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    """The machine line of every results header."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {memory:.0f} GiB, "
-            f"{platform.platform()}")
 
 
 def main():
@@ -319,24 +257,13 @@ def main():
     print("\npeak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs")
     if args.no_write:
         return
-    import jax
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    versions = f"jax {jax.__version__}, numpy {np.__version__}"
-    if have_torch:
-        import torch
-        versions += f", torch {torch.__version__}"
-    header = [f"# merge_bench — {stamp:%Y-%m-%d %H:%M} UTC", "",
-              f"- commit: {_commit()}",
-              f"- machine: {machine()}",
-              f"- {versions}",
-              f"- inputs: {args.tasks} × {per_task / 1e6:.1f}M float32 (ViT-B/16 leaf shapes), "
-              f"median of {args.repeats} runs after one warm-up, each in its own process",
-              "- peak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs",
-              "", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"merge_bench_{stamp:%Y%m%d_%H%M}.md"
-    path.write_text("\n".join(header) + table + "\n")
-    print(f"\nwrote {path.relative_to(ROOT)}")
+    path = common.write_results("merge_bench", [
+        common.versions("jax", "numpy", "torch"),
+        f"inputs: {args.tasks} × {per_task / 1e6:.1f}M float32 (ViT-B/16 leaf shapes), "
+        f"median of {args.repeats} runs after one warm-up, each in its own process",
+        "peak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs",
+    ], table)
+    print(f"\nwrote {path.relative_to(common.ROOT)}")
 
 
 if __name__ == "__main__":

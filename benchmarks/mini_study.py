@@ -16,19 +16,18 @@ Run::
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import os
 import pathlib
-import platform
-import subprocess
+import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = common.ROOT
 ONE_SHOT = ("task_arithmetic", "ties", "breadcrumbs", "dare")
 
 
@@ -37,14 +36,6 @@ def _base_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _mean_std(values) -> str:
@@ -153,16 +144,11 @@ def main():
     print(f"total {elapsed / 60:.1f} min")
     if args.no_write:
         return
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    header = [f"# mini_study — {stamp:%Y-%m-%d %H:%M} UTC", "",
-              f"- commit: {_commit()}",
-              f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-              f"- configs/mini.py, seeds {seeds}, budgets {budgets}; {elapsed / 60:.0f} min in all",
-              "", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"mini_study_{stamp:%Y%m%d_%H%M}.md"
-    path.write_text("\n".join(header) + table)
-    (RESULTS / f"mini_study_{stamp:%Y%m%d_%H%M}.json").write_text(json.dumps(
+    stamp = common.utc_now()
+    path = common.write_results("mini_study", [
+        f"configs/mini.py, seeds {seeds}, budgets {budgets}; {elapsed / 60:.0f} min in all",
+    ], table, stamp=stamp)
+    (common.RESULTS / f"mini_study_{stamp:%Y%m%d_%H%M}.json").write_text(json.dumps(
         {"runs": {f"b{b}_s{s}": {k: v for k, v in r.items() if k in ("rows", "curves", "tasks")}
                   for (b, s), r in runs.items()},
          "split": {f"k{k}_s{s}": v for (k, s), v in split.items()}}, indent=1))

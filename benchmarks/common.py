@@ -1,0 +1,194 @@
+"""Helpers every benchmark shares: results header, one process per measurement, timing.
+
+A benchmark script imports this module by putting its own folder on ``sys.path``
+(the scripts are run as files, not as a package)::
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import common
+
+Each results file in ``benchmarks/results/`` starts with the same header (date,
+commit, machine, versions) so runs stay comparable across machines and commits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_CORES_NOTE = ("this machine's cores are shared with other jobs, so timings are noisy "
+                     "(compare ratios measured in one run, not absolute numbers across runs)")
+
+
+def commit() -> str:
+    """The short hash of HEAD, with "+dirty" when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=ROOT, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        return head + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    """The machine line of every results header: CPU, cores, memory, OS."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, {memory:.0f} GiB, {platform.platform()}"
+
+
+def versions(*modules: str) -> str:
+    """``"jax 0.10.2, numpy 2.4.6"`` for the named modules that import (others skipped)."""
+    found = [f"python {platform.python_version()}"]
+    for name in modules:
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        found.append(f"{name} {getattr(module, '__version__', '?')}")
+    return ", ".join(found)
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def write_results(name: str, header: Sequence[str], body: str,
+                  stamp: datetime.datetime | None = None, suffix: str = ".md"
+                  ) -> pathlib.Path:
+    """Writes ``benchmarks/results/<name>_<YYYYmmdd>_<HHMM><suffix>``.
+
+    Args:
+        name: benchmark name (the script's stem).
+        header: bullet lines after the title (commit and machine are added first).
+        body: the tables and notes, Markdown.
+        stamp: UTC time of the run (default now); names the file and the title.
+        suffix: file suffix.
+
+    Returns:
+        The written path.
+    """
+    stamp = stamp or utc_now()
+    lines = [f"# {name} — {stamp:%Y-%m-%d %H:%M} UTC", "",
+             f"- commit: {commit()}", f"- machine: {machine()}", *[f"- {h}" for h in header],
+             "", ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}_{stamp:%Y%m%d_%H%M}{suffix}"
+    path.write_text("\n".join(lines) + body.rstrip("\n") + "\n")
+    return path
+
+
+def run_worker(script: str | os.PathLike, args: Sequence[str], *, env: dict | None = None,
+               timeout: float | None = None) -> dict | None:
+    """Runs one measurement in its own process and returns the JSON it printed last.
+
+    One process per measurement keeps measurements from sharing compile caches,
+    allocator state, thread pools or peak-memory counters. The worker prints one
+    JSON object as its last stdout line.
+
+    Args:
+        script: the benchmark file to run with this interpreter.
+        args: its command-line arguments.
+        env: extra environment variables for the worker.
+        timeout: seconds before the worker is killed (None: no limit).
+
+    Returns:
+        The parsed object, or None when the worker failed (its stderr tail is printed).
+    """
+    cmd = [sys.executable, str(script), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        print(f"  worker timed out after {timeout:.0f} s: {' '.join(args)}", file=sys.stderr)
+        return None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(f"  worker failed ({' '.join(args)}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def timed_windows(call: Callable[[], None], *, windows: int, steps: int,
+                  warmup: int = 1) -> list[float]:
+    """Seconds per step of `windows` timed windows of `steps` calls each.
+
+    `call` must block until its work is done (e.g. ``jax.block_until_ready``) at
+    least at the end of a window; it is called `warmup` times first, untimed
+    (compilation, first-touch page faults, allocator growth).
+    """
+    for _ in range(warmup):
+        call()
+    per_step = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            call()
+        per_step.append((time.perf_counter() - start) / steps)
+    return per_step
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(values))
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak() -> bool:
+    """Resets the kernel's peak-resident counter (VmHWM); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    """Peak resident memory (VmHWM) since start or the last `reset_peak`."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def vit_b16_shapes(blocks: int = 12) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes of the CLIP ViT-B/16 image encoder (≈86M parameters at 12 blocks)."""
+    w, mlp = 768, 3072
+    shapes = {"conv1/kernel": (16, 16, 3, w), "class_embedding": (w,),
+              "positional_embedding": (197, w), "ln_pre/scale": (w,), "ln_pre/bias": (w,)}
+    for i in range(blocks):
+        p = f"blocks_{i}"
+        shapes.update({
+            f"{p}/ln_1/scale": (w,), f"{p}/ln_1/bias": (w,),
+            f"{p}/attn/in_proj/kernel": (w, 3 * w), f"{p}/attn/in_proj/bias": (3 * w,),
+            f"{p}/attn/out_proj/kernel": (w, w), f"{p}/attn/out_proj/bias": (w,),
+            f"{p}/ln_2/scale": (w,), f"{p}/ln_2/bias": (w,),
+            f"{p}/mlp/fc/kernel": (w, mlp), f"{p}/mlp/fc/bias": (mlp,),
+            f"{p}/mlp/proj/kernel": (mlp, w), f"{p}/mlp/proj/bias": (w,),
+        })
+    shapes.update({"ln_post/scale": (w,), "ln_post/bias": (w,), "proj": (w, 512)})
+    return shapes
