@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atm_jax import merge as merge_lib
+from atm_jax.errors import DivergedError
 from atm_jax import tree as tree_lib
 
 PyTree = Any
@@ -142,8 +143,8 @@ def _finetune_all(progress: Progress, tasks, finetune, epochs, key, log, on_prog
         try:
             params, head, m = finetune(progress.base, progress.heads[task], task, epochs,
                                        task_key(key, progress.iteration, i))
-        except FloatingPointError as e:
-            raise FloatingPointError(
+        except DivergedError as e:
+            raise DivergedError(
                 f"{name}: task {task!r}, iteration {progress.iteration + 1}: {e}") from None
         progress.finetuned.append(params)
         progress.finetuned_heads[task] = head
@@ -195,7 +196,7 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
       ``k`` iterations (``history[0]`` the starting point when ``evaluate`` is given).
 
     Raises:
-      FloatingPointError: a finetune's loss became non-finite; the message names
+      DivergedError: a finetune's loss became non-finite; the message names
         the method, task, iteration and step.
     """
     _check_positive("iterations", iterations)

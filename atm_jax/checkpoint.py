@@ -33,14 +33,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "FormatError", "Restored", "digest"]
+from atm_jax.errors import CheckpointFormatError
+
+__all__ = ["Checkpointer", "Restored", "digest"]
 
 PyTree = Any
 FORMAT_VERSION = 2  # 2: finetuned models as items
-
-
-class FormatError(RuntimeError):
-    """A checkpoint written in another format version: not damaged, just not ours."""
 
 
 def digest(state: PyTree) -> dict[str, int]:
@@ -144,7 +142,7 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
                 state, meta = dict(restored["state"]), dict(restored["meta"])
                 if meta.get("format") != FORMAT_VERSION:
-                    raise FormatError(
+                    raise CheckpointFormatError(
                         f"checkpoint step {step} in {self.directory} has format "
                         f"{meta.get('format')!r} but this atm_jax reads format {FORMAT_VERSION}: "
                         "finish that run with the atm_jax version that started it, or start "
@@ -158,7 +156,7 @@ class Checkpointer:
                     if digest(items[name]) != crcs:
                         raise ValueError(f"item {name!r} differs from the CRC-32s recorded at "
                                          "save time")
-            except FormatError:
+            except CheckpointFormatError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure means "unusable step"
                 self.log(f"WARNING: checkpoint step {step} in {self.directory} is damaged or "

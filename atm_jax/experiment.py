@@ -33,7 +33,8 @@ from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
 from atm_jax import setups
 from atm_jax import tree as tree_lib
-from atm_jax import writers
+from atm_jax import files, writers
+from atm_jax.errors import CheckpointFormatError, ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig
 
 __all__ = ["validate", "run_experiment", "method_order", "DISPLAY_ORDER"]
@@ -47,10 +48,6 @@ DISPLAY_ORDER = ("task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
 REFERENCE_LABELS = {"pretrained": "pretrained base (no finetuning)",
                     "linear_probe": "linear probe (frozen base)",
                     "individual": "individual finetuned (not merged)"}
-
-
-class ConfigError(ValueError):
-    """A config field has a bad value; the message names the field."""
 
 
 def _field(config, path: str):
@@ -309,9 +306,7 @@ def _validate_pretrain(config) -> None:
     from atm_jax import pretrain
 
     try:
-        resolved = pretrain.resolve_configs(config.model, config.pretrain)["pretrain"]
-        steps = resolved["epochs"] * -(-resolved["num_images"] // resolved["batch_size"])
-        pretrain._optimizer_config(resolved, steps)
+        pretrain.resolve_configs(config.model, config.pretrain)  # checks the optimizer too
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model / config.pretrain: {e}") from None
 
@@ -349,7 +344,7 @@ def run_experiment(config, workdir: str | pathlib.Path, *,
     try:
         try:
             restored = ckpt.latest()
-        except checkpoint_lib.FormatError as e:
+        except CheckpointFormatError as e:
             raise ConfigError(str(e)) from None
         if restored is not None:
             _check_resumable(restored.meta["config"], config_json, config.resume, workdir)
@@ -490,7 +485,7 @@ class _Resumable:
         meta = {"config": self.config_json, "done": self.done, "rows": self.rows,
                 "curves": self.curves, "timings": self.timings, "individual": self.individual,
                 "position": position, "metrics": self.metrics.lines}
-        meta = json.loads(json.dumps(meta, default=writers._jsonable))
+        meta = json.loads(json.dumps(meta, default=files.jsonable))
         self.ckpt.save(self.step, {"key": self.key_data, **(arrays or {})}, meta, items)
 
     @staticmethod

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import tqdm
 
+from atm_jax.errors import DivergedError
 from atm_jax.models.heads import apply_head
 
 PyTree = Any
@@ -306,7 +307,7 @@ class Finetuner:
             "grad_norm": mean pre-clip gradient norm}.
 
         Raises:
-            FloatingPointError: if a step's loss was not finite (checked once, after
+            DivergedError: if a step's loss was not finite (checked once, after
                 the epoch, to avoid a host sync per step).
         """
         num_examples = len(images)
@@ -337,7 +338,7 @@ class Finetuner:
         bad = np.flatnonzero(~np.isfinite(losses))
         if bad.size:
             i = int(bad[0])
-            raise FloatingPointError(
+            raise DivergedError(
                 f"non-finite loss {losses[i]} in epoch {epoch} at step {i} of that epoch "
                 f"(0-based; step {epoch * steps + i} of this call); lower the learning "
                 f"rate or enable grad_clip")
@@ -378,7 +379,7 @@ class Finetuner:
 
         Raises:
             ValueError: on mismatched or empty data, or epochs < 1.
-            FloatingPointError: if the loss became non-finite.
+            DivergedError: if the loss became non-finite.
         """
         images = as_inputs(images)
         labels = np.asarray(labels, np.int32)

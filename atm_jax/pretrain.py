@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +26,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 
+from atm_jax import files
 from atm_jax.evaluate import accuracy
 from atm_jax.finetune import Finetuner, OptimizerConfig
 from atm_jax.models.heads import init_head
@@ -97,7 +97,7 @@ def resolve_configs(model_cfg, pretrain_cfg) -> dict[str, Any]:
             raise ValueError(f"pretrain_cfg.{field}={value!r} is invalid: must be an "
                              f"integer >= {low}")
     # Fail before rendering and compiling, not after.
-    _optimizer_config(pretrain, _total_steps(pretrain))
+    optimizer_config(pretrain, _total_steps(pretrain))
     return {"model": model_fields, "pretrain": pretrain, "format": FORMAT_VERSION}
 
 
@@ -111,7 +111,7 @@ def _total_steps(pretrain: Mapping[str, Any]) -> int:
     return pretrain["epochs"] * -(-pretrain["num_images"] // pretrain["batch_size"])
 
 
-def _optimizer_config(pretrain: Mapping[str, Any], total_steps: int) -> OptimizerConfig:
+def optimizer_config(pretrain: Mapping[str, Any], total_steps: int) -> OptimizerConfig:
     cosine = pretrain["schedule"] == "warmup_cosine"
     return OptimizerConfig(
         learning_rate=pretrain["learning_rate"],
@@ -123,23 +123,6 @@ def _optimizer_config(pretrain: Mapping[str, Any], total_steps: int) -> Optimize
         warmup_steps=pretrain["warmup_steps"] if cosine else 0,
         decay_steps=total_steps if cosine else None,
     )
-
-
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Writes via a temp file in the same folder and os.replace, so readers only ever
-    see a complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".",
-                                     suffix=".tmp", delete=False) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        tmp = f.name
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _train(model: ViT, pretrain: Mapping[str, Any], log: Callable[[str], None]
@@ -163,7 +146,7 @@ def _train(model: ViT, pretrain: Mapping[str, Any], log: Callable[[str], None]
     def apply_fn(params, x, train):
         return model.apply({"params": params}, x, train=train)
 
-    finetuner = Finetuner(apply_fn, _optimizer_config(pretrain, _total_steps(pretrain)),
+    finetuner = Finetuner(apply_fn, optimizer_config(pretrain, _total_steps(pretrain)),
                           train_head=True)
 
     epoch_start = [time.perf_counter()]
@@ -210,7 +193,7 @@ def pretrained_base(model_cfg, pretrain_cfg, *, cache_dir: str | os.PathLike | N
             `warmup_steps`, `held_out` (glyphs rendered with another seed, for the
             reported accuracy).
         cache_dir: cache root; the base lives under `<cache_dir>/bases/`. Defaults
-            to `atm_jax.data.cache_dir()`.
+            to `atm_jax.files.cache_dir()`.
         log: called with one line per epoch and a summary line.
 
     Returns:
@@ -221,10 +204,7 @@ def pretrained_base(model_cfg, pretrain_cfg, *, cache_dir: str | os.PathLike | N
     """
     resolved = resolve_configs(model_cfg, pretrain_cfg)
     key = cache_key(resolved)
-    if cache_dir is None:
-        from atm_jax import data
-        cache_dir = data.cache_dir()
-    folder = pathlib.Path(cache_dir) / "bases"
+    folder = pathlib.Path(cache_dir or files.cache_dir()) / "bases"
     params_path = folder / f"{key}.msgpack"
     info_path = folder / f"{key}.json"
 
@@ -240,7 +220,9 @@ def pretrained_base(model_cfg, pretrain_cfg, *, cache_dir: str | os.PathLike | N
     backbone, info = _train(model, resolved["pretrain"], log)
     info["config"] = resolved
     info["jax_version"] = jax.__version__
-    _write_atomic(params_path, flax.serialization.to_bytes(jax.device_get(backbone)))
-    _write_atomic(info_path, json.dumps(info, indent=2, sort_keys=True).encode())
+    # Every host keeps its own cache, so every process writes its copy.
+    files.write_bytes(params_path, flax.serialization.to_bytes(jax.device_get(backbone)),
+                      all_processes=True)
+    files.write_text(info_path, json.dumps(info, indent=2, sort_keys=True), all_processes=True)
     log(f"pretrain: cached base at {params_path}")
     return backbone, {**info, "key": key, "path": str(params_path), "from_cache": False}

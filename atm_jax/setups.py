@@ -115,7 +115,7 @@ def _weights(config, log):
         log(f"model: {name} with random init (tiny config, seed {config.model.init_seed}); "
             "a smoke run, not a pretrained model")
         return cfg, params, {"weights": "random init", "family": name}
-    from atm_jax.experiment import ConfigError
+    from atm_jax.errors import ConfigError
 
     try:
         checkpoint = hf.load(config.model.weights, allow_pickle=config.model.allow_pickle)

@@ -2,66 +2,29 @@
 
 Only process 0 writes (``jax.process_index() == 0``); other processes get no-op
 writers, so multi-host code can call these unconditionally. Files that are
-rewritten whole (JSON, Markdown, PNG) are written atomically (temp file +
-``os.replace``), so an interrupted run never leaves a half-written result.
+rewritten whole (JSON, Markdown, PNG) are written atomically through
+`atm_jax.files`, so an interrupted run never leaves a half-written result; the
+workdir may be local or remote (``gs://…``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
+
+from atm_jax import files
 
 __all__ = ["is_writer", "write_text", "write_bytes", "write_json", "MetricsWriter", "results_markdown", "plot_results"]
 
 
-def is_writer() -> bool:
-    """True on the process that writes files (process 0)."""
-    return jax.process_index() == 0
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomically writes ``text`` to ``path`` (process 0 only)."""
-    write_bytes(path, text.encode())
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically writes ``data`` to ``path`` (temp file, fsync, rename; process 0 only)."""
-    if not is_writer():
-        return
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically writes ``obj`` as indented JSON."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
-
-
-def _jsonable(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"Cannot write {type(x).__name__} to JSON.")
+is_writer = files.is_writer
+write_text = files.write_text
+write_bytes = files.write_bytes
+write_json = files.write_json
 
 
 class MetricsWriter:
@@ -73,7 +36,7 @@ class MetricsWriter:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
+        self.path = files.as_path(path)
         self.lines: list[str] = []
         if is_writer():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +63,12 @@ class MetricsWriter:
                 line["train_loss"] = loss[-1]
             if norms is not None and i < len(norms):
                 line["task_vector_norm"] = norms[i]
-            lines.append(json.dumps(line, default=_jsonable))
+            lines.append(json.dumps(line, default=files.jsonable))
         self.lines += lines
         if not is_writer():
+            return
+        if not files.is_local(self.path):  # object stores cannot append
+            write_text(self.path, "".join(line + "\n" for line in self.lines))
             return
         with open(self.path, "a") as f:
             f.write("\n".join(lines) + "\n")
@@ -163,7 +129,7 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workdir = pathlib.Path(workdir)
+    workdir = files.as_path(workdir)
     written = []
     flat = [r for r in rows if r["method"] not in curves]
     palette = plt.get_cmap("tab10").colors
@@ -173,10 +139,8 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
 
     def save(fig, name):
         path = workdir / name
-        tmp = workdir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(str(path))
 
     def draw(ax, value_of, ylabel):

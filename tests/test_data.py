@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from atm_jax import data
-from atm_jax.data import glyphs, mini, prepare, sources
+from atm_jax.data import fetch, glyphs, mini, prepare, sources
 
 import fakes
 
@@ -301,10 +301,10 @@ def test_deb_members_reads_data_tar_xz(tmp_path):
         + ar_member("control.tar.xz", b"x")  # Odd size: exercises the ar padding.
         + ar_member("data.tar.xz", tar_bytes.getvalue())
     )
-    out = sources._deb_members(deb, ["usr/share/datasets/x/file.gz"])
+    out = fetch.deb_members(deb, ["usr/share/datasets/x/file.gz"])
     assert out == {"usr/share/datasets/x/file.gz": payload}
     with pytest.raises(OSError, match="has no file"):
-        sources._deb_members(deb, ["missing"])
+        fetch.deb_members(deb, ["missing"])
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):

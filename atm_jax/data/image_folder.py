@@ -43,6 +43,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from atm_jax.errors import ImageFolderError
+
 PathLike = str | os.PathLike
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
@@ -50,10 +52,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
 
 DEFAULT_IMAGE_SIZE = 224
 """Side length used when images of one dataset differ in size and none is given."""
-
-
-class ImageFolderError(FileNotFoundError):
-    """An image folder is missing, empty or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

