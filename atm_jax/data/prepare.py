@@ -5,6 +5,7 @@ Usage::
   python -m atm_jax.data.prepare mini                    # into ~/.cache/atm_jax
   python -m atm_jax.data.prepare mini --cache_dir DIR    # elsewhere
   python -m atm_jax.data.prepare mini --force            # fetch raw files again
+  python -m atm_jax.data.prepare mini_text               # the text suite + MiniLM
 
   # The paper's tasks as tfds array_record datasets (needs TensorFlow and network:
   # pip install -e ".[prepare]"); names are paper task names or tfds names.
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from atm_jax.data import local, mini, paper, sources, tfds_source
+from atm_jax.data import local, mini, mini_text, paper, sources, tfds_source
 
 SUITES = {"mini": mini.MINI_TASKS}
 
@@ -76,6 +77,35 @@ def prepare(suite: str = "mini", *, cache_dir: str | None = None, force: bool = 
     lines.append(
         f"total cache size {_size(root) / 1e6:.1f} MB; took {time.perf_counter() - start:.1f} s"
     )
+    return "\n".join(lines)
+
+
+def prepare_text(*, cache_dir: str | None = None, force: bool = False) -> str:
+    """Fetches the mini_text suite's sources and MiniLM; returns a summary.
+
+    The summary gives per source its raw files with SHA-256s and the fetch time,
+    per task its deduplicated split sizes and class counts.
+    """
+    from atm_jax.models import pretrained  # Only this command needs the weights.
+
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir else sources.cache_dir()
+    start = time.perf_counter()
+    lines = [f"cache: {root}"]
+    for name, source in mini_text.SOURCES.items():
+        seconds = mini_text.fetch_source(name, cache=root, force=force)
+        lines.append(f"{name}: {source.origin} (fetched in {seconds:.1f} s)")
+        for f in source.files:
+            path = mini_text.raw_dir(name, root) / f.name
+            lines.append(f"  {path}  {_size(path) / 1e6:.2f} MB  sha256 {f.sha256}")
+    for task in mini_text.MINI_TEXT_TASKS:
+        data = mini_text.load_text_task(task, cache_dir=root, fetch_missing=False)
+        lines.append(f"{task}: classes {', '.join(data.class_names)}")
+        for split in mini.SPLITS:
+            counts = np.bincount(data.split(split)[1], minlength=data.num_classes)
+            lines.append(f"  {split:<10} {counts.sum():>6} sentences, per class "
+                         f"{' / '.join(str(c) for c in counts)}")
+    lines.append(f"tokenizer + weights: {pretrained.minilm_folder(root)}")
+    lines.append(f"took {time.perf_counter() - start:.1f} s")
     return "\n".join(lines)
 
 
@@ -141,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cache_dir", default=None, help="cache root (default: $ATM_JAX_CACHE or ~/.cache/atm_jax)"
     )
     mini_parser.add_argument("--force", action="store_true", help="download raw files again")
+    text_parser = commands.add_parser(
+        "mini_text", help="fetch the mini_text suite's sources and the MiniLM weights"
+    )
+    text_parser.add_argument(
+        "--cache_dir", default=None, help="cache root (default: $ATM_JAX_CACHE or ~/.cache/atm_jax)"
+    )
+    text_parser.add_argument("--force", action="store_true", help="download raw files again")
     tfds_parser = commands.add_parser(
         "tfds", help="prepare tfds datasets as array_record (needs TensorFlow)"
     )
@@ -159,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "mini":
             print(prepare("mini", cache_dir=args.cache_dir, force=args.force))
+        elif args.command == "mini_text":
+            print(prepare_text(cache_dir=args.cache_dir, force=args.force))
         elif args.command == "tfds":
             print(prepare_tfds(args.names, data_dir=args.data_dir, manual_dir=args.manual_dir))
         else:
