@@ -46,6 +46,30 @@ Exact semantics (shared/REFERENCE.md §3):
   expectation equals the input; then the plain mean (``dare``) or TIES' sign
   election and disjoint mean without trimming (``dare_ties``).
 
+Inputs and rules (every error names the first offending leaf path or parameter):
+
+* ``stacked`` is ONE pytree with leaves ``[T, ...]``. A list or tuple of trees is
+  refused (``tree.stack`` it first: stacking is never implicit). Leading task axes
+  must agree. An unstacked tree whose leaves share a leading size cannot be told from
+  a stack by shapes alone: pass ``like=base`` (any unstacked tree of the model) and
+  every leaf must be ``(T, *like_shape)``.
+* Only floating leaves merge (integers are refused: exclude them with ``tree.split``).
+  Leaves in ``batch_stats`` or outside ``params`` of a Flax variables dict warn with
+  ``tree.StateMergeWarning`` (``tree.state_paths``): they are state, not weights.
+* Hyperparameters are static Python numbers/strings (TypeError if traced or of the
+  wrong type, ValueError if out of range); under ``jax.jit`` close over them or mark
+  them static.
+* Non-finite inputs: wherever any task's entry is NaN or ±Inf the merged entry is
+  NaN, eagerly or under ``jax.jit`` (a diverged task is never silently trimmed
+  away). ``check_finite=True`` (default) raises ValueError naming the leaf and task
+  when called eagerly; under ``jax.jit`` it cannot raise, so the NaN is the signal.
+  ``check_finite="checkify"`` adds a ``jax.experimental.checkify`` check per leaf
+  that raises with the leaf path under ``jit``: run the merge inside
+  ``checkify.checkify(f)`` and call ``err.throw()``. ``check_finite=False`` skips checks.
+* Numerics: the T slices are summed at scale ``2**-ceil(log2 T)`` (exact above ~1e-37),
+  so finite inputs give a finite mean and a sum overflows only if its exact value
+  does; then the eager check raises an overflow ValueError naming the leaf.
+
 Compatibility modes reproduce what the ATM authors' code ran (REFERENCE.md §3); use
 them only to compare with their numbers:
 
@@ -68,20 +92,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
-from atm_jax import select
+from atm_jax import checks, select
 from atm_jax import tree as tree_lib
 
 PyTree = Any
 
 __all__ = [
     "MergeMethod", "register", "get", "info", "names",
-    "mean", "sum", "ties", "breadcrumbs", "dare", "dare_ties",
+    "check_hparams", "mean", "task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
     "ties_atm_code", "breadcrumbs_atm_code",
 ]
 
-SCOPES = ("model", "leaf")
-AGGREGATES = ("mean", "sum")
+# Hyperparameter validation lives in atm_jax.checks (shared with the configs).
+SCOPES, AGGREGATES = checks.SCOPES, checks.AGGREGATES
+check_hparams = checks.check_hparams
 
 
 # ----------------------------------------------------------------------------
@@ -121,7 +147,7 @@ def register(name: str, *, reference: str, stochastic: bool = False, compat: boo
         import inspect
         params = inspect.signature(fn).parameters
         keyword = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "key"]
-        options = tuple(k for k in keyword if k in ("method", "check_finite"))
+        options = tuple(k for k in keyword if k in ("method", "check_finite", "like"))
         defaults = {k: params[k].default for k in keyword if k not in options}
         _REGISTRY[name] = MergeMethod(name, fn, defaults, reference, stochastic, compat, options)
         return fn
@@ -151,74 +177,6 @@ def get(name: str) -> Callable[..., PyTree]:
 # ----------------------------------------------------------------------------
 
 
-def _leaves(stacked: PyTree) -> tuple[list[jax.Array], Any, list[str]]:
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(stacked)
-    paths = [tree_lib.path_str(p) for p, _ in with_path]
-    leaves = [x for _, x in with_path]
-    if not leaves:
-        raise ValueError("Nothing to merge: the stacked task vectors have no leaves "
-                         "(an empty tree, or a path filter that excludes everything).")
-    num_tasks = None
-    for path, x in zip(paths, leaves):
-        if not hasattr(x, "shape") or len(x.shape) == 0:
-            raise ValueError(f"Leaf {path!r} is a scalar; stacked task vectors need a leading "
-                             "task axis [T, ...]. Build them with atm_jax.tree.stack.")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"Leaf {path!r} has dtype {x.dtype}; only floating leaves can be merged. "
-                             "Exclude it with the path filter (atm_jax.tree.split).")
-        if num_tasks is None:
-            num_tasks, first = x.shape[0], path
-        elif x.shape[0] != num_tasks:
-            raise ValueError(f"Leaf {path!r} stacks {x.shape[0]} tasks but {first!r} stacks {num_tasks}; "
-                             "every leaf needs the same leading task axis.")
-    if num_tasks == 0:
-        raise ValueError("Cannot merge an empty list of task vectors (task axis of size 0).")
-    return leaves, treedef, paths
-
-
-def _check_range(name: str, value, lo, hi, *, lo_open: bool, hi_open: bool, hint: str = ""):
-    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok or not np.isfinite(value):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name}={value!r} is outside {interval}.{(' ' + hint) if hint else ''}")
-
-
-def _check_choice(name: str, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {choices}.")
-
-
-def _require_key(name: str, key):
-    if key is None:
-        raise ValueError(f"merge {name!r} is stochastic: pass an explicit PRNG key, "
-                         "e.g. key=jax.random.key(0).")
-
-
-def check_hparams(**hp) -> None:
-    """Validates merge hyperparameters by name; raises ValueError naming value and range."""
-    if "density" in hp:
-        _check_range("density", hp["density"], 0, 1, lo_open=True, hi_open=False,
-                     hint="It is the fraction of entries kept per task (TIES default 0.2).")
-    if "p" in hp:
-        _check_range("p", hp["p"], 0, 1, lo_open=False, hi_open=True,
-                     hint="It is the drop probability (DARE paper: 0.9).")
-    if "beta" in hp:
-        _check_range("beta", hp["beta"], 0, 1, lo_open=False, hi_open=True)
-    if "gamma" in hp:
-        _check_range("gamma", hp["gamma"], 0, 1, lo_open=True, hi_open=False)
-    if "beta" in hp and "gamma" in hp:
-        beta, gamma = hp["beta"], hp["gamma"]
-        if not beta < gamma:
-            raise ValueError(f"beta={beta!r} must be smaller than gamma={gamma!r}: Breadcrumbs keeps "
-                             "the magnitudes between the beta and gamma percentiles (paper: 0.85, 0.993).")
-    if "scope" in hp:
-        _check_choice("scope", hp["scope"], SCOPES)
-    if "aggregate" in hp:
-        _check_choice("aggregate", hp["aggregate"], AGGREGATES)
-    if "method" in hp:
-        _check_choice("method", hp["method"], select.METHODS)
-
-
 def _exact(fraction: float, n: int) -> Fraction:
     """``fraction * n`` in exact arithmetic, reading ``fraction`` as the decimal the
     user typed (float ``0.993 * 1000`` is 993.0000000000001, whose ceiling is off by one)."""
@@ -242,8 +200,8 @@ def _size(x) -> int:
 # ----------------------------------------------------------------------------
 
 
-def _sparsify(x, lo, hi, key, p, *, band: bool, magnitude: bool):
-    """Masked task slices of one leaf: a list of T arrays."""
+def _sparsify(x, lo, hi, key, p, scale, *, band: bool, magnitude: bool):
+    """Masked task slices of one leaf, times ``scale``: a list of T arrays."""
     out = []
     for t in range(x.shape[0]):
         xt = x[t]
@@ -253,6 +211,8 @@ def _sparsify(x, lo, hi, key, p, *, band: bool, magnitude: bool):
             if band:
                 m = m & (mag <= hi[t])
             xt = jnp.where(m, xt, jnp.zeros_like(xt))
+        # A power of two: exact (above ~1e-37), and keeps sums of T slices in range.
+        xt = xt * jnp.asarray(scale, x.dtype)
         if p is not None:
             # One mask per task slice (not [T, ...] at once): a third of the memory.
             keep = jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - p, xt.shape)
@@ -261,36 +221,46 @@ def _sparsify(x, lo, hi, key, p, *, band: bool, magnitude: bool):
     return out
 
 
-def _consensus(kept, zero_positive, *, elect: bool, aggregate: str):
-    """One leaf's merged value from its T sparsified slices.
+def _consensus(kept, bad, zero_positive, unscale, *, elect: bool, aggregate: str):
+    """One leaf's merged value from its T sparsified (scaled-down) slices.
 
-    With ``elect`` also returns an int8 code per entry: the elected sign (-1, 0, 1),
-    or 2 where the mass is exactly 0 but some task has a non-zero value (the only
-    entries whose result depends on the model-wide majority sign). Codes are
-    elementwise outputs, so they fuse into the same loop: on CPU, XLA's full
-    reductions cost more than the merge itself, so the caller counts them instead.
+    Entries where ``bad`` (some task's input is NaN or Inf) come out NaN, so a
+    diverged task shows in the result instead of being trimmed away. With ``elect``
+    also returns an int8 code per entry: the elected sign (-1, 0, 1), or 2 where the
+    mass is exactly 0 but some task is non-zero (the entries that depend on the
+    model-wide majority sign). Elementwise codes fuse into the same loop, where a
+    full reduction would cost more than the merge on CPU: the caller counts them.
     """
     acc = jnp.float32 if kept[0].dtype in (jnp.bfloat16, jnp.float16) else kept[0].dtype
     kept = [k.astype(acc) for k in kept]
     mass = kept[0]
     for k in kept[1:]:
         mass = mass + k
+    code = None
     if not elect:
-        return (mass / len(kept) if aggregate == "mean" else mass), None
-    sign = jnp.sign(mass)
-    positive = jnp.where(sign == 0, zero_positive, sign > 0)
-    total = jnp.zeros_like(mass)
-    count = jnp.zeros_like(mass)
-    for k in kept:
-        chosen = jnp.where(positive, k > 0, k < 0)
-        total = total + jnp.where(chosen, k, 0)
-        count = count + chosen
-    merged = total / jnp.maximum(count, 1) if aggregate == "mean" else total
-    # Zero mass with a non-zero value means values of both signs cancel, so the
-    # chosen side (either one) is non-empty exactly then.
-    ambiguous = (sign == 0) & (count > 0)
-    code = jnp.where(ambiguous, 2, sign).astype(jnp.int8)
+        merged = mass / len(kept) if aggregate == "mean" else mass
+    else:
+        sign = jnp.sign(mass)
+        positive = jnp.where(sign == 0, zero_positive, sign > 0)
+        total = jnp.zeros_like(mass)
+        count = jnp.zeros_like(mass)
+        for k in kept:
+            chosen = jnp.where(positive, k > 0, k < 0)
+            total = total + jnp.where(chosen, k, 0)
+            count = count + chosen
+        merged = total / jnp.maximum(count, 1) if aggregate == "mean" else total
+        # Zero mass with a non-zero value means values of both signs cancel, so the
+        # chosen side (either one) is non-empty exactly then.
+        ambiguous = (sign == 0) & (count > 0)
+        code = jnp.where(ambiguous, 2, sign).astype(jnp.int8)
+    merged = jnp.where(bad, jnp.nan, merged * jnp.asarray(unscale, acc))
     return merged, code
+
+
+def _task_scale(num_tasks: int) -> float:
+    """2**-ceil(log2 T): slices are summed at this scale, so a sum of T finite values
+    cannot overflow unless the exact result does (then it is scaled back up)."""
+    return 2.0 ** -math.ceil(math.log2(num_tasks)) if num_tasks > 1 else 1.0
 
 
 @partial(jax.jit, static_argnames=("band", "magnitude", "elect", "aggregate", "dropout"))
@@ -303,10 +273,15 @@ def _merge(leaves, lo, hi, keys, p, zero_positive, *, band, magnitude, elect, ag
     """
     outs, codes = [], []
     for i, x in enumerate(leaves):
+        scale = _task_scale(x.shape[0])
         kept = _sparsify(x, lo[i] if lo is not None else None, hi[i] if hi is not None else None,
-                         keys[i] if dropout else None, p if dropout else None, band=band,
+                         keys[i] if dropout else None, p if dropout else None, scale, band=band,
                          magnitude=magnitude)
-        merged, code = _consensus(kept, zero_positive, elect=elect, aggregate=aggregate)
+        bad = ~jnp.isfinite(x[0])
+        for t in range(1, x.shape[0]):
+            bad = bad | ~jnp.isfinite(x[t])
+        merged, code = _consensus(kept, bad, zero_positive, 1.0 / scale, elect=elect,
+                                  aggregate=aggregate)
         outs.append(merged.astype(x.dtype))
         codes.append(code)
     return outs, (codes if elect else None)
@@ -330,14 +305,47 @@ def _majority_needs_negative(codes) -> bool | jax.Array:
     return balance <= 0
 
 
-def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, scope="model",
-                 joint=False, p=None, elect=False, aggregate="mean", method="auto",
+def _checkify_finite(leaves, paths) -> None:
+    """``check_finite="checkify"``: a checkify check per leaf, usable under jax.jit."""
+    for path, x in zip(paths, leaves):
+        ok = jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+        name = path.replace("{", "{{").replace("}", "}}")
+        checkify.check(jnp.all(ok), f"Leaf {name!r} of the task vectors holds NaN or Inf values "
+                       "(task index {task}). A finetune probably diverged.", task=jnp.argmin(ok))
+
+
+def _check_output(out, paths, stacked, largest, aggregate: str) -> None:
+    """Eager check that the merge is finite: NaN/Inf inputs (named) or an overflow."""
+    num_tasks = jax.tree.leaves(stacked)[0].shape[0]
+    if largest is not None:
+        # Finite inputs (the caller checked ``largest``): a mean of finite values is
+        # finite, and a sum can overflow only if T * max|x| exceeds the dtype's range.
+        peak = builtins.max(float(np.max(np.asarray(m, np.float64))) for m in largest)
+        limit = builtins.min(float(jnp.finfo(o.dtype).max) for o in out)
+        if aggregate == "mean" or num_tasks * peak < limit:
+            return
+    ok = tree_lib.all_finite(out)
+    if ok.all():
+        return
+    tree_lib.check_finite(stacked)  # NaN/Inf inputs propagate as NaN: name the input
+    i = int(np.argmin(ok))
+    raise ValueError(f"Leaf {paths[i]!r}: the merged task vector overflows {out[i].dtype} (its exact "
+                     f"value is out of range: aggregate={aggregate!r} over {num_tasks} tasks, or DARE's "
+                     "1/(1-p) rescale). Scale the task vectors down or use aggregate='mean'; "
+                     "check_finite=False returns the Inf values.")
+
+
+def _generalized(stacked, *, key=None, like=None, magnitude_ranks=None, band_ranks=None,
+                 scope="model", joint=False, p=None, elect=False, aggregate="mean", method="auto",
                  check_finite=True):
     """Shared driver: thresholds on the host/device, then one jitted merge."""
-    leaves, treedef, _ = _leaves(stacked)
+    check_hparams(check_finite=check_finite)
+    leaves, treedef, paths = tree_lib.check_stacked(stacked, like=like, warn_state=True)
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    check_finite = check_finite and not traced
-    lo = hi = None
+    if check_finite == "checkify":
+        _checkify_finite(leaves, paths)
+    eager_check = check_finite is True and not traced
+    lo = hi = largest = None
     rank_fn = magnitude_ranks or band_ranks
     if rank_fn is not None:
         if scope == "model":
@@ -357,7 +365,7 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
                      for x in leaves]
             per_leaf, largest = [t for t, _ in pairs], [m for _, m in pairs]
         # NaN and Inf have the largest bit patterns: the selection saw them for free.
-        if check_finite and not all(np.isfinite(np.asarray(m)).all() for m in largest):
+        if eager_check and not all(np.isfinite(np.asarray(m)).all() for m in largest):
             tree_lib.check_finite(stacked)
         if band_ranks is not None:
             # ranks = (hi_rank, lo_rank): the largest kept magnitude, the smallest kept.
@@ -365,8 +373,6 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
             lo = [t[:, 1] for t in per_leaf]
         else:
             lo = [t[:, 0] for t in per_leaf]
-    elif check_finite and p is not None:
-        tree_lib.check_finite(stacked)  # dropout could hide a NaN: check the inputs
     dropout = p is not None
     keys = [jax.random.fold_in(key, i) for i in range(len(leaves))] if dropout else None
     p_arr = jnp.float32(p if dropout else 0.0)
@@ -393,11 +399,10 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
             out = jax.lax.cond(negative, lambda: run(jnp.bool_(False))[0], lambda: out)
         elif negative:
             out = run(jnp.bool_(False))[0]
-    if check_finite and rank_fn is None and p is None and not elect:
-        # A plain sum propagates every NaN/Inf: checking the 1/T-sized output suffices.
-        if not tree_lib.all_finite(out).all():
-            tree_lib.check_finite(stacked)
-            raise ValueError("The merged task vector overflowed to Inf: the task vectors are too large.")
+    if eager_check:
+        # Every non-finite input entry comes out NaN, so checking the 1/T-sized output
+        # finds bad inputs too (skipped when the selection's maximum proves it finite).
+        _check_output(out, paths, stacked, largest, aggregate)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -407,18 +412,27 @@ def _generalized(stacked, *, key=None, magnitude_ranks=None, band_ranks=None, sc
 
 
 @register("mean", reference="ATM paper eq. 7, https://arxiv.org/abs/2411.03055")
-def mean(stacked: PyTree, *, key: jax.Array | None = None, check_finite: bool = True) -> PyTree:
+def mean(stacked: PyTree, *, key: jax.Array | None = None, check_finite: bool | str = True,
+         like: PyTree | None = None) -> PyTree:
     """Task arithmetic with the mean: ``(1/T) sum_t tau_t`` (ATM's default merge)."""
     del key
-    return _generalized(stacked, aggregate="mean", check_finite=check_finite)
+    return _generalized(stacked, aggregate="mean", check_finite=check_finite, like=like)
 
 
 @register("sum", reference="Ilharco et al. 2023, https://arxiv.org/abs/2212.04089")
-def sum(stacked: PyTree, *, key: jax.Array | None = None,  # noqa: A001 - the paper's name
-        check_finite: bool = True) -> PyTree:
-    """Task arithmetic: ``sum_t tau_t`` (scale with ``alpha`` when applying)."""
+def sum(stacked: PyTree, *, key: jax.Array | None = None,  # noqa: A001 - the registry name
+        check_finite: bool | str = True,
+        like: PyTree | None = None) -> PyTree:
+    """Task arithmetic: ``sum_t tau_t`` (scale with ``alpha`` when applying).
+
+    Not in ``__all__`` (it would shadow the builtin on ``import *``): use
+    ``merge.task_arithmetic`` (the same function) or ``merge.get("sum")``.
+    """
     del key
-    return _generalized(stacked, aggregate="sum", check_finite=check_finite)
+    return _generalized(stacked, aggregate="sum", check_finite=check_finite, like=like)
+
+
+task_arithmetic = sum  # Ilharco et al.'s name for the sum of task vectors
 
 
 def _top_fraction(density: float):
@@ -434,7 +448,7 @@ def _band(beta: float, gamma: float):
 @register("ties", reference="Yadav et al. 2023 (TIES-Merging), https://arxiv.org/abs/2306.01708")
 def ties(stacked: PyTree, *, key: jax.Array | None = None, density: float = 0.2,
          scope: str = "model", aggregate: str = "mean", method: str = "auto",
-         check_finite: bool = True) -> PyTree:
+         check_finite: bool | str = True, like: PyTree | None = None) -> PyTree:
     """TIES: trim to the top ``density`` by magnitude, elect sign, disjoint mean.
 
     Args:
@@ -445,19 +459,20 @@ def ties(stacked: PyTree, *, key: jax.Array | None = None, density: float = 0.2,
       scope: ``"model"`` (one threshold per task over all leaves) or ``"leaf"``.
       aggregate: ``"mean"`` (official disjoint mean) or ``"sum"`` (FusionBench).
       method: selection backend, see ``atm_jax.select``.
-      check_finite: raise on NaN/Inf inputs (one cheap pass).
+      check_finite: see the module docstring (True, False or ``"checkify"``).
     """
     del key
     check_hparams(density=density, scope=scope, aggregate=aggregate, method=method)
     return _generalized(stacked, magnitude_ranks=_top_fraction(density), scope=scope, elect=True,
-                        aggregate=aggregate, method=method, check_finite=check_finite)
+                        aggregate=aggregate, method=method, check_finite=check_finite, like=like)
 
 
 @register("breadcrumbs", reference="Davari & Belilovsky 2024 (Model Breadcrumbs), "
           "https://arxiv.org/abs/2312.06795")
 def breadcrumbs(stacked: PyTree, *, key: jax.Array | None = None, beta: float = 0.85,
                 gamma: float = 0.993, scope: str = "leaf", aggregate: str = "mean",
-                method: str = "auto", check_finite: bool = True) -> PyTree:
+                method: str = "auto", check_finite: bool | str = True,
+                like: PyTree | None = None) -> PyTree:
     """Model Breadcrumbs: keep magnitudes between the beta and gamma percentiles.
 
     Args:
@@ -470,47 +485,51 @@ def breadcrumbs(stacked: PyTree, *, key: jax.Array | None = None, beta: float = 
     del key
     check_hparams(beta=beta, gamma=gamma, scope=scope, aggregate=aggregate, method=method)
     return _generalized(stacked, band_ranks=_band(beta, gamma), scope=scope, aggregate=aggregate,
-                        method=method, check_finite=check_finite)
+                        method=method, check_finite=check_finite, like=like)
 
 
 @register("dare", reference="Yu et al. 2024 (DARE), https://arxiv.org/abs/2311.03099", stochastic=True)
 def dare(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
-         aggregate: str = "mean", check_finite: bool = True) -> PyTree:
+         aggregate: str = "mean", check_finite: bool | str = True,
+         like: PyTree | None = None) -> PyTree:
     """DARE: drop each entry w.p. ``p``, rescale by ``1/(1-p)``, then mean (or sum)."""
-    _require_key("dare", key)
+    checks.require_key("dare", key)
     check_hparams(p=p, aggregate=aggregate)
-    return _generalized(stacked, key=key, p=p, aggregate=aggregate, check_finite=check_finite)
+    return _generalized(stacked, key=key, p=p, aggregate=aggregate, check_finite=check_finite,
+                        like=like)
 
 
 @register("dare_ties", reference="Yu et al. 2024 (DARE) + Yadav et al. 2023 (TIES)", stochastic=True)
 def dare_ties(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
-              aggregate: str = "mean", check_finite: bool = True) -> PyTree:
+              aggregate: str = "mean", check_finite: bool | str = True,
+         like: PyTree | None = None) -> PyTree:
     """DARE's random drop and rescale, then TIES sign election and disjoint mean."""
-    _require_key("dare_ties", key)
+    checks.require_key("dare_ties", key)
     check_hparams(p=p, aggregate=aggregate)
     return _generalized(stacked, key=key, p=p, elect=True, aggregate=aggregate,
-                        check_finite=check_finite)
+                        check_finite=check_finite, like=like)
 
 
 @register("ties_atm_code", reference="ATM authors' code (compatibility; see REFERENCE.md §3)",
           compat=True)
 def ties_atm_code(stacked: PyTree, *, key: jax.Array | None = None, density: float = 0.15,
-                  method: str = "auto", check_finite: bool = True) -> PyTree:
+                  method: str = "auto", check_finite: bool | str = True,
+                like: PyTree | None = None) -> PyTree:
     """What the ATM authors ran as "TIES": one pooled top-k, no election, plain mean."""
     del key
     check_hparams(density=density, method=method)
     return _generalized(stacked, magnitude_ranks=_top_fraction(density), scope="model", joint=True,
-                        aggregate="mean", method=method, check_finite=check_finite)
+                        aggregate="mean", method=method, check_finite=check_finite, like=like)
 
 
 @register("breadcrumbs_atm_code", reference="ATM authors' code (compatibility; see REFERENCE.md §3)",
           compat=True)
 def breadcrumbs_atm_code(stacked: PyTree, *, key: jax.Array | None = None, beta: float = 0.15,
                          gamma: float = 0.993, method: str = "auto",
-                         check_finite: bool = True) -> PyTree:
+                         check_finite: bool | str = True, like: PyTree | None = None) -> PyTree:
     """What the ATM authors ran as "Breadcrumbs": a 15th–99.3rd percentile band per task
     over the whole model (≈84% kept), plain mean."""
     del key
     check_hparams(beta=beta, gamma=gamma, method=method)
     return _generalized(stacked, band_ranks=_band(beta, gamma), scope="model", aggregate="mean",
-                        method=method, check_finite=check_finite)
+                        method=method, check_finite=check_finite, like=like)

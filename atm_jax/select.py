@@ -14,10 +14,14 @@ So the threshold comes from a selection algorithm chosen by backend:
     Falls back to a partition of the whole vector if the bracket misses, so the
     answer never depends on the sample. Tasks run on a thread pool (NumPy releases
     the GIL). Zero-copy views of CPU ``jax.Array`` s; one uint buffer per worker.
-``"bisect"`` (GPU/TPU, or inside ``jax.jit``)
+``"bisect"`` (GPU/TPU, or inside ``jax.jit`` on an accelerator)
     A jitted bisection on the bit pattern, most significant bit first: bit ``b`` is
     set if at least ``k`` entries are ``>=`` the candidate. One fused counting pass
     per bit, no sort, no gather, exact.
+``"auto"`` inside ``jax.jit`` with a CPU default backend
+    The host selection above through ``jax.pure_callback``: XLA:CPU runs bisection's
+    31 counting passes 6-7x slower than the host path (3 x 21M float32: 4.1-4.7 s vs
+    0.7 s eager), and on CPU the callback's arguments are already in host memory.
 ``"top_k"``
     ``jax.lax.top_k`` on the magnitudes: the fastest on accelerators for small
     inputs, and the reference the other two are tested against.
@@ -222,6 +226,8 @@ def resolve_method(method: str, leaves: Sequence[jax.Array]) -> str:
         return method
     if _is_concrete_cpu(leaves):
         return "host"
+    if jax.default_backend() == "cpu" and all(isinstance(x, jax.core.Tracer) for x in leaves):
+        return "callback"
     total = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
     return "top_k" if total <= (1 << 20) else "bisect"
 
@@ -270,6 +276,9 @@ def thresholds(leaves: Sequence[jax.Array], ranks, *, joint: bool = False,
         values, largest = _host_thresholds(groups_np, ranks.tolist())
         values = jnp.asarray(values)
         return (values, jnp.asarray(largest)) if return_largest else values
+    if method == "callback":
+        values, largest = _callback(leaves, ranks, joint)
+        return (values, largest) if return_largest else values
     if method == "top_k":
         values = _top_k(leaves, ranks, joint)
     else:
@@ -279,6 +288,24 @@ def thresholds(leaves: Sequence[jax.Array], ranks, *, joint: bool = False,
     if not return_largest:
         return values
     return values, _largest(leaves, joint)
+
+
+def _callback(leaves, ranks: np.ndarray, joint: bool):
+    """The host selection as a ``jax.pure_callback`` (traced leaves, CPU backend)."""
+    dtype = leaves[0].dtype
+    num_tasks, rank_rows = leaves[0].shape[0], ranks.tolist()
+
+    def host(*arrays):
+        arrays = [np.asarray(a) for a in arrays]
+        if joint:
+            groups = [[a[t] for a in arrays for t in range(num_tasks)]]
+        else:
+            groups = [[a[t] for a in arrays] for t in range(num_tasks)]
+        values, largest = _host_thresholds(groups, rank_rows)
+        return values.astype(dtype), largest.astype(dtype)
+
+    shapes = (jax.ShapeDtypeStruct(ranks.shape, dtype), jax.ShapeDtypeStruct(ranks.shape[:1], dtype))
+    return jax.pure_callback(host, shapes, *leaves, vmap_method="sequential")
 
 
 @partial(jax.jit, static_argnames=("joint",))

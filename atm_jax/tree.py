@@ -12,20 +12,36 @@ a leading task axis ``T``: leaf shape ``[T, *param_shape]``. Merge operators
 Leaves may be ``None``: that is how :func:`split` marks leaves that belong to the
 other part (``jax.tree`` treats ``None`` as an empty subtree, so merges and
 arithmetic skip them).
+
+Rules every public function enforces (each error names the first offending leaf path):
+
+* Shapes match exactly: nothing broadcasts, least of all across a task axis
+  (``apply(base, stacked)`` is refused: merge first).
+* Only floating leaves are task-vector material: integer or boolean leaves are refused
+  by :func:`task_vector`, :func:`apply` and the merges (exclude them with
+  :func:`split`; a ``None`` delta leaf leaves the base leaf unchanged).
+* Collections: in a Flax variables dict (a mapping with a ``"params"`` key) only
+  ``params`` holds weights. ``batch_stats``, ``cache`` and other collections are state:
+  :func:`split` leaves them out of the selected part by default (``path_filter(...,
+  collections=None)`` opts in), and a merge over them (or any ``batch_stats`` path)
+  warns with :class:`StateMergeWarning` (BatchNorm variances can turn negative).
 """
 
 from __future__ import annotations
 
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+
+# Validation lives in atm_jax.checks; these names are part of tree's public API.
+from atm_jax.checks import (StateMergeWarning, all_finite, check_compatible, check_finite,
+                            check_stacked, leaf_paths, path_str, require_floating, state_paths,
+                            structure_error)
 
 PyTree = Any
 
@@ -48,113 +64,10 @@ __all__ = [
     "check_finite",
     "all_finite",
     "path_str",
+    "check_stacked",
+    "state_paths",
+    "StateMergeWarning",
 ]
-
-
-def path_str(path) -> str:
-    """'encoder/block_0/attn/kernel' from a jax key path."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(str(key.name))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:  # pragma: no cover - future key types
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def leaf_paths(tree: PyTree) -> list[str]:
-    """Slash-joined paths of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-# ----------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------
-
-
-def check_compatible(trees: Sequence[PyTree], *, names: Sequence[str] | None = None,
-                     what: str = "task vector") -> None:
-    """Raises ValueError unless all ``trees`` share structure, leaf shapes and dtypes.
-
-    The message names the first offending leaf path and both values, so a user
-    sees *which* parameter differs, not just that something does.
-    """
-    if not trees:
-        raise ValueError(f"Expected at least one {what}, got an empty list.")
-    names = list(names) if names is not None else [f"{what} {i}" for i in range(len(trees))]
-    ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(trees[0])
-    ref_paths = [path_str(p) for p, _ in ref_leaves]
-    for name, tree in zip(names[1:], trees[1:]):
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        paths = [path_str(p) for p, _ in leaves]
-        if treedef != ref_def:
-            missing = sorted(set(ref_paths) - set(paths))
-            extra = sorted(set(paths) - set(ref_paths))
-            detail = []
-            if missing:
-                detail.append(f"missing leaf {missing[0]!r}")
-            if extra:
-                detail.append(f"unexpected leaf {extra[0]!r}")
-            if not detail:
-                detail.append(f"containers differ: {ref_def} vs {treedef}")
-            raise ValueError(f"{name} has a different tree structure from {names[0]}: "
-                             + "; ".join(detail) + ". All task vectors must come from the same model.")
-        for path, (_, a), (_, b) in zip(paths, ref_leaves, leaves):
-            if np.shape(a) != np.shape(b):
-                raise ValueError(f"Leaf {path!r}: {name} has shape {np.shape(b)} but {names[0]} has "
-                                 f"{np.shape(a)}. All task vectors must come from the same model.")
-            if jnp.result_type(a) != jnp.result_type(b):
-                raise ValueError(f"Leaf {path!r}: {name} has dtype {jnp.result_type(b)} but {names[0]} has "
-                                 f"{jnp.result_type(a)}. Cast them to one dtype before merging.")
-
-
-@jax.jit
-def _leaf_finite(leaves):
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
-def _host_finite(x) -> bool:
-    return bool(np.isfinite(np.asarray(x)).all())
-
-
-def all_finite(leaves) -> np.ndarray:
-    """Per-leaf finiteness; NumPy threads for CPU arrays (XLA:CPU reductions are slow)."""
-    if not leaves:
-        return np.ones((0,), bool)
-    on_cpu = all(not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
-                 for x in leaves)
-    if on_cpu:
-        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-            return np.array(list(pool.map(_host_finite, leaves)), bool)
-    return np.asarray(_leaf_finite(leaves))
-
-
-def check_finite(stacked: PyTree, *, what: str = "task vector") -> None:
-    """Raises ValueError naming the first leaf (and task) that holds NaN or Inf.
-
-    One fused reduction per leaf; the slow search for the task index only runs on
-    the error path.
-    """
-    leaves_with_path = jax.tree_util.tree_flatten_with_path(stacked)[0]
-    leaves = [x for _, x in leaves_with_path]
-    ok = all_finite(leaves)
-    if ok.all():
-        return
-    i = int(np.argmin(ok))
-    path, x = leaves_with_path[i]
-    x = np.asarray(x)
-    per_task = [int(np.sum(~np.isfinite(x[t]))) for t in range(x.shape[0])] if x.ndim else []
-    bad = [t for t, n in enumerate(per_task) if n]
-    raise ValueError(
-        f"Leaf {path_str(path)!r} of the {what}s holds NaN or Inf values "
-        f"(task index {bad[0] if bad else '?'}, {per_task[bad[0]] if bad else '?'} entries). "
-        "A finetune probably diverged: lower the learning rate or enable gradient clipping.")
 
 
 # ----------------------------------------------------------------------------
@@ -162,22 +75,78 @@ def check_finite(stacked: PyTree, *, what: str = "task vector") -> None:
 # ----------------------------------------------------------------------------
 
 
-@jax.jit
 def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
     """``finetuned - base``, leaf by leaf (the sign of Ilharco et al. and the paper).
 
     Note fedjax's ``server - client`` has the opposite sign.
+
+    Raises:
+      ValueError: the trees differ in structure, shape (nothing broadcasts) or dtype,
+        or a leaf is not floating; the message names the first such leaf.
     """
-    return jax.tree.map(lambda f, b: f - b, finetuned, base)
+    check_compatible([base, finetuned], names=["base", "finetuned"], what="params tree")
+    for path, x in zip(leaf_paths(base), jax.tree.leaves(base)):
+        require_floating(path, x, "params tree")
+    return _difference(finetuned, base)
 
 
 @jax.jit
+def _difference(finetuned, base):
+    return jax.tree.map(lambda f, b: f - b, finetuned, base)
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
 def apply(base: PyTree, delta: PyTree, scale: float | jax.Array = 1.0) -> PyTree:
     """``base + scale * delta``, leaf by leaf, keeping ``base``'s dtypes.
 
-    ``scale`` is traced, so changing it does not recompile.
+    ``scale`` is traced, so changing it does not recompile. A ``None`` leaf in
+    ``delta`` (as a merge of a :func:`split` part returns) leaves the base leaf as it is.
+
+    Raises:
+      ValueError: ``delta`` is not shaped like ``base`` (a stacked ``[T, ...]`` delta is
+        named as such: merge it first), a non-scalar ``scale``, or a non-floating leaf
+        that would be truncated; the message names the first offending leaf.
     """
-    return jax.tree.map(lambda b, d: (b + scale * d).astype(b.dtype), base, delta)
+    if jnp.ndim(scale) != 0:
+        raise ValueError(f"scale must be a scalar, got shape {jnp.shape(scale)}.")
+    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_none)
+    d_leaves, d_def = jax.tree_util.tree_flatten_with_path(delta, is_leaf=_is_none)
+    paths = [path_str(p) for p, _ in b_leaves]
+    if b_def != d_def:
+        raise structure_error("delta", "base", paths, [path_str(p) for p, _ in d_leaves], b_def, d_def)
+    for path, (_, b), (_, d) in zip(paths, b_leaves, d_leaves):
+        if d is None:
+            continue
+        if b is None:
+            raise ValueError(f"Leaf {path!r}: delta has a value where base has None.")
+        bs, ds = tuple(np.shape(b)), tuple(np.shape(d))
+        if ds != bs:
+            hint = (f" It looks stacked (a task axis of {ds[0]}): merge it first, e.g. "
+                    "atm_jax.merge.mean(stacked)." if ds[1:] == bs else "")
+            raise ValueError(f"Leaf {path!r}: delta has shape {ds} but base has {bs}; shapes must "
+                             f"be equal (nothing is broadcast).{hint}")
+        require_floating(path, b, "base")
+        require_floating(path, d, "delta")
+    return _apply(base, delta, scale)
+
+
+@jax.jit
+def _apply(base, delta, scale):
+    return jax.tree.map(lambda b, d: b if d is None else (b + scale * d).astype(b.dtype),
+                        base, delta, is_leaf=_is_none)
+
+
+def _tree_list(trees, fn: str) -> list:
+    if isinstance(trees, Mapping) or hasattr(trees, "shape") or not isinstance(trees, Iterable):
+        kind = f"a {type(trees).__name__}"
+        if isinstance(trees, Mapping):
+            kind += f" with keys {list(trees)[:4]}"
+        raise ValueError(f"tree.{fn} takes a list of T trees, got one tree ({kind}). "
+                         f"For a single task pass a list: tree.{fn}([tree]).")
+    return list(trees)
 
 
 def stacked_task_vectors(finetuned: Sequence[PyTree], base: PyTree) -> PyTree:
@@ -187,9 +156,11 @@ def stacked_task_vectors(finetuned: Sequence[PyTree], base: PyTree) -> PyTree:
     Raises:
       ValueError: as :func:`stack`, naming the first leaf that differs.
     """
-    finetuned = list(finetuned)
+    finetuned = _tree_list(finetuned, "stacked_task_vectors")
     check_compatible([base, *finetuned], names=["base"] + [f"finetuned {i}" for i in range(len(finetuned))],
                      what="params tree")
+    for path, x in zip(leaf_paths(base), jax.tree.leaves(base)):
+        require_floating(path, x, "params tree")
     return _stacked_differences(base, finetuned)
 
 
@@ -202,19 +173,23 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
     """Stacks T pytrees of one structure into one whose leaves are ``[T, ...]``.
 
     Raises:
-      ValueError: empty input, or trees whose structure, shapes or dtypes differ
-        (the message names the first differing leaf path).
+      ValueError: empty input, one tree instead of a list of trees, or trees whose
+        structure, shapes or dtypes differ (the message names the first differing leaf).
     """
-    trees = list(trees)
+    trees = _tree_list(trees, "stack")
     check_compatible(trees)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def unstack(stacked: PyTree) -> list[PyTree]:
-    """Inverse of :func:`stack`: a list of T pytrees."""
-    leaves, treedef = jax.tree.flatten(stacked)
-    if not leaves:
+    """Inverse of :func:`stack`: a list of T pytrees.
+
+    Raises:
+      ValueError: leaves without a common leading task axis (names the leaf).
+    """
+    if not jax.tree.leaves(stacked):
         return []
+    leaves, treedef, _ = check_stacked(stacked, floating=False)
     num = leaves[0].shape[0]
     return [jax.tree.unflatten(treedef, [x[t] for x in leaves]) for t in range(num)]
 
@@ -236,9 +211,18 @@ def global_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(sq)) if sq else jnp.float32(0)
 
 
-@jax.jit
 def gram_matrix(stacked: PyTree) -> jax.Array:
-    """``[T, T]`` inner products between the T task vectors (float32), summed per leaf."""
+    """``[T, T]`` inner products between the T task vectors (float32), summed per leaf.
+
+    Raises:
+      ValueError: leaves without a common leading task axis (names the leaf).
+    """
+    check_stacked(stacked)
+    return _gram(stacked)
+
+
+@jax.jit
+def _gram(stacked: PyTree) -> jax.Array:
     gram = jnp.zeros((), jnp.float32)
     for x in jax.tree.leaves(stacked):
         flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
@@ -246,7 +230,6 @@ def gram_matrix(stacked: PyTree) -> jax.Array:
     return gram
 
 
-@jax.jit
 def cosine_matrix(stacked: PyTree) -> jax.Array:
     """``[T, T]`` cosine similarities between the T task vectors of ``stacked``.
 
@@ -270,12 +253,18 @@ def cosine_from_gram(gram: jax.Array) -> jax.Array:
 
 
 def path_filter(include: str | Iterable[str] | None = None,
-                exclude: str | Iterable[str] | None = None) -> Callable[[str], bool]:
+                exclude: str | Iterable[str] | None = None, *,
+                collections: Sequence[str] | None = ("params",)) -> Callable[[str], bool]:
     """A predicate on leaf paths: matches any ``include`` regex and no ``exclude`` one.
 
     Regexes use ``re.search`` on slash-joined paths such as ``"block_0/attention/query/kernel"``.
     ``include=None`` means everything. Task heads are kept out of merges by an
     ``exclude`` pattern in the config rather than by code.
+
+    ``collections`` is read by :func:`split`: when the tree is a Flax variables dict
+    (a mapping with a ``"params"`` key), only leaves under these top-level collections
+    can be selected (default: ``params`` only, so ``batch_stats`` never merges);
+    ``None`` selects from every collection.
     """
     def compile_all(patterns):
         if patterns is None:
@@ -297,6 +286,7 @@ def path_filter(include: str | Iterable[str] | None = None,
             return False
         return not any(r.search(path) for r in exc)
 
+    predicate.collections = None if collections is None else tuple(collections)
     return predicate
 
 
@@ -305,15 +295,39 @@ def split(tree: PyTree, predicate: Callable[[str], bool]) -> tuple[PyTree, PyTre
 
     Leaves whose path satisfies ``predicate`` go to ``selected`` and are ``None`` in
     ``rest``, and the other way round. ``join(selected, rest)`` restores ``tree``.
+
+    The collection rule: if ``tree`` is a Flax variables dict (a mapping with a
+    ``"params"`` key), only leaves under ``predicate.collections`` (``path_filter``'s
+    argument; ``("params",)`` for any other callable) are selected.
     """
-    selected = jax.tree_util.tree_map_with_path(
-        lambda p, x: x if predicate(path_str(p)) else None, tree)
-    rest = jax.tree_util.tree_map_with_path(
-        lambda p, x: None if predicate(path_str(p)) else x, tree)
+    collections = getattr(predicate, "collections", ("params",))
+    variables = collections is not None and isinstance(tree, Mapping) and "params" in tree
+
+    def take(path) -> bool:
+        path = path_str(path)
+        if variables and path.split("/")[0] not in collections:
+            return False
+        return bool(predicate(path))
+
+    selected = jax.tree_util.tree_map_with_path(lambda p, x: x if take(p) else None, tree)
+    rest = jax.tree_util.tree_map_with_path(lambda p, x: None if take(p) else x, tree)
     return selected, rest
 
 
 def join(selected: PyTree, rest: PyTree) -> PyTree:
-    """Inverse of :func:`split`: takes each leaf from whichever part is not ``None``."""
+    """Inverse of :func:`split`: takes each leaf from whichever part is not ``None``.
+
+    Raises:
+      ValueError: the parts differ in structure, or both (or neither) hold a leaf.
+    """
+    s_leaves, s_def = jax.tree_util.tree_flatten_with_path(selected, is_leaf=_is_none)
+    r_leaves, r_def = jax.tree_util.tree_flatten_with_path(rest, is_leaf=_is_none)
+    paths = [path_str(p) for p, _ in s_leaves]
+    if s_def != r_def:
+        raise structure_error("rest", "selected", paths, [path_str(p) for p, _ in r_leaves], s_def, r_def)
+    for path, (_, a), (_, b) in zip(paths, s_leaves, r_leaves):
+        if (a is None) == (b is None):
+            raise ValueError(f"Leaf {path!r} is {'None' if a is None else 'set'} in both parts; "
+                             "join takes the two halves that tree.split returned.")
     return jax.tree.map(lambda a, b: b if a is None else a, selected, rest,
                         is_leaf=lambda x: x is None)

@@ -642,9 +642,9 @@ def test_bad_trees(name):
         fn({"head": None}, key=key)
     with pytest.raises(ValueError, match=r"task axis of size 0"):
         fn({"a": np.zeros((0, 3), F32)}, key=key)
-    with pytest.raises(ValueError, match=r"Leaf 'enc/step' has dtype int32; only floating"):
+    with pytest.raises(ValueError, match=r"Leaf 'enc/step' of the stacked task vectors has dtype int32; only floating"):
         fn({"enc": {"step": np.zeros((2, 3), np.int32), "w": np.zeros((2, 3), F32)}}, key=key)
-    with pytest.raises(ValueError, match=r"Leaf 'b' stacks 3 tasks but 'a' stacks 2"):
+    with pytest.raises(ValueError, match=r"Leaf 'b' stacks 3 tasks \(shape \(3, 3\)\) but 'a' stacks 2.*tree.stack\(\[tv\]\)"):
         fn({"a": np.ones((2, 3), F32), "b": np.ones((3, 3), F32)}, key=key)
     with pytest.raises(ValueError, match=r"Leaf 'a' is a scalar"):
         fn({"a": np.float32(1.0)}, key=key)
