@@ -19,6 +19,19 @@ from one iteration to the next) or leave alone (frozen heads).
 Randomness: every finetune of task index ``i`` in iteration ``k`` uses
 ``task_key(key, k, i)``; the merge of iteration ``k`` uses ``merge_key(key, k)``.
 So ATM with K = 1 and the mean merge reproduces one-shot task arithmetic exactly.
+
+The loop has the shape of a federated algorithm (fedjax's ``init`` / ``apply``):
+an immutable :class:`State`, :func:`init`, :func:`finetune_next` (one task) and
+:func:`iteration` (the remaining tasks, then the merge) returning
+``(state, diagnostics)``. :func:`run` and :func:`one_shot` are thin loops over
+them; a caller that checkpoints keeps the latest state and passes it back as
+``start`` (see `atm_jax.checkpoint` for its serialisation).
+
+Which leaves merge: only the ``params`` collection when ``base`` is a Flax
+variables dict (``{"params": …, "batch_stats": …}``): running statistics are not
+task-vector material (a mean of variances scaled by α can go negative), and they
+keep the base's values. ``MergeSpec(collections=(…))`` widens this on purpose.
+Inside the merged collection, ``include`` / ``exclude`` regexes choose leaves.
 """
 
 from __future__ import annotations
@@ -29,24 +42,28 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from atm_jax import merge as merge_lib
-from atm_jax.errors import DivergedError
 from atm_jax import tree as tree_lib
+from atm_jax.errors import DivergedError
 
 PyTree = Any
 FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTree, dict]]
 EvaluateFn = Callable[[PyTree, Mapping[str, PyTree]], dict[str, float]]
 Callback = Callable[[dict], None]
+Log = Callable[[str], None]
 
-__all__ = ["MergeSpec", "Progress", "merge_step", "run", "one_shot", "task_key", "merge_key"]
+__all__ = ["MergeSpec", "State", "init", "finetune_next", "iteration", "merge_step", "run",
+           "one_shot", "task_key", "merge_key"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class MergeSpec:
     """How task vectors become the next base.
+
+    ``MergeSpec("ties", density=0.15, alpha=1.0)`` or, equivalently,
+    ``MergeSpec("ties", {"density": 0.15})``.
 
     Attributes:
       name: a registered merge (``atm_jax.merge.names()``).
@@ -54,44 +71,38 @@ class MergeSpec:
       alpha: scale of the merged delta: ``base + alpha * merge(...)`` (α > 0).
       include / exclude: leaf-path regexes selecting what merges; leaves left out
         keep the base's value.
+      collections: for a Flax variables dict, the collections that merge (default
+        ``("params",)``; see the module docstring).
     """
-    name: str = "mean"
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    alpha: float = 1.0
-    include: str | Sequence[str] | None = None
-    exclude: str | Sequence[str] | None = None
+    name: str
+    kwargs: Mapping[str, Any]
+    alpha: float
+    include: str | Sequence[str] | None
+    exclude: str | Sequence[str] | None
+    collections: tuple[str, ...]
 
-    def __post_init__(self):
+    def __init__(self, name: str = "mean", kwargs: Mapping[str, Any] | None = None, *,
+                 alpha: float = 1.0, include: str | Sequence[str] | None = None,
+                 exclude: str | Sequence[str] | None = None,
+                 collections: Sequence[str] = ("params",), **hparams):
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"MergeSpec kwargs={kwargs!r} must be a dict of hyperparameters; "
+                            f"or pass them as keywords: MergeSpec({name!r}, density=0.2).")
+        both = set(kwargs or {}) & set(hparams)
+        if both:
+            raise TypeError(f"MergeSpec got {sorted(both)} both in kwargs and as keywords.")
+        kwargs = {**(kwargs or {}), **hparams}
+        if isinstance(collections, str):
+            collections = (collections,)
+        for field, value in (("name", name), ("kwargs", dict(kwargs)), ("alpha", alpha),
+                             ("include", include), ("exclude", exclude),
+                             ("collections", tuple(collections))):
+            object.__setattr__(self, field, value)
         # Raises on unknown names (listing the known ones) and on bad values.
         merge_lib.info(self.name).check(**self.kwargs)
-        if not (np.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"alpha={self.alpha!r} must be a positive number (the paper uses 1).")
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where :func:`run` or :func:`one_shot` stands: enough to continue it exactly.
-
-    Handed to ``on_progress`` after every finished task finetune and every merge,
-    and accepted back as ``start`` (e.g. from a checkpoint) to continue from there.
-
-    Attributes:
-      iteration: merges done so far (0 for one_shot).
-      base: the current base.
-      heads: the heads the next finetunes start from.
-      history: the records so far (see :func:`run`).
-      finetuned: the finetuned params of the tasks already done in the current
-        iteration, in task order (empty right after a merge).
-      finetuned_heads: their heads, ``{task: head}``.
-      finetune_metrics: their metrics, ``{task: metrics}``.
-    """
-    iteration: int
-    base: PyTree
-    heads: dict[str, PyTree]
-    history: list[dict] = dataclasses.field(default_factory=list)
-    finetuned: list[PyTree] = dataclasses.field(default_factory=list)
-    finetuned_heads: dict[str, PyTree] = dataclasses.field(default_factory=dict)
-    finetune_metrics: dict[str, dict] = dataclasses.field(default_factory=dict)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) \
+                or not (np.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha={alpha!r} must be a positive number (the paper uses 1).")
 
 
 def task_key(key: jax.Array, iteration: int, task_index: int) -> jax.Array:
@@ -104,6 +115,18 @@ def merge_key(key: jax.Array, iteration: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, iteration), 1)
 
 
+def _merge_predicate(base: PyTree, spec: MergeSpec) -> Callable[[str], bool]:
+    """Which leaf paths merge: the spec's regexes, inside the merged collections."""
+    by_path = tree_lib.path_filter(spec.include, spec.exclude)
+    if not (isinstance(base, Mapping) and "params" in base and len(base) > 1):
+        return by_path  # a plain params pytree
+    unknown = set(spec.collections) - set(base)
+    if unknown:
+        raise ValueError(f"MergeSpec collections {sorted(unknown)} are not in the base, "
+                         f"which has {sorted(base)}.")
+    return lambda path: path.split("/", 1)[0] in spec.collections and by_path(path)
+
+
 def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
                key: jax.Array) -> tuple[PyTree, dict]:
     """``base + alpha * merge(finetuned_t - base)`` and diagnostics.
@@ -113,7 +136,7 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
       "merge_seconds"}`` (plain Python numbers, ready for JSON).
     """
     start = time.perf_counter()
-    predicate = tree_lib.path_filter(spec.include, spec.exclude)
+    predicate = _merge_predicate(base, spec)
     selected_base, rest = tree_lib.split(base, predicate)
     stacked = tree_lib.stacked_task_vectors([tree_lib.split(f, predicate)[0] for f in finetuned],
                                             selected_base)
@@ -123,8 +146,7 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
         else fn(stacked, **kwargs)
     delta = jax.block_until_ready(delta)
     seconds = time.perf_counter() - start
-    full_delta = tree_lib.join(delta, jax.tree.map(jnp.zeros_like, rest))
-    new_base = tree_lib.apply(base, full_delta, spec.alpha)
+    new_base = tree_lib.join(tree_lib.apply(selected_base, delta, spec.alpha), rest)
     gram = tree_lib.gram_matrix(stacked)
     diagnostics = {
         "task_vector_norm": np.sqrt(np.diagonal(np.asarray(gram))).tolist(),
@@ -135,34 +157,148 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
     return new_base, diagnostics
 
 
-def _finetune_all(progress: Progress, tasks, finetune, epochs, key, log, on_progress, name):
-    """Finetunes the tasks not yet in ``progress`` from ``progress.base``, in order."""
-    for i in range(len(progress.finetuned), len(tasks)):
-        task = tasks[i]
-        start = time.perf_counter()
-        try:
-            params, head, m = finetune(progress.base, progress.heads[task], task, epochs,
-                                       task_key(key, progress.iteration, i))
-        except DivergedError as e:
-            raise DivergedError(
-                f"{name}: task {task!r}, iteration {progress.iteration + 1}: {e}") from None
-        progress.finetuned.append(params)
-        progress.finetuned_heads[task] = head
-        progress.finetune_metrics[task] = dict(m, seconds=round(time.perf_counter() - start, 3))
-        if log:
-            loss = m.get("loss", [float("nan")])
-            log(f"  finetune {task}: {epochs} epoch(s), final loss {loss[-1]:.4f}, "
-                f"{progress.finetune_metrics[task]['seconds']:.1f}s")
+@dataclasses.dataclass(frozen=True)
+class State:
+    """Where ATM (or the one-shot finetunes) stands: enough to continue it exactly.
+
+    Immutable: every step returns a new State (``dataclasses.replace``).
+
+    Attributes:
+      iteration: merges done so far (0 for one_shot).
+      base: the current base.
+      heads: ``{task: head}``, the heads the next finetunes start from; its key
+        order is the task order.
+      history: the evaluation records so far (see :func:`run`).
+      finetuned: the finetuned params of the tasks already done in the current
+        iteration, in task order (empty right after a merge).
+      finetuned_heads: their heads, ``{task: head}``.
+      finetune_metrics: their metrics, ``{task: metrics}``.
+    """
+    iteration: int
+    base: PyTree
+    heads: Mapping[str, PyTree]
+    history: tuple[dict, ...] = ()
+    finetuned: tuple[PyTree, ...] = ()
+    finetuned_heads: Mapping[str, PyTree] = dataclasses.field(default_factory=dict)
+    finetune_metrics: Mapping[str, dict] = dataclasses.field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+
+def init(base: PyTree, heads: Mapping[str, PyTree]) -> State:
+    """The state before any finetune: ``base`` and the per-task ``heads``.
+
+    Raises:
+      TypeError: ``heads`` is not a dict keyed by task name.
+      ValueError: ``heads`` is empty.
+    """
+    if not isinstance(heads, Mapping):
+        raise TypeError(f"heads must be a dict {{task name: head pytree}} (the task order is "
+                        f"its key order), got a {type(heads).__name__}; e.g. "
+                        "heads = dict(zip(task_names, head_list)).")
+    if not heads:
+        raise ValueError("ATM needs at least one task (heads is empty).")
+    bad = [t for t in heads if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"heads keys must be task names (str), got {bad[0]!r}.")
+    return State(0, base, dict(heads))
+
+
+def _loss_text(metrics: Mapping) -> str:
+    loss = metrics.get("loss", float("nan"))
+    if isinstance(loss, Sequence) and not isinstance(loss, str):
+        loss = loss[-1] if len(loss) else float("nan")
+    try:
+        return f"{float(loss):.4f}"
+    except (TypeError, ValueError):
+        return repr(loss)
+
+
+def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.Array,
+                  log: Log | None = None, name: str = "atm") -> State:
+    """Finetunes the next task of the current iteration from ``state.base``.
+
+    Task ``i = len(state.finetuned)`` with key ``task_key(key, state.iteration, i)``.
+
+    Raises:
+      DivergedError: the finetune's loss became non-finite (the message names the
+        method, task and iteration).
+      TypeError: ``finetune`` did not return ``(params, head, metrics dict)``.
+    """
+    tasks = state.tasks
+    i = len(state.finetuned)
+    if i >= len(tasks):
+        raise ValueError(f"every task of iteration {state.iteration + 1} is already finetuned.")
+    task = tasks[i]
+    start = time.perf_counter()
+    try:
+        out = finetune(state.base, state.heads[task], task, epochs,
+                       task_key(key, state.iteration, i))
+    except DivergedError as e:
+        raise DivergedError(f"{name}: task {task!r}, iteration {state.iteration + 1}: {e}") from None
+    if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], Mapping)):
+        raise TypeError(f"finetune(base, head, task, epochs, key) must return (params, head, "
+                        f"metrics dict); for task {task!r} it returned {type(out).__name__} "
+                        f"{str(out)[:80]}.")
+    params, head, metrics = out
+    metrics = dict(metrics, seconds=round(time.perf_counter() - start, 3))
+    if log:
+        log(f"  finetune {task}: {epochs} epoch(s), final loss {_loss_text(metrics)}, "
+            f"{metrics['seconds']:.1f}s")
+    return dataclasses.replace(
+        state, finetuned=(*state.finetuned, params),
+        finetuned_heads={**state.finetuned_heads, task: head},
+        finetune_metrics={**state.finetune_metrics, task: metrics})
+
+
+def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress) -> State:
+    while len(state.finetuned) < len(state.heads):
+        state = finetune_next(state, finetune=finetune, epochs=epochs, key=key, log=log, name=name)
         if on_progress:
-            on_progress(progress)
+            on_progress(state)
+    return state
+
+
+def iteration(state: State, *, finetune: FinetuneFn, epochs: int, merge: MergeSpec,
+              key: jax.Array, carry_heads: bool = True, log: Log | None = None,
+              name: str = "atm", on_progress: Callable[[State], None] | None = None
+              ) -> tuple[State, dict]:
+    """One ATM iteration: finetune every remaining task, merge, apply.
+
+    Returns:
+      ``(state after the merge, {"finetune": {task: metrics}, "merge": diagnostics})``.
+      With ``carry_heads`` each task keeps its finetuned head for the next iteration.
+    """
+    state = _finetune_remaining(state, finetune=finetune, epochs=epochs, key=key, log=log,
+                                name=name, on_progress=on_progress)
+    new_base, diagnostics = merge_step(state.base, state.finetuned, merge,
+                                       key=merge_key(key, state.iteration))
+    heads = dict(state.finetuned_heads) if carry_heads else state.heads
+    new_state = State(state.iteration + 1, new_base, heads, history=state.history)
+    return new_state, {"finetune": dict(state.finetune_metrics), "merge": diagnostics}
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+def _evaluated(evaluate: EvaluateFn, params, heads, what: str) -> dict[str, float]:
+    acc = evaluate(params, heads)
+    if not isinstance(acc, Mapping) or set(acc) != set(heads):
+        raise TypeError(f"evaluate(params, heads) must return {{task: accuracy}} for the tasks "
+                        f"{sorted(heads)}; for {what} it returned {str(acc)[:120]}.")
+    return {t: float(acc[t]) for t in heads}
 
 
 def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         evaluate: EvaluateFn | None, iterations: int, epochs_per_iteration: int,
         merge: MergeSpec = MergeSpec(), key: jax.Array, carry_heads: bool = True,
-        callback: Callback | None = None, log: Callable[[str], None] | None = None,
-        name: str = "atm", start: Progress | None = None,
-        on_progress: Callable[[Progress], None] | None = None
+        callback: Callback | None = None, log: Log | None = None,
+        name: str = "atm", start: State | None = None,
+        on_progress: Callable[[State], None] | None = None
         ) -> tuple[PyTree, dict[str, PyTree], list[dict]]:
     """The ATM loop: ``iterations`` × (finetune every task → merge → apply).
 
@@ -171,7 +307,8 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         for post-hoc ATM).
       heads: ``{task: head}``, the tasks in order.
       finetune: ``(base, head, task, epochs, key) -> (params, head, metrics)``; it
-        chooses the split (train for ATM, validation for valFT ATM).
+        chooses the split (train for ATM, validation for valFT ATM). ``metrics`` is
+        a dict; its ``"loss"`` (a number or a per-epoch list) is logged.
       evaluate: ``(params, heads) -> {task: accuracy}``, run before the first
         iteration (iteration 0 = the starting base) and after every merge; None
         skips evaluation.
@@ -184,11 +321,11 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
       callback: called with each iteration's record, as soon as it exists.
       log: a line printer for progress (None: silent).
       name: the method name put into records.
-      start: continue from this :class:`Progress` instead of ``base``/``heads``
+      start: continue from this :class:`State` instead of ``base``/``heads``
         (their values are then ignored): the result is bitwise that of an
         uninterrupted run, since every key derives from ``key``, the iteration
         and the task index.
-      on_progress: called with the :class:`Progress` after every task finetune
+      on_progress: called with the :class:`State` after every task finetune
         and every merge (e.g. to checkpoint).
 
     Returns:
@@ -199,62 +336,53 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
       DivergedError: a finetune's loss became non-finite; the message names
         the method, task, iteration and step.
     """
-    _check_positive("iterations", iterations)
-    _check_positive("epochs_per_iteration", epochs_per_iteration)
-    tasks = list(heads)
-    if not tasks:
-        raise ValueError("ATM needs at least one task (heads is empty).")
-    if start is None:
-        progress = Progress(0, base, dict(heads))
-    else:
-        progress = start
-        if not 0 <= progress.iteration <= iterations or len(progress.finetuned) > len(tasks):
-            raise ValueError(f"start is at iteration {progress.iteration} with "
-                             f"{len(progress.finetuned)} tasks done, outside this run's "
-                             f"{iterations} iterations × {len(tasks)} tasks.")
+    _positive("iterations", iterations)
+    _positive("epochs_per_iteration", epochs_per_iteration)
+    if not isinstance(merge, MergeSpec):
+        raise TypeError(f"merge={merge!r} must be an atm.MergeSpec, e.g. MergeSpec('mean').")
+    state = init(base, heads) if start is None else start
+    if not 0 <= state.iteration <= iterations or len(state.finetuned) > len(state.heads):
+        raise ValueError(f"start is at iteration {state.iteration} with {len(state.finetuned)} "
+                         f"tasks done, outside this run's {iterations} iterations × "
+                         f"{len(state.heads)} tasks.")
 
-    def record(iteration, extra):
-        rec = {"method": name, "iteration": iteration,
-               "epochs_per_task": iteration * epochs_per_iteration, **extra}
+    def record(state: State, extra: dict) -> State:
+        k = state.iteration
+        rec = {"method": name, "iteration": k, "epochs_per_task": k * epochs_per_iteration,
+               **extra}
         if evaluate is not None:
-            rec["accuracy"] = {t: float(a) for t, a in evaluate(progress.base, progress.heads).items()}
+            rec["accuracy"] = _evaluated(evaluate, state.base, state.heads, f"iteration {k}")
             rec["average_accuracy"] = float(np.mean(list(rec["accuracy"].values())))
-        progress.history.append(rec)
         if callback:
             callback(rec)
         if log and "average_accuracy" in rec:
-            log(f"[{name}] iteration {iteration}/{iterations}: average accuracy "
+            log(f"[{name}] iteration {k}/{iterations}: average accuracy "
                 f"{rec['average_accuracy']:.4f}")
+        return dataclasses.replace(state, history=(*state.history, rec))
 
-    if evaluate is not None and not progress.history:
-        record(0, {})
+    if evaluate is not None and not state.history:
+        state = record(state, {})
         if on_progress:
-            on_progress(progress)
-    while progress.iteration < iterations:
-        k = progress.iteration
+            on_progress(state)
+    while state.iteration < iterations:
         if log:
-            done = len(progress.finetuned)
-            log(f"[{name}] iteration {k + 1}/{iterations}"
-                + (f" (resumed after {done} of {len(tasks)} tasks)" if done else ""))
-        _finetune_all(progress, tasks, finetune, epochs_per_iteration, key, log, on_progress, name)
-        new_base, diagnostics = merge_step(progress.base, progress.finetuned, merge,
-                                           key=merge_key(key, k))
-        ft_metrics = progress.finetune_metrics
-        if carry_heads:
-            progress.heads = dict(progress.finetuned_heads)
-        progress.base, progress.iteration = new_base, k + 1
-        progress.finetuned, progress.finetuned_heads, progress.finetune_metrics = [], {}, {}
-        record(k + 1, {"finetune": ft_metrics, "merge": diagnostics})
+            done = len(state.finetuned)
+            log(f"[{name}] iteration {state.iteration + 1}/{iterations}"
+                + (f" (resumed after {done} of {len(state.heads)} tasks)" if done else ""))
+        state, diagnostics = iteration(state, finetune=finetune, epochs=epochs_per_iteration,
+                                       merge=merge, key=key, carry_heads=carry_heads, log=log,
+                                       name=name, on_progress=on_progress)
+        state = record(state, diagnostics)
         if on_progress:
-            on_progress(progress)
-    return progress.base, progress.heads, progress.history
+            on_progress(state)
+    return state.base, dict(state.heads), list(state.history)
 
 
 def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
              evaluate: EvaluateFn, epochs: int, merges: Mapping[str, MergeSpec],
              key: jax.Array, callback: Callback | None = None,
-             log: Callable[[str], None] | None = None, start: Progress | None = None,
-             on_progress: Callable[[Progress], None] | None = None) -> dict:
+             log: Log | None = None, start: State | None = None,
+             on_progress: Callable[[State], None] | None = None) -> dict:
     """The one-shot baselines: finetune every task for the whole budget, merge once.
 
     Every task is finetuned from ``base`` for ``epochs`` (the same keys as ATM's
@@ -262,7 +390,7 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
     "individual" reference that normalized accuracy divides by), and then every
     merge in ``merges`` is applied once to the same task vectors.
 
-    ``start`` / ``on_progress`` work as in :func:`run` (a :class:`Progress` after
+    ``start`` / ``on_progress`` work as in :func:`run` (a :class:`State` after
     every task finetune), so a resumed call skips the finetunes already done.
 
     Returns:
@@ -270,28 +398,30 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
       "finetune": {task: metrics}, "merge": {method: diagnostics},
       "params": {method: merged params}}``.
     """
-    _check_positive("epochs", epochs)
-    tasks = list(heads)
-    if not tasks:
-        raise ValueError("one_shot needs at least one task (heads is empty).")
-    progress = start if start is not None else Progress(0, base, dict(heads))
+    _positive("epochs", epochs)
+    if not isinstance(merges, Mapping) or not all(isinstance(m, MergeSpec) for m in merges.values()):
+        raise TypeError(f"merges must be a dict {{method name: atm.MergeSpec}}, got {merges!r}.")
+    state = init(base, heads) if start is None else start
+    tasks = state.tasks
     if log:
-        done = len(progress.finetuned)
+        done = len(state.finetuned)
         log(f"[one-shot] finetuning {len(tasks)} task(s) for {epochs} epoch(s) each"
             + (f" (resumed: {done} already done)" if done else ""))
-    _finetune_all(progress, tasks, finetune, epochs, key, log, on_progress, "one-shot")
-    finetuned, new_heads = progress.finetuned, progress.finetuned_heads
+    state = _finetune_remaining(state, finetune=finetune, epochs=epochs, key=key, log=log,
+                                name="one-shot", on_progress=on_progress)
+    finetuned, new_heads = state.finetuned, state.finetuned_heads
     individual = {}
     for task, params in zip(tasks, finetuned):
-        individual[task] = float(evaluate(params, {task: new_heads[task]})[task])
-    out = {"individual": individual, "merged": {}, "finetune": progress.finetune_metrics,
+        individual[task] = _evaluated(evaluate, params, {task: new_heads[task]},
+                                      f"the individual model of {task!r}")[task]
+    out = {"individual": individual, "merged": {}, "finetune": dict(state.finetune_metrics),
            "merge": {}, "params": {}}
     if callback:
         callback({"method": "individual", "iteration": 1, "epochs_per_task": epochs,
                   "accuracy": individual, "average_accuracy": float(np.mean(list(individual.values())))})
     for method, spec in merges.items():
-        merged, diagnostics = merge_step(progress.base, finetuned, spec, key=merge_key(key, 0))
-        acc = {t: float(a) for t, a in evaluate(merged, new_heads).items()}
+        merged, diagnostics = merge_step(state.base, finetuned, spec, key=merge_key(key, 0))
+        acc = _evaluated(evaluate, merged, new_heads, f"the {method} merge")
         out["merged"][method] = acc
         out["merge"][method] = diagnostics
         out["params"][method] = merged
@@ -302,8 +432,3 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         if log:
             log(f"[{method}] one-shot merge: average accuracy {rec['average_accuracy']:.4f}")
     return out
-
-
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")

@@ -33,9 +33,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from atm_jax import atm
 from atm_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "Restored", "digest"]
+__all__ = ["Checkpointer", "Restored", "digest", "item_name", "state_to_checkpoint",
+           "state_from_checkpoint"]
 
 PyTree = Any
 FORMAT_VERSION = 2  # 2: finetuned models as items
@@ -182,3 +184,45 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+# -- an atm.State as checkpoint content ---------------------------------------------------
+
+def item_name(unit: str, iteration: int, task_index: int) -> str:
+    """The item holding task ``task_index``'s finetune of ``iteration`` in ``unit``."""
+    return f"{unit}.iteration{iteration}.task{task_index}"
+
+
+def state_to_checkpoint(unit: str, state: atm.State, *, with_base: bool
+                        ) -> tuple[dict, dict, dict[str, PyTree]]:
+    """Splits an `atm.State` into what a step stores.
+
+    Returns:
+      ``(position, arrays, finetuned)``: the JSON position (unit, iteration,
+      tasks done, history, finetune metrics), the arrays of the step (heads,
+      finetuned heads and, ``with_base``, the base: one-shot units rebuild the base
+      from the setup) and the finetuned models by item name, to be written once
+      each with :meth:`Checkpointer.save_item`.
+    """
+    position = {"unit": unit, "iteration": state.iteration, "tasks_done": len(state.finetuned),
+                "history": list(state.history),
+                "finetune_metrics": dict(state.finetune_metrics)}
+    arrays = {"finetuned_heads": dict(state.finetuned_heads), "heads": dict(state.heads)}
+    if with_base:
+        arrays["base"] = state.base
+    finetuned = {item_name(unit, state.iteration, i): params
+                 for i, params in enumerate(state.finetuned)}
+    return position, arrays, finetuned
+
+
+def state_from_checkpoint(position: Mapping, arrays: Mapping, items: Mapping[str, PyTree], *,
+                          tasks: list[str], base: PyTree) -> atm.State:
+    """The `atm.State` that :func:`state_to_checkpoint` stored (``base`` when the
+    step holds none); heads come back in ``tasks`` order."""
+    unit, iteration = position["unit"], position["iteration"]
+    order = lambda d: {t: d[t] for t in tasks if t in d}  # noqa: E731
+    finetuned = tuple(items[item_name(unit, iteration, i)] for i in range(position["tasks_done"]))
+    return atm.State(iteration=iteration, base=arrays.get("base", base),
+                     heads=order(arrays["heads"]), history=tuple(position["history"]),
+                     finetuned=finetuned, finetuned_heads=order(arrays.get("finetuned_heads", {})),
+                     finetune_metrics=dict(position["finetune_metrics"]))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atm_jax import batching
 from atm_jax.models.heads import apply_head
 
 PyTree = Any
@@ -65,27 +66,14 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images, at least one: got "
                          f"{len(images)} images and {len(labels)} labels")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is invalid: must be >= 1")
     try:
         count_correct = _count_correct_for(apply_fn)
     except TypeError:  # an unhashable apply_fn: no caching, compiles per call
         count_correct = _make_count_correct(apply_fn)
 
-    num_examples = len(images)
-    counts = []
-    for start in range(0, num_examples, batch_size):
-        batch_images = images[start:start + batch_size]
-        batch_labels = labels[start:start + batch_size]
-        real = len(batch_labels)
-        if real < batch_size:  # pad the last batch so its shapes match the others
-            pad = batch_size - real
-            batch_images = np.concatenate(
-                [batch_images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-            batch_labels = np.concatenate([batch_labels, np.zeros(pad, np.int32)])
-        mask = np.arange(batch_size) < real
-        counts.append(count_correct(backbone, head, batch_images, batch_labels, mask))
-    return int(sum(jax.device_get(counts))) / num_examples
+    counts = [count_correct(backbone, head, x, y, mask > 0)
+              for (x, y), mask in batching.padded_batches([images, labels], batch_size)]
+    return int(sum(jax.device_get(counts))) / len(images)
 
 
 def average(accs: Mapping[str, float]) -> float:

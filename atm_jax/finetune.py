@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import tqdm
 
+from atm_jax import batching, evaluate
 from atm_jax.errors import DivergedError
 from atm_jax.models.heads import apply_head
 
@@ -311,20 +312,12 @@ class Finetuner:
                 the epoch, to avoid a host sync per step).
         """
         num_examples = len(images)
-        batch_size = self.opt.batch_size
-        steps = -(-num_examples // batch_size)
-        padding = steps * batch_size - num_examples
-        order = np.concatenate([epoch_order(key, epoch, num_examples),
-                                np.zeros(padding, np.int64)])
-        mask = np.concatenate([np.ones(num_examples, np.float32),
-                               np.zeros(padding, np.float32)])
-
+        order = epoch_order(key, epoch, num_examples)
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
         step_metrics = []
-        for i in range(steps):
-            rows = order[i * batch_size:(i + 1) * batch_size]
-            batch = {"images": images[rows], "labels": labels[rows],
-                     "mask": mask[i * batch_size:(i + 1) * batch_size]}
+        for i, ((batch_images, batch_labels), mask) in enumerate(
+                batching.padded_batches([images, labels], self.opt.batch_size, order)):
+            batch = {"images": batch_images, "labels": batch_labels, "mask": mask}
             if self.augment is not None:
                 batch["key"] = jax.random.fold_in(epoch_key, i)
             state, metrics = self.train_step(state, batch)
@@ -340,14 +333,14 @@ class Finetuner:
             i = int(bad[0])
             raise DivergedError(
                 f"non-finite loss {losses[i]} in epoch {epoch} at step {i} of that epoch "
-                f"(0-based; step {epoch * steps + i} of this call); lower the learning "
+                f"(0-based; step {epoch * len(losses) + i} of this call); lower the learning "
                 f"rate or enable grad_clip")
         counts = np.array([m["count"] for m in step_metrics])
         correct = sum(float(m["correct"]) for m in step_metrics)
         metrics = {
             "loss": float((losses * counts).sum() / counts.sum()),
             "accuracy": correct / num_examples,
-            "steps": steps,
+            "steps": len(losses),
             "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
         }
         return state, metrics
@@ -391,7 +384,7 @@ class Finetuner:
 
         start = time.perf_counter()
         state = self.init_state(backbone, head)
-        steps_per_epoch = -(-len(images) // self.opt.batch_size)
+        steps_per_epoch = batching.num_batches(len(images), self.opt.batch_size)
         bar = (tqdm.tqdm(total=epochs * steps_per_epoch, leave=False, file=sys.stderr,
                          unit="step") if self.progress else None)
         losses, accuracies = [], []
@@ -416,3 +409,46 @@ class Finetuner:
             "seconds": time.perf_counter() - start,
         }
         return state["backbone"], state["head"], metrics
+
+
+def linear_probe(apply_fn: ApplyFn, base: PyTree, heads: dict, tasks: dict,
+                 opt: OptimizerConfig, *, epochs: int, keys: dict, eval_batch_size: int,
+                 feature_batch_size: int = 500) -> dict[str, float]:
+    """Head-only training on frozen-base features, then test accuracy per task.
+
+    The features of every split are computed once (fixed-size batches), so a probe
+    costs far less than a finetune; the head is trained on them with the same
+    optimizer and epochs as a finetune, task ``t`` with ``keys[t]``.
+
+    Args:
+      apply_fn: ``(backbone, inputs, train) -> features [B, F]``.
+      base: the frozen backbone.
+      heads: ``{task: head}`` the probes start from.
+      tasks: ``{task: TaskData}``.
+      opt: the optimizer settings.
+      epochs: epochs per task.
+      keys: ``{task: PRNG key}`` of each probe's example order.
+      eval_batch_size: rows per test forward pass.
+      feature_batch_size: rows per feature forward pass.
+
+    Returns:
+      ``{task: test accuracy}``.
+    """
+    features_fn = jax.jit(lambda p, x: apply_fn(p, x, False))
+
+    def features(inputs):
+        return batching.map_batches(lambda x: features_fn(base, x), as_inputs(inputs),
+                                    feature_batch_size)
+
+    def identity(_, f, train):  # a probe's "backbone" is the precomputed features
+        return f
+
+    probe = Finetuner(identity, opt, train_head=True)
+    accuracy = {}
+    for name, task in tasks.items():
+        train_x, train_y = task.train
+        _, head, _ = probe.finetune({}, heads[name], features(train_x), train_y, epochs=epochs,
+                                    key=keys[name])
+        accuracy[name] = evaluate.accuracy(identity, {}, head, features(task.test[0]),
+                                           task.test[1], batch_size=eval_batch_size)
+    return accuracy

@@ -1,15 +1,16 @@
 """Command line: ``python -m atm_jax.main --config=configs/mini.py --workdir=DIR``.
 
-Flags only; the work is ``atm_jax.experiment.run_experiment(config, workdir)``.
+Flags only; the work is ``atm_jax.runner.run_experiment(config, workdir)``.
 Override any config field with ``--config.FIELD=VALUE`` (e.g.
 ``--config.methods.atm.iterations=5``); the config is locked, so a misspelt field
 is an error, not a silent no-op.
 
 A run found in ``--workdir`` resumes from its newest checkpoint (see
-``atm_jax.experiment.run_experiment``). Bad config values, a workdir holding
-another config's run, and a diverged finetune end the program with a one-paragraph
-message on stderr and exit status 2, 2 and 3; the checkpoints stay in place. A
-missing dataset, tokenizer or weights file (exit 2) names the command that fetches it.
+``atm_jax.runner.run_experiment``). Every user-facing error (``atm_jax.errors``)
+ends the program with its message on stderr and no traceback: exit status 3 for a
+diverged finetune (the checkpoints stay in place), 2 for bad input (config values,
+a workdir holding another config's run, a missing dataset, tokenizer or weights
+file: the message names the command that fetches it).
 """
 
 import sys
@@ -28,27 +29,21 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from atm_jax import experiment  # after flag parsing: --help stays fast
+    from atm_jax import errors, runner  # after flag parsing: --help stays fast
 
     # orbax logs every checkpoint step at INFO; the run's own progress lines are enough.
     logging.set_verbosity(logging.WARNING)
-
-    from atm_jax.data.image_folder import ImageFolderError
-    from atm_jax.data.sources import SourceUnavailableError
-    from atm_jax.models import hf
-
     try:
-        experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
-    except (experiment.ConfigError, SourceUnavailableError, ImageFolderError, hf.CheckpointError,
-            hf.UnsafeCheckpointError, hf.HubUnavailableError) as e:
-        # Bad input (config, data, weights): the message says what to do; no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
+        runner.run_experiment(_CONFIG.value, _WORKDIR.value)
+    except errors.DivergedError as e:
         print(f"error: training diverged: {e}\nThe last good checkpoint in {_WORKDIR.value}/"
               "checkpoints is kept: change the optimizer (e.g. --config.optimizer.learning_rate) and "
               "rerun with --config.resume=force to continue from it.", file=sys.stderr)
         sys.exit(3)
+    except errors.AtmJaxError as e:
+        # Bad input (config, data, weights, workdir): the message says what to do.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

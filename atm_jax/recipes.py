@@ -1,17 +1,25 @@
-"""The paper's experimental recipe as configs (arXiv 2411.03055 §4, REFERENCE §4).
+"""The recipes every ``configs/*.py`` builds on, and so the config schema.
 
-`paper_config(model)` builds the full-scale config of configs/vit.py, roberta.py and
-bert.py; `runlocal(config)` shrinks one in place to a tiny random-init model of the
-same architecture on tiny generated local data, so the whole path (weights → heads →
-finetune → merge → checkpoints → Hugging Face export) runs on a laptop CPU in
-seconds. Shrunk runs measure nothing: they check that the code path works.
+* `mini()`: the embedded CPU default (configs/mini.py): four real 28×28 tasks, a
+  small ViT the project pretrains itself, the paper's protocol scaled down;
+  `tiny(config)` shrinks it to a seconds-long smoke run.
+* `paper_config(model)`: the paper's full-scale setups (arXiv 2411.03055 §4,
+  REFERENCE §4) of configs/vit.py, roberta.py and bert.py; `runlocal(config)`
+  shrinks one to a tiny random-init model of the same architecture on tiny
+  generated local data, so the whole path (weights → heads → finetune → merge →
+  checkpoints → Hugging Face export) runs on a laptop CPU in seconds. Shrunk runs
+  measure nothing: they check that the code path works.
+
+The builders are the schema: `atm_jax.schema` derives the allowed fields of each
+suite from what `BUILDERS` produce, so a new field is added here, once.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-__all__ = ["PAPER", "paper_config", "runlocal", "apply_arg"]
+__all__ = ["PAPER", "BUILDERS", "SHRINKS", "method", "mini", "tiny", "paper_config", "runlocal",
+           "apply_arg"]
 
 VISION_TASKS = ("cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn")
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
@@ -40,11 +48,76 @@ RUNLOCAL_TASKS = {"clip": ("glyph_digits", "glyph_upper", "glyph_lower"),
                   "roberta": ("keyword_sentiment", "keyword_topic", "keyword_pair")}
 
 
-def _method(kind, merge="mean", kwargs=None, iterations=None, split="train"):
-    spec = {"kind": kind, "merge": merge, "merge_kwargs": dict(kwargs or {}), "alpha": 1.0}
+def method(kind: str, merge: str = "mean", kwargs: dict | None = None, *, alpha: float = 1.0,
+           iterations: int | None = None, split: str = "train") -> ml_collections.ConfigDict:
+    """One entry of ``config.methods``: a one-shot merge, or an ATM variant
+    (``iterations`` × budget/iterations epochs on ``split``)."""
+    spec = {"kind": kind, "merge": merge, "merge_kwargs": dict(kwargs or {}), "alpha": alpha}
     if kind == "atm":
         spec.update(iterations=iterations, split=split)
     return ml_collections.ConfigDict(spec)
+
+
+def mini() -> ml_collections.ConfigDict:
+    """The embedded default: ATM vs one-shot merging on four real tasks (configs/mini.py)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.suite = "mini"
+    config.tasks = ("mnist", "fashion_mnist", "animals", "digits")
+    # Sizes are caps: digits has only 1,258 / 180 / 359 examples, animals 1,943 test.
+    config.data = ml_collections.ConfigDict(
+        {"train_size": 3000, "validation_size": 500, "test_size": 2000, "cap_to_available": True})
+    config.model = ml_collections.ConfigDict(
+        {"name": "vit_tiny", "patch_size": 7, "width": 128, "depth": 4, "num_heads": 4,
+         "mlp_dim": 512})
+    config.pretrain = ml_collections.ConfigDict(
+        {"seed": 0, "num_images": 80_000, "epochs": 2, "batch_size": 32,
+         "learning_rate": 1e-3, "schedule": "warmup_cosine", "warmup_steps": 200,
+         "held_out": 4_000})
+    config.heads = "frozen_random"  # or "trainable": carried from one iteration to the next
+    config.head_seed = 0
+    config.optimizer = ml_collections.ConfigDict(
+        {"name": "adam", "learning_rate": 1e-4, "weight_decay": 0.0, "grad_clip": 10.0,
+         "batch_size": 32})
+    config.budget = 10  # epochs per task, for every method
+    # Leaf-path regexes of the backbone deciding what merges (heads never do).
+    config.merge_include = ()
+    config.merge_exclude = ()
+    config.references = ("pretrained", "linear_probe", "individual")
+    config.methods = ml_collections.ConfigDict()
+    for name, (merge, kwargs) in MERGES.items():
+        config.methods[name] = method("one_shot", merge, kwargs)
+    config.methods.valft_atm = method("atm", iterations=10, split="validation")
+    config.methods.atm = method("atm", iterations=10)
+    config.eval_batch_size = 500
+    config.progress = False  # True forces step progress bars; a terminal gets them anyway
+    # Checkpoints after every finetune and merge; a run found in the workdir resumes
+    # ("auto": only with the same config; "force": even with a different one).
+    config.resume = "auto"
+    config.checkpoint = ml_collections.ConfigDict({"keep": 3})
+    config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
+    return config
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks the mini recipe in place to a seconds-long smoke run."""
+    config.data.train_size = 128
+    config.data.validation_size = 64
+    config.data.test_size = 128
+    config.model.width = 32
+    config.model.depth = 1
+    config.model.num_heads = 2
+    config.model.mlp_dim = 64
+    config.pretrain.num_images = 1024
+    config.pretrain.epochs = 1
+    config.pretrain.held_out = 256
+    config.pretrain.warmup_steps = 2
+    config.optimizer.learning_rate = 1e-3
+    config.budget = 2
+    for name in config.methods:
+        if config.methods[name].kind == "atm":
+            config.methods[name].iterations = 2
+    return config
 
 
 def paper_config(model: str) -> ml_collections.ConfigDict:
@@ -82,10 +155,10 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.methods = ml_collections.ConfigDict()
     for name in recipe["one_shot"]:
         merge, kwargs = MERGES[name]
-        config.methods[name] = _method("one_shot", merge, kwargs)
+        config.methods[name] = method("one_shot", merge, kwargs)
     for name in recipe["atm"]:
-        config.methods[name] = _method("atm", iterations=ITERATIONS,
-                                       split="validation" if name == "valft_atm" else "train")
+        config.methods[name] = method("atm", iterations=ITERATIONS,
+                                      split="validation" if name == "valft_atm" else "train")
     config.eval_batch_size = 256
     config.progress = False
     config.resume = "auto"
@@ -118,11 +191,20 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+# The builders of each suite (the schema is the union of their fields) and the
+# shrinks a config file's argument may name.
+BUILDERS = {"mini": (mini,), "paper": tuple(lambda m=m: paper_config(m) for m in PAPER)}
+SHRINKS = {"mini": {"tiny": tiny}, "paper": {"runlocal": runlocal}}
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None, path: str
               ) -> ml_collections.ConfigDict:
-    """The config files' argument: none for the paper, ``runlocal`` to shrink."""
+    """A config file's argument: none for the full recipe, else a shrink of its suite
+    (``tiny`` for mini, ``runlocal`` for the paper setups)."""
     if arg in (None, ""):
         return config
-    if arg == "runlocal":
-        return runlocal(config)
-    raise ValueError(f"{path} takes no argument or 'runlocal', got {arg!r}.")
+    shrinks = SHRINKS.get(config.suite, {})
+    if arg not in shrinks:
+        named = " / ".join(repr(k) for k in shrinks)
+        raise ValueError(f"{path} takes no argument or {named}, got {arg!r}.")
+    return shrinks[arg](config)

@@ -20,7 +20,7 @@ prepared tfds datasets, image folders or TSV files::
 
 from atm_jax.data.glyphs import GLYPH_CLASSES, render_glyphs
 from atm_jax.data.image_folder import ImageFolderError
-from atm_jax.data.mini import MINI_TASKS, TaskData, load_task
+from atm_jax.data.mini import MINI_TASKS, load_task
 from atm_jax.data.paper import (
     GLUE_TASKS,
     PAPER_TASKS,
@@ -36,6 +36,7 @@ from atm_jax.data.sources import (
     cache_dir,
 )
 from atm_jax.data.text import TokenizerUnavailableError, load_tokenizer, tokenize
+from atm_jax.data.tasks import TaskData
 from atm_jax.data.tfds_source import DatasetNotPreparedError
 
 __all__ = [

@@ -29,8 +29,7 @@ import zlib
 import numpy as np
 
 from atm_jax.data import sources
-
-SPLITS = ("train", "validation", "test")
+from atm_jax.data.tasks import SPLITS, TaskData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,44 +105,6 @@ MINI_TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 
 # Tags that keep the random streams of different splits and carves apart.
 _STREAM = {"train": 1, "validation": 2, "test": 3, "carve_test": 11, "carve_validation": 12}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value.
-class TaskData:
-    """One task's splits.
-
-    Attributes:
-      name: Task name.
-      class_names: Names of the labels 0..C-1.
-      train: (images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]).
-      validation: Same layout, held out from the source's training data.
-      test: Same layout, from the source's test set or a fixed held-out carve.
-    """
-
-    name: str
-    class_names: tuple[str, ...]
-    train: tuple[np.ndarray, np.ndarray]
-    validation: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes C."""
-        return len(self.class_names)
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Returns the (images, labels) of split ``name``.
-
-        Raises:
-          ValueError: If ``name`` is not "train", "validation" or "test".
-        """
-        if name not in SPLITS:
-            raise ValueError(f"Unknown split {name!r}; expected one of {', '.join(SPLITS)}")
-        return getattr(self, name)
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={len(self.split(s)[1])}" for s in SPLITS)
-        return f"TaskData(name={self.name!r}, num_classes={self.num_classes}, {sizes})"
 
 
 def _rng(seed: int, stream: str, task: str) -> np.random.Generator:

@@ -7,7 +7,7 @@ comes from, its splits, feature keys, class names and (vision) the zero-shot
 prompt templates of task vectors (arXiv 2212.04089, ``src/datasets/templates.py``),
 whose class names are used here too.
 
-`load_paper_task` returns an `atm_jax.data.mini.TaskData` cut the paper's way:
+`load_paper_task` returns an `atm_jax.data.tasks.TaskData` cut the paper's way:
 
 * ``train``: 90% of the source's training split, ``validation``: the other 10%,
   capped at 5000 examples (the cap moves the surplus back to train), drawn with a
@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from atm_jax.data import image_folder, text, tfds_source
-from atm_jax.data.mini import TaskData
+from atm_jax.data.tasks import TaskData
 
 PathLike = str | os.PathLike
 

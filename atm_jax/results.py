@@ -1,0 +1,72 @@
+"""A finished run as files a person reads: results.json, results.md and the plots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from atm_jax import evaluate as evaluate_lib
+from atm_jax import files, schema, writers
+from atm_jax.finetune import OptimizerConfig
+from atm_jax.suites import Setup
+
+__all__ = ["write_results", "notes"]
+
+
+def write_results(config, workdir, setup: Setup, *, rows: Sequence[dict],
+                  curves: Mapping[str, list], individual: Mapping[str, float] | None,
+                  timings: Mapping[str, float], seconds: float,
+                  log: Callable[[str], None]) -> dict:
+    """Writes results.json, results.md and the plots; returns the results.json content.
+
+    Rows gain ``normalized`` (accuracy ÷ the individually finetuned model's, averaged
+    over tasks) when the individual models were finetuned.
+    """
+    rows = [dict(r) for r in rows]
+    if individual is not None:
+        for row in rows:
+            row["normalized"] = evaluate_lib.normalized_average(row["accuracy"], individual)
+    lines = notes(config, setup, seconds)
+    tasks = list(config.tasks)
+    results = {"tasks": tasks, "rows": rows,
+               "timings_seconds": {k: v for k, v in timings.items() if k != "pretrained"},
+               "total_seconds": round(seconds, 1), "base": dict(setup.base_info),
+               "heads": config.heads, "budget_epochs": config.budget, "notes": lines,
+               "curves": {n: [{k: h[k] for k in ("iteration", "accuracy", "average_accuracy")}
+                              for h in hist] for n, hist in curves.items()},
+               "cosine_last_iteration": {n: hist[-1]["merge"]["cosine"] for n, hist in curves.items()
+                                         if "merge" in hist[-1]}}
+    workdir = files.as_path(workdir)
+    writers.write_json(workdir / "results.json", results)
+    labelled = [dict(r, method=schema.REFERENCE_LABELS.get(r["method"], r["method"])) for r in rows]
+    table = writers.results_markdown(labelled, tasks, title=f"{config.suite}: test accuracy (%)",
+                                     notes=lines)
+    writers.write_text(workdir / "results.md", table)
+    plots = writers.plot_results(workdir, rows, curves, tasks)
+    log("\n" + table)
+    log(f"wrote {workdir}/results.md, results.json, metrics.jsonl, config.json and "
+        f"{len(plots)} plots in {seconds:.0f}s")
+    return results
+
+
+def notes(config, setup: Setup, seconds: float) -> list[str]:
+    """The lines under the results table: setup, budget, optimizer, valFT sizes, seed."""
+    opt = OptimizerConfig(**config.optimizer.to_dict())
+    out = list(setup.notes) + [
+        f"Budget: {config.budget} epochs per task for every method; optimizer "
+        f"{opt.name} lr {opt.learning_rate}, batch {opt.batch_size}, grad clip {opt.grad_clip} "
+        "(same for all).",
+    ]
+    for name in schema.method_order(config):
+        spec = config.methods[name]
+        if spec.kind == "atm" and spec.split == "validation":
+            sizes = ", ".join(f"{t} {len(task.validation[1])}" for t, task in setup.tasks.items())
+            out.append(
+                f"{name}: trains only on the validation split ({sizes} examples) from the "
+                f"pretrained base, {spec.iterations} iterations × {config.budget // spec.iterations} "
+                "epoch(s): the same epochs but far fewer steps than training-split methods (the "
+                "authors' final code instead starts valFT from task arithmetic).")
+    out += [
+        "Normalized = accuracy ÷ the individually finetuned model's accuracy, averaged over tasks.",
+        f"Seed {config.seed}; wall time {seconds:.0f}s.",
+    ]
+    return out

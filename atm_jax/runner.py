@@ -1,0 +1,285 @@
+"""One experiment from a config: tasks, base, every method, the table and plots.
+
+``run_experiment(config, workdir)`` is what ``python -m atm_jax.main`` calls; it is
+a plain function so research code and tests can call it without flags.
+
+Data flow: config → :func:`validate` (`atm_jax.schema` + the suite's own checks,
+before anything is loaded) → workdir checks (`atm_jax.workdir`) → the suite builds
+the `Setup` (tasks, pretrained backbone, per-task heads; `atm_jax.suites`) → the
+run's *units* in order: references (pretrained heads, linear probe), the one-shot
+baselines (`atm.one_shot`: finetune every task for the whole budget, merge once
+per method, also the individually finetuned models), each ATM method (`atm.run`:
+K iterations × e epochs) → metrics.jsonl as it goes, results.json / results.md /
+plots at the end (`atm_jax.results`).
+
+Resumable: a checkpoint (`atm_jax.checkpoint`) is written after every unit, every
+finished task finetune and every merge; started again on the same workdir, the run
+continues from the newest intact one and ends bitwise equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+
+from atm_jax import atm as atm_lib
+from atm_jax import checkpoint as checkpoint_lib
+from atm_jax import evaluate as evaluate_lib
+from atm_jax import files, results, schema, suites, writers
+from atm_jax import workdir as workdir_lib
+from atm_jax.errors import ConfigError
+from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
+
+__all__ = ["validate", "run_experiment", "Runner"]
+
+Log = Callable[[str], None]
+
+
+def validate(config) -> None:
+    """Checks every field a run uses; raises ConfigError naming the first bad one.
+
+    Cheap: no data is loaded and nothing is compiled. Merge-filter regexes are
+    checked against the backbone's real leaf paths when the suite knows them
+    without weights (else once the weights are loaded).
+    """
+    schema.validate_common(config)
+    suite = suites.get(config.suite)
+    suite.validate(config)
+    shapes = suite.backbone_shapes(config)
+    if shapes is not None:
+        schema.check_merge_filter(config, shapes)
+
+
+def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict:
+    """Runs every reference and method of ``config``; writes the results to ``workdir``.
+
+    Resumable: a checkpoint is written after every reference, every finished task
+    finetune and every merge (``<workdir>/checkpoints``, the newest
+    ``config.checkpoint.keep`` kept). Started again on the same workdir, the run
+    continues from the newest intact checkpoint and ends with bitwise the params
+    and ``metrics.jsonl`` of an uninterrupted run.
+
+    Returns:
+      The content of ``results.json``.
+
+    Raises:
+      ConfigError: a bad config field, or the workdir holds a run of another
+        config (and ``config.resume`` is not "force"), or it is not writable.
+      DivergedError: a finetune diverged; the message names method, task,
+        iteration and step, and the last good checkpoint stays in place.
+    """
+    validate(config)
+    suite = suites.get(config.suite)
+    workdir = workdir_lib.writable(workdir)
+    started = time.perf_counter()
+    config_json = json.loads(config.to_json())
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
+    try:
+        restored = ckpt.latest()
+        if restored is not None:
+            workdir_lib.check_resumable(restored.meta["config"], config_json, config.resume, workdir)
+            log(f"resuming from checkpoint step {restored.step} in {workdir / 'checkpoints'} "
+                f"({workdir_lib.describe_position(restored.meta)})")
+        else:
+            saved = workdir_lib.saved_config(workdir)
+            if saved is not None:  # no checkpoint, but another run's files: keep them
+                workdir_lib.check_resumable(saved, config_json, config.resume, workdir)
+        shapes = suite.backbone_shapes(config)
+        if shapes is not None:
+            workdir_lib.check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)
+        writers.write_json(workdir / "config.json", config_json)
+        metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
+        metrics.reset(restored.meta["metrics"] if restored else [])
+        setup = suite.build(config, log)
+        if shapes is None:
+            shapes = jax.eval_shape(lambda: setup.base)
+            schema.check_merge_filter(config, shapes)
+            workdir_lib.check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)
+        runner = Runner(config, workdir, setup, ckpt, metrics, restored, log)
+        runner.execute()
+    finally:
+        ckpt.close()
+    return results.write_results(
+        config, workdir, setup, rows=runner.rows, curves=runner.curves,
+        individual=runner.individual, timings=runner.timings,
+        seconds=time.perf_counter() - started, log=log)
+
+
+class Runner:
+    """The run as a list of units (references, one-shot, each ATM method) with
+    checkpoints inside them; restores where a checkpoint left off.
+
+    Attributes:
+      rows: one result row per reference and method finished so far.
+      curves: ``{ATM method: history}``.
+      individual: the individually finetuned models' accuracies (after one_shot).
+      timings: seconds per unit.
+    """
+
+    def __init__(self, config, workdir, setup: suites.Setup, ckpt: checkpoint_lib.Checkpointer,
+                 metrics: writers.MetricsWriter, restored: checkpoint_lib.Restored | None,
+                 log: Log):
+        self.config, self.workdir, self.setup = config, workdir, setup
+        self.ckpt, self.metrics, self.log = ckpt, metrics, log
+        self.config_json = json.loads(config.to_json())
+        self.key = jax.random.key(config.seed)
+        self.key_data = np.asarray(jax.random.key_data(self.key))
+        self.opt = OptimizerConfig(**config.optimizer.to_dict())
+        # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
+        self.finetuner = Finetuner(setup.apply_fn, self.opt, train_head=config.heads == "trainable",
+                                   progress=bool(config.progress) or sys.stderr.isatty(),
+                                   augment=setup.augment)
+        self.task_names = list(setup.tasks)
+        self.step, self.done, self.rows, self.curves = 0, [], [], {}
+        self.timings: dict[str, float] = {}
+        self.individual: dict[str, float] | None = None
+        self.position: dict = {}
+        self.arrays: dict = {}
+        self.items: dict = {}
+        if restored is not None:
+            if not np.array_equal(np.asarray(restored.state["key"]), self.key_data):
+                raise ConfigError("the checkpoint was made with another config.seed (its PRNG key "
+                                  "differs); a run cannot change its seed midway, even with "
+                                  "resume=force: use a new --workdir.")
+            m = restored.meta
+            self.step, self.done, self.rows = restored.step, list(m["done"]), list(m["rows"])
+            self.curves, self.timings = dict(m["curves"]), dict(m["timings"])
+            self.individual, self.position = m["individual"], dict(m["position"])
+            self.arrays, self.items = restored.state, restored.items
+
+    # -- checkpoints --------------------------------------------------------------------
+    def save(self, position: dict, arrays: Mapping[str, Any] | None = None,
+             items: Mapping[str, dict] | None = None) -> None:
+        self.step += 1
+        meta = {"config": self.config_json, "done": self.done, "rows": self.rows,
+                "curves": self.curves, "timings": self.timings, "individual": self.individual,
+                "position": position, "metrics": self.metrics.lines}
+        meta = json.loads(json.dumps(meta, default=files.jsonable))
+        self.ckpt.save(self.step, {"key": self.key_data, **(arrays or {})}, meta, items)
+
+    def state_saver(self, unit: str, *, with_base: bool) -> Callable[[atm_lib.State], None]:
+        """Checkpoints an `atm.State`: each finished finetune is written once, as an item."""
+        written: dict[str, dict] = {}
+
+        def on_progress(state: atm_lib.State) -> None:
+            position, arrays, finetuned = checkpoint_lib.state_to_checkpoint(
+                unit, state, with_base=with_base)
+            for name, params in finetuned.items():
+                if name not in written:
+                    written[name] = self.ckpt.save_item(name, params)
+            self.save(position, arrays, {n: written[n] for n in finetuned})
+        return on_progress
+
+    def restored_state(self, unit: str) -> atm_lib.State | None:
+        """The state to continue ``unit`` from, when the checkpoint stopped inside it."""
+        if self.position.get("unit") != unit:
+            return None
+        return checkpoint_lib.state_from_checkpoint(self.position, self.arrays, self.items,
+                                                    tasks=self.task_names, base=self.setup.base)
+
+    def finish_unit(self, unit: str, params: Mapping | None = None) -> None:
+        """Marks ``unit`` done (its final params written first) and checkpoints."""
+        for name, p in (params or {}).items():
+            writers.write_bytes(self.workdir / "params" / f"{name}.msgpack",
+                                flax.serialization.to_bytes(p))
+            if self.config.get("export_hf") and self.setup.export and files.is_writer():
+                folder = self.workdir / "hf" / name
+                self.setup.export(folder, p)
+                self.log(f"[{name}] exported as a Hugging Face folder: {folder}")
+        self.done.append(unit)
+        self.position = {}
+        self.save({"unit": None})
+
+    # -- the units ---------------------------------------------------------------------
+    def units(self) -> list[str]:
+        out = [r for r in ("pretrained", "linear_probe") if r in self.config.references]
+        order = schema.method_order(self.config)
+        if any(self.config.methods[n].kind == "one_shot" for n in order):
+            out.append("one_shot")
+        return out + [n for n in order if self.config.methods[n].kind == "atm"]
+
+    def execute(self) -> None:
+        for unit in self.units():
+            if unit in self.done:
+                continue
+            t0 = time.perf_counter()
+            if unit == "pretrained":
+                self.pretrained()
+            elif unit == "linear_probe":
+                self.linear_probe()
+            elif unit == "one_shot":
+                self.one_shot()
+            else:
+                self.atm(unit)
+            self.timings[unit] = round(self.timings.get(unit, 0.0) + time.perf_counter() - t0, 1)
+
+    def evaluate(self, params, heads) -> dict[str, float]:
+        return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h, *self.setup.tasks[t].test,
+                                         batch_size=self.config.eval_batch_size)
+                for t, h in heads.items()}
+
+    def make_finetune(self, split: str):
+        def finetune(base, head, task, epochs, task_key):
+            inputs, labels = self.setup.tasks[task].split(split)
+            return self.finetuner.finetune(base, head, inputs, labels, epochs=epochs, key=task_key)
+        return finetune
+
+    def add_row(self, method: str, accuracy: Mapping[str, float], epochs: int, kind: str) -> None:
+        self.rows.append({"method": method, "kind": kind, "epochs": epochs,
+                          "accuracy": dict(accuracy), "average": evaluate_lib.average(accuracy)})
+
+    def pretrained(self) -> None:
+        acc = self.evaluate(self.setup.base, self.setup.heads)
+        self.add_row("pretrained", acc, 0, "reference")
+        self.metrics({"method": "pretrained", "iteration": 0, "epochs_per_task": 0, "accuracy": acc})
+        self.log(f"[pretrained] average accuracy {evaluate_lib.average(acc):.4f}")
+        self.finish_unit("pretrained")
+
+    def linear_probe(self) -> None:
+        budget = self.config.budget
+        keys = {t: atm_lib.task_key(self.key, 0, i) for i, t in enumerate(self.task_names)}
+        acc = linear_probe(self.setup.apply_fn, self.setup.base, self.setup.heads, self.setup.tasks,
+                           self.opt, epochs=budget, keys=keys,
+                           eval_batch_size=self.config.eval_batch_size)
+        self.add_row("linear_probe", acc, budget, "reference")
+        self.metrics({"method": "linear_probe", "iteration": 1, "epochs_per_task": budget,
+                      "accuracy": acc})
+        self.log(f"[linear_probe] average accuracy {evaluate_lib.average(acc):.4f}")
+        self.finish_unit("linear_probe")
+
+    def one_shot(self) -> None:
+        config, budget = self.config, self.config.budget
+        names = [n for n in schema.method_order(config) if config.methods[n].kind == "one_shot"]
+        merges = {n: schema.merge_spec(config, config.methods[n]) for n in names}
+        out = atm_lib.one_shot(
+            self.setup.base, self.setup.heads, finetune=self.make_finetune("train"),
+            evaluate=self.evaluate, epochs=budget, merges=merges, key=self.key,
+            callback=self.metrics, log=self.log, start=self.restored_state("one_shot"),
+            on_progress=self.state_saver("one_shot", with_base=False))
+        self.individual = out["individual"]
+        if "individual" in config.references:
+            self.add_row("individual", self.individual, budget, "reference")
+        for n in names:
+            self.add_row(n, out["merged"][n], budget, "one_shot")
+        self.finish_unit("one_shot", out["params"] if config.save_params else None)
+
+    def atm(self, name: str) -> None:
+        config, spec = self.config, self.config.methods[name]
+        base, _, history = atm_lib.run(
+            self.setup.base, self.setup.heads, finetune=self.make_finetune(spec.split),
+            evaluate=self.evaluate, iterations=spec.iterations,
+            epochs_per_iteration=config.budget // spec.iterations,
+            merge=schema.merge_spec(config, spec), key=self.key,
+            carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,
+            name=name, start=self.restored_state(name),
+            on_progress=self.state_saver(name, with_base=True))
+        self.curves[name] = history
+        self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
+        self.finish_unit(name, {name: base} if config.save_params else None)
