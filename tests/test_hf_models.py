@@ -73,8 +73,16 @@ def _clip_forward(config_json: str):
     return forward
 
 
-def _encode(config, params, input_ids, attention_mask, token_type_ids):
-    apply = jax.jit(bert.encoder(config).apply)
+@functools.cache
+def _jitted_encoder(config_json: str):
+    return jax.jit(bert.encoder(json.loads(config_json)).apply)
+
+
+def _encode(config, params, input_ids, attention_mask, token_type_ids, *, jit=True):
+    # Eager is ~10x cheaper than a compile for one tiny call; parity runs jitted, as
+    # the library does.
+    apply = _jitted_encoder(json.dumps(config, sort_keys=True)) if jit else (
+        bert.encoder(config).apply)  # fmt: skip
     return apply({"params": params}, input_ids, attention_mask, token_type_ids)
 
 
@@ -185,7 +193,8 @@ def test_encoder_fixtures_tell_gelu_forms_and_epsilons_apart(family, other_eps):
     e = _expected(family)
     for change in ({"hidden_act": "gelu_new"}, {"layer_norm_eps": other_eps}):
         hidden, _ = _encode({**checkpoint.config, **change}, checkpoint.params,
-                            e["input_ids"], e["attention_mask"], e["token_type_ids"])  # fmt: skip
+                            e["input_ids"], e["attention_mask"], e["token_type_ids"],
+                            jit=False)  # fmt: skip
         assert np.abs(hidden - e["last_hidden_state"]).max() > 20 * TOL, change
 
 
@@ -334,7 +343,49 @@ def test_task_prefix_and_heads_are_accepted(tmp_path):
         return out
 
     _rewrite_tensors(folder, as_task_model)
-    _assert_bitwise_equal(hf.load(folder).params, hf.load(FIXTURES / "bert").params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # heads and HF buffers are expected, not "ignored".
+        loaded = hf.load(folder)
+    _assert_bitwise_equal(loaded.params, hf.load(FIXTURES / "bert").params)
+
+
+def test_unexpected_encoder_tensors_are_named_in_a_warning(tmp_path):
+    folder = _copy_fixture("bert", tmp_path / "bert")
+    extra = "encoder.layer.2.output.dense.weight"  # a third layer config.json lacks.
+    _rewrite_tensors(folder, lambda t: {**t, extra: np.zeros((32, 64), np.float32),
+                                        "classifier.bias": np.zeros(2, np.float32)})
+    with pytest.warns(UserWarning, match=r"ignored 1 tensor\(s\)") as record:
+        checkpoint = hf.load(folder)
+    assert extra in str(record[0].message) and "classifier" not in str(record[0].message)
+    _assert_bitwise_equal(checkpoint.params, hf.load(FIXTURES / "bert").params)
+
+
+def test_folder_without_config_or_weights_says_which(tmp_path):
+    folder = _copy_fixture("bert", tmp_path / "no_config")
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_config has no config.json"):
+        hf.load(folder)
+    folder = _copy_fixture("bert", tmp_path / "no_weights")
+    (folder / "model.safetensors").unlink()
+    (folder / "notes.txt").write_text("weights elsewhere")
+    with pytest.raises(FileNotFoundError, match=r"no_weights holds no model.safetensors"):
+        hf.load(folder)
+
+
+def test_export_removes_a_stale_shard_index(tmp_path):
+    # An older sharded export of other weights in the same folder: the index would
+    # win over the fresh single file on the next load if it stayed.
+    folder = tmp_path / "out"
+    folder.mkdir()
+    tensors = load_file(FIXTURES / "bert" / "model.safetensors")
+    stale = {k: np.zeros_like(v) for k, v in tensors.items()}
+    save_file(stale, folder / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    index = {"weight_map": dict.fromkeys(stale, "model-00001-of-00001.safetensors")}
+    (folder / hf.SAFETENSORS_INDEX).write_text(json.dumps(index))
+    checkpoint = hf.load(FIXTURES / "bert")
+    hf.export(folder, "bert", checkpoint.config, checkpoint.params)
+    assert not (folder / hf.SAFETENSORS_INDEX).exists()
+    _assert_bitwise_equal(hf.load(folder).params, checkpoint.params)
 
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path):
@@ -381,6 +432,63 @@ def test_pickle_is_refused_unless_allowed(tmp_path):
     assert "allow_pickle=True" in message
     loaded = hf.load(folder, allow_pickle=True)
     _assert_bitwise_equal(loaded.params, hf.load(FIXTURES / "roberta").params)
+
+
+def test_lightning_and_sharded_pickles_load_when_allowed(tmp_path):
+    torch = pytest.importorskip("torch")
+    tensors = load_file(FIXTURES / "roberta" / "model.safetensors")
+    reference = hf.load(FIXTURES / "roberta").params
+
+    # A Lightning .ckpt: the weights sit under "state_dict" next to trainer state.
+    folder = _copy_fixture("roberta", tmp_path / "lightning")
+    (folder / "model.safetensors").unlink()
+    state = {f"model.{k}": torch.from_numpy(v) for k, v in tensors.items()}
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 10}, folder / "last.ckpt")
+    _assert_bitwise_equal(hf.load(folder, allow_pickle=True).params, reference)
+
+    # Sharded pytorch_model-*.bin with its index; a stray .bin outside the index
+    # (zeros) must not be read.
+    folder = _copy_fixture("roberta", tmp_path / "sharded")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2],
+              "pytorch_model-00002-of-00002.bin": names[1::2]}  # fmt: skip
+    for shard, part in shards.items():
+        torch.save({k: torch.from_numpy(tensors[k]) for k in part}, folder / shard)
+    weight_map = {k: shard for shard, part in shards.items() for k in part}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    torch.save({k: torch.zeros(v.shape) for k, v in tensors.items()}, folder / "zz_old.bin")
+    with pytest.raises(hf.UnsafeCheckpointError, match="pytorch_model-00001-of-00002.bin"):
+        hf.load(folder)
+    _assert_bitwise_equal(hf.load(folder, allow_pickle=True).params, reference)
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_hub_id_resolves_through_the_hub_client(offline, tmp_path, monkeypatch):
+    """No network: the hub client is replaced by one serving a local snapshot."""
+    import huggingface_hub
+
+    snapshot = _copy_fixture("clip", tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    if offline:
+        monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+    else:
+        monkeypatch.delenv(sources.OFFLINE_ENV, raising=False)
+    checkpoint = hf.load("org/tiny-clip", revision="v1")
+    _assert_bitwise_equal(checkpoint.params, hf.load(FIXTURES / "clip").params)
+    (call,) = calls
+    assert call["repo_id"] == "org/tiny-clip" and call["revision"] == "v1"
+    # Offline reads the local hub cache only; online may download.
+    assert call["local_files_only"] is offline
+    assert set(call["allow_patterns"]) == set(hf.HUB_PATTERNS)  # never pickles unasked.
+    hf.load("org/tiny-clip", allow_pickle=True)
+    assert set(hf.HUB_PICKLE_PATTERNS) <= set(calls[1]["allow_patterns"])
 
 
 def test_sharded_safetensors(tmp_path):
