@@ -6,7 +6,7 @@ synchronous, plus a CRC-32 of every array) for one checkpoint holding the base a
 T finetuned copies of CLIP ViT-B/16 image-encoder sized params (≈86M float32 each).
 Table 2 times the saves of one whole ATM iteration of T tasks, side by side: every
 step holding all finetunes so far (the first design, O(T²) bytes) vs each finetune
-written once as an item and the steps naming it (what `atm_jax.experiment` does).
+written once as an item and the steps naming it (what `atm_jax.runner` does).
 
 Run::
 

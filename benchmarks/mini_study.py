@@ -56,7 +56,7 @@ def main():
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from atm_jax import experiment
+    from atm_jax import runner, schema
 
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -71,7 +71,7 @@ def main():
             config.methods.atm.iterations = budget
             config.methods.valft_atm.iterations = budget
             t0 = time.perf_counter()
-            runs[budget, seed] = experiment.run_experiment(
+            runs[budget, seed] = runner.run_experiment(
                 config, pathlib.Path(args.workdir) / f"b{budget}_s{seed}", log=quiet)
             row = {r["method"]: r["average"] for r in runs[budget, seed]["rows"]}
             print(f"budget {budget} seed {seed}: ATM {100 * row['atm']:.1f}, "
@@ -94,7 +94,7 @@ def main():
                     atm = config.methods.atm
                     atm.iterations = k
                     config.methods = {"atm": atm}
-                    out = experiment.run_experiment(
+                    out = runner.run_experiment(
                         config, pathlib.Path(args.workdir) / f"split_k{k}_s{seed}", log=quiet)
                     row = out["rows"][0]
                     individual = main_rows["individual"]["accuracy"]
@@ -119,7 +119,7 @@ def main():
             norm = [r["normalized"] for r in rows]
             cells.append(f"{np.mean(norm):.3f} ± {np.std(norm, ddof=1):.3f}" if len(norm) > 1
                          else f"{norm[0]:.3f}")
-            out.append(f"| {experiment.REFERENCE_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+            out.append(f"| {schema.REFERENCE_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
         best = [max(next(r for r in runs[budget, s]["rows"] if r["method"] == m)["average"]
                     for m in ONE_SHOT) for s in seeds]
         atm = [next(r for r in runs[budget, s]["rows"] if r["method"] == "atm")["average"]

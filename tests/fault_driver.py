@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fakes  # noqa: E402
-from atm_jax import atm, checkpoint, evaluate, experiment, pretrain, writers  # noqa: E402
+from atm_jax import atm, checkpoint, evaluate, pretrain, runner, writers  # noqa: E402
 from atm_jax.data import sources  # noqa: E402
 from atm_jax.finetune import Finetuner  # noqa: E402
 
@@ -149,7 +149,7 @@ def main(argv):
     if len(argv) > 3:
         point, n = argv[3].split(":")
         install_fault(point, int(n))
-    experiment.run_experiment(config, workdir)
+    runner.run_experiment(config, workdir)
 
 
 if __name__ == "__main__":

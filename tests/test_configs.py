@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from atm_jax import experiment, merge
+from atm_jax import errors, merge, runner, schema
 from atm_jax.data import sources, tfds_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def _common_recipe(config):
     assert (data.source, data.train_size, data.test_size) == ("tfds", 0, 0)  # all data
     assert config.merge_include == () and config.merge_exclude == ()
     assert "individual" in config.references  # the normalized-accuracy denominator
-    experiment.validate(config)  # no network: hub weights are checked when loaded
+    runner.validate(config)  # no network: hub weights are checked when loaded
 
 
 def test_vit_is_the_papers_vision_recipe():
@@ -115,7 +115,7 @@ def test_runlocal_runs_main_end_to_end(name, cache):
     config = load(name, "runlocal")
     results = json.loads((workdir / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
-    assert methods == ["pretrained", "individual", *experiment.method_order(config)]
+    assert methods == ["pretrained", "individual", *schema.method_order(config)]
     for row in results["rows"]:
         assert set(row["accuracy"]) == set(config.tasks)
         assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
@@ -144,16 +144,16 @@ def test_exported_runlocal_bert_loads_in_transformers(cache):
     torch = pytest.importorskip("torch")
     import transformers
 
-    from atm_jax import setups
+    from atm_jax.suites import paper as paper_suite
 
     config = load("bert", "runlocal")
     with config.unlocked():
         config.methods = {"atm": config.methods.atm}
         config.references = ()
     workdir = cache / "work"
-    experiment.run_experiment(config, workdir, log=lambda *_: None)
+    runner.run_experiment(config, workdir, log=lambda *_: None)
     model = transformers.AutoModel.from_pretrained(workdir / "hf" / "atm").eval()
-    s = setups.build(config, lambda *_: None)
+    s = paper_suite.build(config, lambda *_: None)
     tokens = s.tasks["keyword_pair"].test[0][:4]
     merged = flax.serialization.msgpack_restore((workdir / "params" / "atm.msgpack").read_bytes())
     ours = np.asarray(s.apply_fn(merged, tokens, False))
@@ -165,7 +165,7 @@ def test_exported_runlocal_bert_loads_in_transformers(cache):
 
 
 def test_missing_tfds_dataset_fails_fast_with_the_prepare_command(cache, monkeypatch):
-    from atm_jax import setups
+    from atm_jax.suites import paper as paper_suite
 
     config = load("vit")
     with config.unlocked():
@@ -176,9 +176,9 @@ def test_missing_tfds_dataset_fails_fast_with_the_prepare_command(cache, monkeyp
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the data was found missing")
 
-    monkeypatch.setattr(setups, "_weights", no_weights)
+    monkeypatch.setattr(paper_suite, "_weights", no_weights)
     with pytest.raises(tfds_source.DatasetNotPreparedError) as info:
-        experiment.run_experiment(config, cache / "work", log=lambda *_: None)
+        runner.run_experiment(config, cache / "work", log=lambda *_: None)
     assert "python -m atm_jax.data.prepare tfds" in str(info.value)
 
 
@@ -200,26 +200,26 @@ def test_paper_config_errors_name_field_and_fix(edit, message):
     config = load("vit")
     with config.unlocked():
         edit(config)
-    with pytest.raises(experiment.ConfigError, match=message):
-        experiment.validate(config)
+    with pytest.raises(errors.ConfigError, match=message):
+        runner.validate(config)
 
 
 def test_gtsrb_without_its_image_folder_fails_fast_naming_the_folder(cache, monkeypatch):
-    from atm_jax import setups
+    from atm_jax.suites import paper as paper_suite
     from atm_jax.data.image_folder import ImageFolderError
 
     config = load("vit")
     with config.unlocked():
         config.tasks = ("gtsrb",)
         config.data.folder = str(cache / "folders")
-    monkeypatch.setattr(setups, "_weights", lambda *a, **k: pytest.fail("weights loaded first"))
+    monkeypatch.setattr(paper_suite, "_weights", lambda *a, **k: pytest.fail("weights loaded first"))
     with pytest.raises(ImageFolderError, match=str(cache / "folders" / "gtsrb")):
-        experiment.run_experiment(config, cache / "work", log=lambda *_: None)
+        runner.run_experiment(config, cache / "work", log=lambda *_: None)
 
 
 def test_weights_of_another_family_are_refused(cache):
     config = load("bert", "runlocal")
     with config.unlocked():
         config.model.weights = str(FIXTURES / "roberta")
-    with pytest.raises(experiment.ConfigError, match="holds a roberta model but config.model.name='bert'"):
-        experiment.run_experiment(config, cache / "work", log=lambda *_: None)
+    with pytest.raises(errors.ConfigError, match="holds a roberta model but config.model.name='bert'"):
+        runner.run_experiment(config, cache / "work", log=lambda *_: None)

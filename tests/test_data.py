@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from atm_jax import data
-from atm_jax.data import fetch, glyphs, mini, prepare, sources
+from atm_jax.data import decoders, fetch, glyphs, mini, prepare, sources
 
 import fakes
 
@@ -311,7 +311,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     path = tmp_path / "evil.gz"
     path.write_bytes(fakes.gzip_pickle(collections.OrderedDict()))  # Needs a non-NumPy global.
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        sources._load_gzip_pickle(path)
+        decoders._load_gzip_pickle(path)
 
 
 @pytest.mark.usefixtures("fake_suite")

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from atm_jax import experiment
+from atm_jax import errors, runner, schema
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _tiny_config():
 
 def test_paper_protocol_fields_of_mini():
     config = _get_config()
-    experiment.validate(config)
+    runner.validate(config)
     assert config.budget == 10
     assert config.methods.atm.iterations == 10 and config.methods.atm.split == "train"
     assert config.methods.valft_atm.split == "validation"
@@ -49,7 +49,7 @@ def test_paper_protocol_fields_of_mini():
     assert config.methods.dare.merge_kwargs.p == 0.9
     assert all(config.methods[m].alpha == 1.0 for m in config.methods)
     assert {config.methods[m].merge for m in config.methods} == {"mean", "ties", "breadcrumbs", "dare"}
-    assert experiment.method_order(config) == ["task_arithmetic", "ties", "breadcrumbs", "dare",
+    assert schema.method_order(config) == ["task_arithmetic", "ties", "breadcrumbs", "dare",
                                                "valft_atm", "atm"]
 
 
@@ -78,8 +78,8 @@ def test_bad_configs_fail_before_any_compute(edit, field, monkeypatch, tmp_path)
         raise AssertionError("data was loaded before the config was validated")
 
     monkeypatch.setattr("atm_jax.data.load_task", no_data)
-    with pytest.raises(experiment.ConfigError, match=field):
-        experiment.run_experiment(config, tmp_path / "work")
+    with pytest.raises(errors.ConfigError, match=field):
+        runner.run_experiment(config, tmp_path / "work")
     assert not (tmp_path / "work").exists()
 
 
@@ -108,8 +108,8 @@ def test_filters_model_and_merge_options_are_validated(edit, message):
     config = _get_config()
     with config.unlocked():
         edit(config)
-    with pytest.raises(experiment.ConfigError, match=message):
-        experiment.validate(config)
+    with pytest.raises(errors.ConfigError, match=message):
+        runner.validate(config)
 
 
 def test_main_end_to_end_on_tiny_data(fake_cache, tmp_path):
@@ -159,7 +159,7 @@ def test_same_config_same_numbers(fake_cache, tmp_path):
         config.methods = {"atm": config.methods.atm}
         config.references = ()
     quiet = lambda *_: None  # noqa: E731
-    first = experiment.run_experiment(config, tmp_path / "a", log=quiet)
-    second = experiment.run_experiment(config, tmp_path / "b", log=quiet)
+    first = runner.run_experiment(config, tmp_path / "a", log=quiet)
+    second = runner.run_experiment(config, tmp_path / "b", log=quiet)
     assert first["rows"] == second["rows"]
     assert first["curves"] == second["curves"]

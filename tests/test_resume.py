@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from atm_jax import checkpoint, experiment
+from atm_jax import checkpoint, errors, runner
 
 from fault_driver import tiny_config
 
@@ -197,24 +197,24 @@ def test_items_are_written_once_verified_and_deleted_when_no_kept_step_names_the
 
 def test_a_checkpoint_of_another_format_is_refused_not_discarded(fake_cache, tmp_path, monkeypatch):
     config = _quick_config()
-    experiment.run_experiment(config, tmp_path / "work", log=quiet)
+    runner.run_experiment(config, tmp_path / "work", log=quiet)
     monkeypatch.setattr(checkpoint, "FORMAT_VERSION", checkpoint.FORMAT_VERSION + 1)
-    with pytest.raises(experiment.ConfigError, match="has format 2 but this atm_jax reads format 3"):
-        experiment.run_experiment(config, tmp_path / "work", log=quiet)
+    with pytest.raises(errors.CheckpointFormatError, match="has format 2 but this atm_jax reads format 3"):
+        runner.run_experiment(config, tmp_path / "work", log=quiet)
     assert not (tmp_path / "work" / "checkpoints.damaged").exists()
 
 
 def test_config_mismatch_refuses_unless_forced(fake_cache, tmp_path):
     config = _quick_config()
     workdir = tmp_path / "work"
-    experiment.run_experiment(config, workdir, log=quiet)
+    runner.run_experiment(config, workdir, log=quiet)
     changed = _quick_config()
     with changed.unlocked():
         changed.optimizer.learning_rate = 0.002
         changed.budget = 4
         changed.methods.atm.iterations = 4
-    with pytest.raises(experiment.ConfigError) as info:
-        experiment.run_experiment(changed, workdir, log=quiet)
+    with pytest.raises(errors.ConfigError) as info:
+        runner.run_experiment(changed, workdir, log=quiet)
     message = str(info.value)
     assert "optimizer.learning_rate: 0.001 -> 0.002" in message
     assert "budget: 2 -> 4" in message and "methods.atm.iterations: 2 -> 4" in message
@@ -223,11 +223,11 @@ def test_config_mismatch_refuses_unless_forced(fake_cache, tmp_path):
     same = _quick_config()
     with same.unlocked():
         same.progress = True
-    experiment.run_experiment(same, workdir, log=quiet)
+    runner.run_experiment(same, workdir, log=quiet)
     with changed.unlocked():
         changed.resume = "force"
     lines = []
-    experiment.run_experiment(changed, workdir, log=lines.append)
+    runner.run_experiment(changed, workdir, log=lines.append)
     assert any(line.startswith("resuming from checkpoint") for line in lines)
 
 
@@ -238,8 +238,8 @@ def test_results_of_another_config_without_checkpoints_are_not_overwritten(fake_
     other["budget"] = 6
     (workdir / "config.json").write_text(json.dumps(other))
     (workdir / "results.md").write_text("another run's table")
-    with pytest.raises(experiment.ConfigError, match="budget: 6 -> 2"):
-        experiment.run_experiment(_quick_config(), workdir, log=quiet)
+    with pytest.raises(errors.ConfigError, match="budget: 6 -> 2"):
+        runner.run_experiment(_quick_config(), workdir, log=quiet)
     assert (workdir / "results.md").read_text() == "another run's table"
 
 
@@ -250,7 +250,7 @@ def test_divergence_names_task_iteration_and_step_and_keeps_the_last_checkpoint(
         config.optimizer.grad_clip = None
     workdir = tmp_path / "work"
     with pytest.raises(FloatingPointError) as info:
-        experiment.run_experiment(config, workdir, log=quiet)
+        runner.run_experiment(config, workdir, log=quiet)
     message = str(info.value)
     assert "atm: task 'mnist', iteration 1" in message
     assert "non-finite loss" in message and "step" in message
@@ -297,8 +297,8 @@ def test_main_reports_an_unwritable_workdir_and_exits_2(tmp_path):
 def test_unwritable_workdir_fails_before_any_data(fake_cache, tmp_path, monkeypatch):
     monkeypatch.setattr("atm_jax.data.load_task", _forbidden)
     (tmp_path / "file").write_text("")
-    with pytest.raises(experiment.ConfigError, match="is not writable"):
-        experiment.run_experiment(_quick_config(), tmp_path / "file" / "work", log=quiet)
+    with pytest.raises(errors.ConfigError, match="is not writable"):
+        runner.run_experiment(_quick_config(), tmp_path / "file" / "work", log=quiet)
 
 
 def _forbidden(*args, **kwargs):
@@ -313,8 +313,8 @@ def test_full_disk_fails_before_training(fake_cache, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1000))
     monkeypatch.setattr(Finetuner, "finetune", _forbidden)
-    with pytest.raises(experiment.ConfigError, match=r"GiB free but the checkpoints need"):
-        experiment.run_experiment(_quick_config(), tmp_path / "work", log=quiet)
+    with pytest.raises(errors.ConfigError, match=r"GiB free but the checkpoints need"):
+        runner.run_experiment(_quick_config(), tmp_path / "work", log=quiet)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -339,8 +339,8 @@ def test_every_bad_value_is_named_before_any_work(edit, message, tmp_path, monke
     with config.unlocked():
         edit(config)
     monkeypatch.setattr("atm_jax.data.load_task", _forbidden)
-    with pytest.raises(experiment.ConfigError, match=message):
-        experiment.run_experiment(config, tmp_path / "work", log=quiet)
+    with pytest.raises(errors.ConfigError, match=message):
+        runner.run_experiment(config, tmp_path / "work", log=quiet)
     assert not (tmp_path / "work").exists()
 
 
