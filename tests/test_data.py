@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import gzip
 import hashlib
 import io
 import pathlib

@@ -4,7 +4,6 @@ Most tests use a linear "backbone" (features = flattened images @ w) so results 
 be checked by hand with NumPy and compile in milliseconds.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
