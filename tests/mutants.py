@@ -1,0 +1,406 @@
+"""Deliberate bugs and the tests that must catch them (run by hand, not in CI).
+
+  python tests/mutants.py                  # every mutation
+  python tests/mutants.py gelu roberta     # those whose name contains a word
+  python tests/mutants.py --list           # the table of mutations, nothing run
+  python tests/mutants.py --baseline REV   # also: do the test files of commit REV
+                                           # catch it (did the old suite miss it?)
+
+Each `Mutation` replaces one exact piece of source text (it must occur exactly once)
+and names the pytest node ids expected to catch it. The script copies the working
+tree (git's tracked and untracked-but-not-ignored files) to a temporary folder,
+checks that the named tests pass there unmutated, then for each mutation edits the
+copy, runs the named tests against it (``PYTHONPATH`` puts the copy's ``atm_jax``
+ahead of the installed one, which is verified), and restores the file, checking
+its bytes. The working tree itself is never written. A mutation of a file with
+uncommitted changes is refused (its ``old`` text may be mid-edit) unless
+``--allow-dirty``. Prints mutation -> caught / SURVIVED per row; exits 1 if any
+survived.
+
+Named ``mutants.py`` (not ``test_*.py``) so pytest never collects it.
+
+Adding mutations: append a list to `GROUPS` (one per area, e.g. ``"merge"``); a
+mutation needs a unique ``name``, the repo-relative ``file``, ``old`` / ``new`` text
+and the ``tests`` node ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    """One deliberate bug.
+
+    Attributes:
+        name: short unique id.
+        file: path relative to the repository root.
+        old: exact source text to replace; must occur exactly once in ``file``.
+        new: its replacement.
+        tests: pytest node ids (``tests/test_x.py::test_y[param]``) expected to fail.
+        note: what the bug means, for the table.
+    """
+
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    note: str = ""
+
+
+HF = "tests/test_hf_models.py::"
+FT = "tests/test_finetune.py::"
+DATA = "tests/test_data.py::"
+PAPER = "tests/test_paper_data.py::"
+
+HF_MUTATIONS = [
+    Mutation("bert-gelu-tanh", "atm_jax/models/bert.py",
+             '"gelu": lambda x: jax.nn.gelu(x, approximate=False),',
+             '"gelu": lambda x: jax.nn.gelu(x, approximate=True),',
+             (HF + "test_encoder_matches_pytorch",), "exact GELU computed in its tanh form"),
+    Mutation("bert-ln-eps-1e-5", "atm_jax/models/bert.py",
+             'eps=float(s["layer_norm_eps"]),', "eps=1e-5,",
+             (HF + "test_encoder_matches_pytorch[bert]",), "config eps ignored (BERT's is 1e-12)"),
+    Mutation("bert-ln-eps-1e-12", "atm_jax/models/bert.py",
+             'eps=float(s["layer_norm_eps"]),', "eps=1e-12,",
+             (HF + "test_encoder_matches_pytorch[roberta]",),
+             "config eps ignored (RoBERTa's is 1e-5)"),
+    Mutation("roberta-no-position-offset", "atm_jax/models/bert.py",
+             "position_ids = jnp.cumsum(real, axis=-1) * real + self.pad_token_id",
+             "position_ids = jnp.cumsum(real, axis=-1) * real",
+             (HF + "test_encoder_matches_pytorch[roberta]",), "positions not from padding_idx+1"),
+    Mutation("roberta-padding-position", "atm_jax/models/bert.py",
+             "position_ids = jnp.cumsum(real, axis=-1) * real + self.pad_token_id",
+             "position_ids = jnp.cumsum(real, axis=-1) + self.pad_token_id",
+             (HF + "test_encoder_matches_pytorch[roberta]",),
+             "padding tokens not given the padding position"),
+    Mutation("roberta-positions-like-bert", "atm_jax/models/bert.py",
+             'if self.family == "roberta":', "if False:",
+             (HF + "test_encoder_matches_pytorch[roberta]",), "RoBERTa counts positions 0, 1, ..."),
+    Mutation("bert-attention-unscaled", "atm_jax/models/bert.py",
+             'heads("value"), mask=mask)', 'heads("value"), mask=mask, scale=1.0)',
+             (HF + "test_encoder_matches_pytorch",), "no 1/sqrt(head_dim) in attention"),
+    Mutation("clip-quick-gelu-as-gelu", "atm_jax/models/clip.py",
+             '"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),',
+             '"quick_gelu": lambda x: jax.nn.gelu(x, approximate=False),',
+             (HF + "test_clip_matches_pytorch",), "OpenAI's quick GELU replaced by GELU"),
+    Mutation("clip-text-ln-eps", "atm_jax/models/clip.py",
+             'eps=float(t["layer_norm_eps"]),', "eps=1e-12,",
+             (HF + "test_clip_matches_pytorch",), "text tower ignores its LayerNorm eps"),
+    Mutation("hf-unexpected-silent", "atm_jax/models/hf.py",
+             "    if extra:", "    if False:",
+             (HF + "test_unexpected_encoder_tensors_are_named_in_a_warning",),
+             "extra encoder tensors dropped without a warning"),
+    Mutation("hf-stale-index-kept", "atm_jax/models/hf.py",
+             "(folder / SAFETENSORS_INDEX).unlink(missing_ok=True)", "pass",
+             (HF + "test_export_removes_a_stale_shard_index",),
+             "export leaves an old shard index that wins on load"),
+    Mutation("hf-lightning-ignored", "atm_jax/models/hf.py",
+             'state = state["state_dict"]  # Lightning-style .ckpt.', "pass",
+             (HF + "test_lightning_and_sharded_pickles_load_when_allowed",),
+             "Lightning .ckpt read at the top level"),
+    Mutation("hf-pickle-index-ignored", "atm_jax/models/hf.py",
+             'index = folder / "pytorch_model.bin.index.json"\n    if index.is_file():',
+             'index = folder / "pytorch_model.bin.index.json"\n    if False:',
+             (HF + "test_lightning_and_sharded_pickles_load_when_allowed",),
+             "sharded .bin index ignored: every .bin read"),
+    Mutation("hf-offline-ignored", "atm_jax/models/hf.py",
+             "local_files_only=files.offline(),", "local_files_only=False,",
+             (HF + "test_hub_id_resolves_through_the_hub_client",),
+             "offline flag not passed to the hub client"),
+    Mutation("hf-no-config-check", "atm_jax/models/hf.py",
+             "    if not config_path.is_file():", "    if False:",
+             (HF + "test_folder_without_config_or_weights_says_which",),
+             "missing config.json gives a bare OSError"),
+]
+
+FINETUNE_MUTATIONS = [
+    Mutation("adamw-no-decay", "atm_jax/finetune.py",
+             "optax.adamw(lr, weight_decay=cfg.weight_decay)", "optax.adamw(lr, weight_decay=0.0)",
+             (FT + "test_weight_decay_one_step_by_hand[adamw]",
+              FT + "test_weight_decay_shrinks_untouched_weights_and_spares_a_frozen_head"),
+             "AdamW's decay dropped"),
+    Mutation("l2-decay-off", "atm_jax/finetune.py",
+             "if cfg.weight_decay > 0:", "if False:",
+             (FT + "test_weight_decay_one_step_by_hand[adam]",
+              FT + "test_weight_decay_one_step_by_hand[sgd]"),
+             "Adam/SGD L2 decay dropped"),
+    Mutation("adamw-decay-coupled", "atm_jax/finetune.py",
+             'if cfg.name == "adamw":', 'if False:',
+             (FT + "test_weight_decay_one_step_by_hand[adamw]",),
+             "AdamW's decay applied as L2 on the gradient (Adam + L2)"),
+    Mutation("padding-counted", "atm_jax/batching.py",
+             "mask = np.concatenate([np.ones(num_examples, np.float32), "
+             "np.zeros(padding, np.float32)])",
+             "mask = np.ones(num_examples + padding, np.float32)",
+             (FT + "test_epochs_use_every_example_once_and_padding_adds_nothing",),
+             "padding rows of the last batch trained on"),
+    Mutation("same-shuffle-every-epoch", "atm_jax/finetune.py",
+             "order = epoch_order(key, epoch, num_examples)",
+             "order = epoch_order(key, 0, num_examples)",
+             (FT + "test_epochs_use_every_example_once_and_padding_adds_nothing",),
+             "every epoch uses epoch 0's order"),
+    Mutation("on-epoch-not-called", "atm_jax/finetune.py",
+             "on_epoch(epoch, epoch_metrics)", "pass",
+             (FT + "test_epochs_use_every_example_once_and_padding_adds_nothing",),
+             "on_epoch callback never called"),
+    Mutation("epoch-loss-unweighted", "atm_jax/finetune.py",
+             '"loss": float((losses * counts).sum() / counts.sum()),',
+             '"loss": float(losses.mean()),',
+             (FT + "test_epochs_use_every_example_once_and_padding_adds_nothing",),
+             "epoch loss = mean of step losses (short last batch over-weighted)"),
+    Mutation("epoch-accuracy-over-padded-rows", "atm_jax/finetune.py",
+             '"accuracy": correct / num_examples,',
+             '"accuracy": correct / (len(losses) * self.opt.batch_size),',
+             (FT + "test_epochs_use_every_example_once_and_padding_adds_nothing",),
+             "epoch accuracy divided by padded row count"),
+    Mutation("augment-not-applied", "atm_jax/finetune.py",
+             'images = batch["images"] if augment is None else augment(batch["images"], '
+             'batch["key"])',
+             'images = batch["images"]',
+             (FT + "test_augment_transforms_every_training_batch",), "augment never called"),
+    Mutation("augment-same-key", "atm_jax/finetune.py",
+             'batch["key"] = jax.random.fold_in(epoch_key, i)', 'batch["key"] = epoch_key',
+             (FT + "test_augment_gets_a_distinct_reproducible_key_per_step",),
+             "every step of an epoch augments with one key"),
+]
+
+DATA_MUTATIONS = [
+    Mutation("head-init-unscaled", "atm_jax/models/heads.py",
+             '"kernel": kernel / jnp.sqrt(jnp.float32(in_features)),', '"kernel": kernel,',
+             (PAPER + "test_glue_head_is_fixed_and_frozen_shape",),
+             "GLUE heads drawn at std 1, not LeCun 1/sqrt(F)"),
+    Mutation("glyph-masters-uncached", "atm_jax/data/glyphs.py",
+             "@functools.lru_cache(maxsize=4)\ndef glyph_masters(", "def glyph_masters(",
+             (DATA + "test_glyphs_draw_fonts_once_and_warp_in_chunks",),
+             "font masters redrawn on every render"),
+    Mutation("glyph-warp-per-image", "atm_jax/data/glyphs.py",
+             "_CHUNK = 4096", "_CHUNK = 1",
+             (DATA + "test_glyphs_draw_fonts_once_and_warp_in_chunks",),
+             "images warped one by one"),
+    Mutation("split-rounding-truncates", "atm_jax/data/mini.py",
+             "round(fraction * len(labels))", "int(fraction * len(labels))",
+             (DATA + "test_split_rules_give_the_real_counts_offline",),
+             "carved split sizes truncated instead of rounded"),
+    Mutation("pretrain-cache-ignored", "atm_jax/pretrain.py",
+             "if params_path.exists() and info_path.exists():", "if False:",
+             ("tests/test_pretrain.py::test_pretrain_runs_caches_and_reloads_identically",),
+             "cached base retrained every time"),
+]
+
+# One list per area; other areas append theirs here.
+GROUPS: dict[str, list[Mutation]] = {
+    "hf": HF_MUTATIONS,
+    "finetune": FINETUNE_MUTATIONS,
+    "data": DATA_MUTATIONS,
+}
+
+
+def all_mutations() -> list[Mutation]:
+    out = [m for group in GROUPS.values() for m in group]
+    names = [m.name for m in out]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"mutation names must be unique; repeated: {duplicates}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Running.
+
+
+def _git(*args: str, cwd: pathlib.Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def _copy_tree(dest: pathlib.Path) -> None:
+    """Copies git's tracked and untracked-but-not-ignored files (as they are now)."""
+    listing = _git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for name in filter(None, listing.split("\0")):
+        source = ROOT / name
+        if source.is_file():  # deleted-but-tracked files are skipped.
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def _env(copy: pathlib.Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(copy), env.get("PYTHONPATH")]))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def _check_import(copy: pathlib.Path) -> None:
+    out = subprocess.run([sys.executable, "-c", "import atm_jax; print(atm_jax.__file__)"],
+                         cwd=copy, env=_env(copy), capture_output=True, text=True, check=True)
+    if not pathlib.Path(out.stdout.strip()).resolve().is_relative_to(copy.resolve()):
+        raise RuntimeError(f"atm_jax imports from {out.stdout.strip()}, not the copy {copy}")
+
+
+def _failures(copy: pathlib.Path, targets: list[str], timeout: float,
+              extra: tuple[str, ...] = ()) -> tuple[int, set[str]]:
+    """Runs pytest on ``targets`` in the copy.
+
+    Returns:
+        (exit code, names of the failed tests as ``module.py::test[param]``).
+    """
+    report = copy / ".mutants-report.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={report}", "-o", "junit_family=xunit1", *extra, *targets]
+    try:
+        rc = subprocess.run(command, cwd=copy, env=_env(copy), capture_output=True, check=False,
+                            timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return -1, set()
+    failed = set()
+    if report.exists():
+        for case in ET.parse(report).iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                module = case.get("classname").rpartition(".")[2]
+                failed.add(f"{module}.py::{case.get('name')}")
+        report.unlink()
+    return rc, failed
+
+
+def _base(test: str) -> str:
+    """``tests/test_x.py::test_y[p]`` -> ``test_x.py::test_y`` (comparable across runs)."""
+    return pathlib.Path(test.split("[")[0]).name
+
+
+def _dirty(file: str) -> bool:
+    return bool(_git("status", "--porcelain", "--", file).strip())
+
+
+def _apply(copy: pathlib.Path, mutation: Mutation) -> tuple[pathlib.Path, bytes] | str:
+    path = copy / mutation.file
+    if not path.is_file():
+        return "stale (no such file)"
+    original = path.read_bytes()
+    count = original.decode().count(mutation.old)
+    if count != 1:
+        return f"stale (old text found {count}x)"
+    path.write_text(original.decode().replace(mutation.old, mutation.new))
+    return path, original
+
+
+def _restore(path: pathlib.Path, original: bytes) -> None:
+    path.write_bytes(original)
+    if hashlib.sha256(path.read_bytes()).digest() != hashlib.sha256(original).digest():
+        raise RuntimeError(f"could not restore {path}; stopping")
+
+
+def _baseline_tests(rev: str, dest: pathlib.Path) -> pathlib.Path:
+    """The tests/ folder of commit ``rev``, extracted under ``dest``."""
+    archive = dest / "tests.tar"
+    with archive.open("wb") as f:
+        subprocess.run(["git", "archive", rev, "tests"], cwd=ROOT, stdout=f, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "tests"
+
+
+def run(mutations: list[Mutation], *, baseline: str | None, allow_dirty: bool,
+        timeout: float) -> int:
+    with tempfile.TemporaryDirectory(prefix="atm_mutants_") as tmp:
+        copy = pathlib.Path(tmp) / "repo"
+        _copy_tree(copy)
+        _check_import(copy)
+        targets = sorted({t for m in mutations for t in m.tests})
+        rc, broken = _failures(copy, targets, timeout)
+        if rc not in (0, 1):
+            print(f"the named tests do not run cleanly unmutated (pytest exit {rc})")
+            return 2
+        old_tests, deselect = None, ()
+        if baseline:
+            old_tests = _baseline_tests(baseline, pathlib.Path(tmp) / "baseline")
+            files = sorted({t.split("::")[0] for m in mutations for t in m.tests})
+            old_targets = [str(old_tests / pathlib.Path(f).name) for f in files
+                           if (old_tests / pathlib.Path(f).name).exists()]
+            old_rc, old_clean = _failures(copy, old_targets, timeout)
+            if old_rc not in (0, 1):  # e.g. the old files no longer import.
+                print(f"tests@{baseline}: pytest exit {old_rc} unmutated; no baseline column")
+                old_tests = None
+            # Tests that already fail unmutated say nothing about a mutant.
+            deselect = tuple(f"--deselect={old_tests}/{name}" for name in sorted(old_clean))
+        rows, survived = [], 0
+        for m in mutations:
+            if not allow_dirty and _dirty(m.file):
+                rows.append((m, "skipped (file has uncommitted changes)", ""))
+                continue
+            if any(_base(t) in {_base(b) for b in broken} for t in m.tests):
+                rows.append((m, "invalid (a named test fails unmutated)", ""))
+                continue
+            applied = _apply(copy, m)
+            if isinstance(applied, str):
+                rows.append((m, applied, ""))
+                continue
+            path, original = applied
+            try:
+                rc, failed = _failures(copy, list(m.tests), timeout, ("-x",))
+                if old_tests is not None:
+                    names = {pathlib.Path(t.split("::")[0]).name for t in m.tests}
+                    files = [str(old_tests / n) for n in sorted(names) if (old_tests / n).exists()]
+                    _, old_failed = (_failures(copy, files, timeout, ("-x", *deselect))
+                                     if files else (0, set()))
+                    old = "caught" if old_failed else "missed"
+                else:
+                    old = ""
+            finally:
+                _restore(path, original)
+            if rc == 1 and failed:
+                result = "caught"
+            elif rc == 0:
+                result, survived = "SURVIVED", survived + 1
+            else:
+                result = f"error (pytest exit {rc})"
+            rows.append((m, result, old))
+    _print(rows, baseline)
+    return 1 if survived else 0
+
+
+def _print(rows, baseline: str | None) -> None:
+    head = ["mutation", "file", "result"] + ([f"tests@{baseline[:8]}"] if baseline else [])
+    table = [[m.name, m.file, result] + ([old] if baseline else []) for m, result, old in rows]
+    widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(len(head))]
+    for row in [head, ["-" * w for w in widths], *table]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("words", nargs="*", help="run mutations whose name contains a word")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run the test files as of commit REV on each mutant")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="mutate files with uncommitted changes too")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    mutations = [m for m in all_mutations()
+                 if not args.words or any(w in m.name for w in args.words)]
+    if args.list:
+        for m in mutations:
+            print(f"{m.name:34} {m.file:28} {m.note}\n{'':34} caught by {', '.join(m.tests)}")
+        return 0
+    return run(mutations, baseline=args.baseline, allow_dirty=args.allow_dirty,
+               timeout=args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
