@@ -307,6 +307,7 @@ def _restore(path: pathlib.Path, original: bytes) -> None:
 
 def _baseline_tests(rev: str, dest: pathlib.Path) -> pathlib.Path:
     """The tests/ folder of commit ``rev``, extracted under ``dest``."""
+    dest.mkdir(parents=True)
     archive = dest / "tests.tar"
     with archive.open("wb") as f:
         subprocess.run(["git", "archive", rev, "tests"], cwd=ROOT, stdout=f, check=True)
