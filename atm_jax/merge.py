@@ -42,9 +42,11 @@ Exact semantics (shared/REFERENCE.md §3):
   entries tied with them are kept. Defaults 0.85 / 0.993 keep ≈14%. Then the
   plain mean (or sum) over tasks, zeros included.
 * **DARE**: each entry of each task is kept with probability ``1 - p`` (explicit
-  PRNG ``key``; one independent stream per leaf) and rescaled by ``1/(1-p)``, so the
-  expectation equals the input; then the plain mean (``dare``) or TIES' sign
-  election and disjoint mean without trimming (``dare_ties``).
+  PRNG ``key``) and rescaled by ``1/(1-p)``, so the expectation equals the input;
+  then the plain mean (``dare``) or TIES' sign election and disjoint mean without
+  trimming (``dare_ties``). Key derivation (stable, eager or jitted): the i-th
+  non-None leaf (``jax.tree.leaves`` order) uses ``k_i = fold_in(key, i)``, its task
+  ``t`` keeps where ``jax.random.bernoulli(fold_in(k_i, t), 1 - p, leaf.shape[1:])``.
 
 Inputs and rules (every error names the first offending leaf path or parameter):
 
@@ -212,7 +214,7 @@ def _sparsify(x, lo, hi, key, p, scale, *, band: bool, magnitude: bool):
                 m = m & (mag <= hi[t])
             xt = jnp.where(m, xt, jnp.zeros_like(xt))
         # A power of two: exact (above ~1e-37), and keeps sums of T slices in range.
-        xt = xt * jnp.asarray(scale, x.dtype)
+        xt = xt * scale.astype(x.dtype)
         if p is not None:
             # One mask per task slice (not [T, ...] at once): a third of the memory.
             keep = jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - p, xt.shape)
@@ -253,34 +255,35 @@ def _consensus(kept, bad, zero_positive, unscale, *, elect: bool, aggregate: str
         # chosen side (either one) is non-empty exactly then.
         ambiguous = (sign == 0) & (count > 0)
         code = jnp.where(ambiguous, 2, sign).astype(jnp.int8)
-    merged = jnp.where(bad, jnp.nan, merged * jnp.asarray(unscale, acc))
+    merged = jnp.where(bad, jnp.nan, merged * unscale.astype(acc))
     return merged, code
 
 
-def _task_scale(num_tasks: int) -> float:
+def _task_scale(num_tasks: int) -> jax.Array:
     """2**-ceil(log2 T): slices are summed at this scale, so a sum of T finite values
-    cannot overflow unless the exact result does (then it is scaled back up)."""
-    return 2.0 ** -math.ceil(math.log2(num_tasks)) if num_tasks > 1 else 1.0
+    cannot overflow unless the exact result does (then it is scaled back up). Passed
+    to the program as an argument: as a constant, XLA folds the scaling away."""
+    return jnp.float32(2.0 ** -math.ceil(math.log2(num_tasks)) if num_tasks > 1 else 1.0)
 
 
 @partial(jax.jit, static_argnames=("band", "magnitude", "elect", "aggregate", "dropout"))
-def _merge(leaves, lo, hi, keys, p, zero_positive, *, band, magnitude, elect, aggregate, dropout):
+def _merge(leaves, lo, hi, keys, p, zero_positive, scale, *, band, magnitude, elect, aggregate,
+           dropout):
     """The merge of a list of leaves: (merged leaves, int8 sign codes or None).
 
     lo/hi: per-leaf [T] thresholds (or None); keys: per-leaf PRNG keys (dropout);
     zero_positive: the side zero-mass entries take (the model-wide majority sign,
-    see :func:`_majority_needs_negative`).
+    see :func:`_majority_needs_negative`); scale: :func:`_task_scale`.
     """
     outs, codes = [], []
     for i, x in enumerate(leaves):
-        scale = _task_scale(x.shape[0])
         kept = _sparsify(x, lo[i] if lo is not None else None, hi[i] if hi is not None else None,
                          keys[i] if dropout else None, p if dropout else None, scale, band=band,
                          magnitude=magnitude)
         bad = ~jnp.isfinite(x[0])
         for t in range(1, x.shape[0]):
             bad = bad | ~jnp.isfinite(x[t])
-        merged, code = _consensus(kept, bad, zero_positive, 1.0 / scale, elect=elect,
+        merged, code = _consensus(kept, bad, zero_positive, 1 / scale, elect=elect,
                                   aggregate=aggregate)
         outs.append(merged.astype(x.dtype))
         codes.append(code)
@@ -376,6 +379,7 @@ def _generalized(stacked, *, key=None, like=None, magnitude_ranks=None, band_ran
     dropout = p is not None
     keys = [jax.random.fold_in(key, i) for i in range(len(leaves))] if dropout else None
     p_arr = jnp.float32(p if dropout else 0.0)
+    scale = _task_scale(leaves[0].shape[0])
     static = dict(band=band_ranks is not None, magnitude=magnitude_ranks is not None, elect=elect,
                   aggregate=aggregate, dropout=dropout)
 
@@ -384,10 +388,10 @@ def _generalized(stacked, *, key=None, like=None, magnitude_ranks=None, band_ran
             # One program per leaf: XLA:CPU otherwise schedules every leaf's random
             # masks early and holds them all (3.5x the inputs' memory at ViT-B size).
             pieces = [_merge([x], None if lo is None else [lo[i]], None if hi is None else [hi[i]],
-                             [keys[i]], p_arr, zero_positive, **static)
+                             [keys[i]], p_arr, zero_positive, scale, **static)
                       for i, x in enumerate(leaves)]
             return [o[0] for o, _ in pieces], ([c[0] for _, c in pieces] if elect else None)
-        return _merge(leaves, lo, hi, keys, p_arr, zero_positive, **static)
+        return _merge(leaves, lo, hi, keys, p_arr, zero_positive, scale, **static)
 
     # Optimistic: zero-mass entries take "+"; redo with "-" only when the majority
     # says so and such entries exist (rare outside hand-built examples).

@@ -193,3 +193,26 @@ def test_bisect_does_not_recompile_for_new_ranks_or_values():
 def test_host_method_under_jit_names_the_alternatives():
     with pytest.raises(ValueError, match="method='host'.*'bisect' or 'top_k'"):
         jax.jit(lambda x: select.thresholds([x], [1], method="host"))(jnp.ones((1, 4)))
+
+
+def test_auto_under_jit_on_cpu_runs_the_host_selection_as_a_callback():
+    # Bisection's 31 counting passes made TIES under the caller's jit 6x slower than
+    # eager on CPU (issue 10): "auto" must lower to one pure_callback, and stay exact.
+    x = _hard_vector(jnp.float32, n=300, seed=9).reshape(3, 100)
+    f = jax.jit(lambda v: select.thresholds([v], [[1, 17], [5, 100], [2, 3]], return_largest=True))
+    assert "pure_callback" in str(jax.make_jaxpr(f)(x))
+    values, largest = f(x)
+    for t, ranks in enumerate(([1, 17], [5, 100], [2, 3])):
+        np.testing.assert_array_equal(np.asarray(values[t]), _ref(x[t], ranks))
+        assert float(largest[t]) == float(np.max(np.abs(x[t])))
+    joint = jax.jit(lambda v: select.thresholds([v], [[7]], joint=True))(x)
+    np.testing.assert_array_equal(np.asarray(joint)[0], _ref(x.reshape(-1), [7]))
+
+
+def test_bisect_refuses_groups_past_int32_counts():
+    # The guard is shape-only, so an abstract 2**31-entry input exercises it without memory.
+    big = jax.ShapeDtypeStruct((1, 2**31), jnp.float32)
+    with pytest.raises(ValueError, match=r"bisect counts in int32: groups of 2\*\*31 entries"):
+        jax.eval_shape(lambda v: select.thresholds([v], [[1]], method="bisect"), big)
+    ok = jax.ShapeDtypeStruct((1, 2**31 - 1), jnp.float32)
+    assert jax.eval_shape(lambda v: select.thresholds([v], [[1]], method="bisect"), ok).shape == (1, 1)

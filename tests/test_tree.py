@@ -259,3 +259,92 @@ def test_check_finite_names_leaf_and_task():
         tree.check_finite(bad)
     with pytest.raises(ValueError, match=r"of the deltas"):
         tree.check_finite(bad, what="delta")
+
+
+# ----------------------------------------------------------------------------
+# Issue 10: shapes never broadcast, lists vs trees, integers, collections
+# ----------------------------------------------------------------------------
+
+
+def test_apply_refuses_a_stacked_delta_and_names_the_leaf():
+    base = {"w": np.zeros((8, 8), np.float32), "b": np.zeros((8,), np.float32)}
+    stacked = tree.stack([base, base, base])
+    with pytest.raises(ValueError, match=r"Leaf 'b': delta has shape \(3, 8\) but base has \(8,\).*"
+                                         r"stacked \(a task axis of 3\).*merge.mean"):
+        tree.apply(base, stacked)
+
+
+def test_task_vector_does_not_broadcast_and_names_the_leaf():
+    with pytest.raises(ValueError, match=r"Leaf 'a': finetuned has shape \(3, 8\) but base has \(8,\)"):
+        tree.task_vector({"a": np.ones((3, 8), np.float32)}, {"a": np.ones((8,), np.float32)})
+    with pytest.raises(ValueError, match=r"finetuned has a different tree structure from base: "
+                                         r"missing leaf 'enc/b'"):
+        tree.task_vector({"enc": {"w": np.ones(2, np.float32)}},
+                         {"enc": {"w": np.ones(2, np.float32), "b": np.ones(2, np.float32)}})
+
+
+def test_apply_structure_and_scale_errors():
+    base = _base()
+    with pytest.raises(ValueError, match=r"delta has a different tree structure from base: missing leaf 'head/kernel'"):
+        tree.apply(base, {"enc": base["enc"]})
+    with pytest.raises(ValueError, match=r"scale must be a scalar, got shape \(2,\)"):
+        tree.apply(base, base, np.ones(2, np.float32))
+
+
+def test_integer_leaves_are_refused_or_passed_through_by_a_none_delta():
+    base = {"w": np.array([1.0, 2.0], np.float32), "step": np.array([7], np.int32)}
+    with pytest.raises(ValueError, match=r"Leaf 'step' of the base has dtype int32; only floating"):
+        tree.apply(base, {"w": np.ones(2, np.float32), "step": np.array([0.6], np.float32)})
+    with pytest.raises(ValueError, match=r"Leaf 'step' of the params tree has dtype int32"):
+        tree.task_vector(base, base)
+    out = tree.apply(base, {"w": np.array([0.5, -1.0], np.float32), "step": None}, 2.0)
+    np.testing.assert_array_equal(out["w"], [2.0, 0.0])
+    assert out["step"].dtype == np.int32 and int(out["step"][0]) == 7
+
+
+@pytest.mark.parametrize("fn", ("stack", "stacked_task_vectors"))
+def test_one_tree_instead_of_a_list_says_to_pass_a_list(fn):
+    one = _base()
+    call = (lambda t: tree.stack(t)) if fn == "stack" else (lambda t: tree.stacked_task_vectors(t, one))
+    with pytest.raises(ValueError, match=rf"tree.{fn} takes a list of T trees, got one tree \(a dict "
+                                         rf"with keys \['enc', 'head'\]\).*tree.{fn}\(\[tree\]\)"):
+        call(one)
+
+
+def test_unstack_and_cosine_name_a_leaf_with_another_task_count():
+    bad = {"a": np.ones((3, 2), np.float32), "b": np.ones((2, 2), np.float32)}
+    for fn in (tree.unstack, tree.cosine_matrix, tree.gram_matrix):
+        with pytest.raises(ValueError, match=r"Leaf 'b' stacks 2 tasks \(shape \(2, 2\)\) but 'a' stacks 3"):
+            fn(bad)
+
+
+def test_check_stacked_with_like_catches_an_unstacked_tree():
+    base = {"dense": {"kernel": np.zeros((8, 8), np.float32), "bias": np.zeros((8,), np.float32)}}
+    with pytest.raises(ValueError, match=r"Leaf 'dense/bias' has shape \(8,\) but the reference"):
+        tree.check_stacked(base, like=base)
+    leaves, _, paths = tree.check_stacked(tree.stack([base, base]), like=base)
+    assert paths == ["dense/bias", "dense/kernel"] and leaves[1].shape == (2, 8, 8)
+
+
+def test_join_refuses_overlapping_parts():
+    t = {"a": np.ones(2, np.float32), "b": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match=r"Leaf 'a' is set in both parts"):
+        tree.join(t, {"a": np.ones(2, np.float32), "b": None})
+
+
+def test_split_takes_only_params_from_a_variables_dict():
+    variables = {"params": {"dense": {"kernel": np.ones((2, 2), np.float32)}},
+                 "batch_stats": {"bn": {"mean": np.zeros(2, np.float32), "var": np.ones(2, np.float32)}}}
+    assert tree.state_paths(variables) == ["batch_stats/bn/mean", "batch_stats/bn/var"]
+    assert tree.state_paths({"bn": {"batch_stats": {"var": np.ones(2)}}, "w": np.ones(2)}) == \
+        ["bn/batch_stats/var"]
+    for predicate in (tree.path_filter(), lambda path: True):
+        selected, rest = tree.split(variables, predicate)
+        assert selected["batch_stats"]["bn"]["var"] is None and rest["params"]["dense"]["kernel"] is None
+        np.testing.assert_array_equal(selected["params"]["dense"]["kernel"], np.ones((2, 2)))
+        np.testing.assert_array_equal(rest["batch_stats"]["bn"]["var"], np.ones(2))
+    everything, rest = tree.split(variables, tree.path_filter(collections=None))
+    assert tree.leaf_paths(rest) == [] and len(tree.leaf_paths(everything)) == 3
+    # Plain params trees (no "params" key at the top) are unaffected by the rule.
+    sel, _ = tree.split(variables["params"], tree.path_filter())
+    np.testing.assert_array_equal(sel["dense"]["kernel"], np.ones((2, 2)))
