@@ -91,6 +91,12 @@ HF_MUTATIONS = [
     Mutation("roberta-positions-like-bert", "atm_jax/models/bert.py",
              'if self.family == "roberta":', "if False:",
              (HF + "test_encoder_matches_pytorch[roberta]",), "RoBERTa counts positions 0, 1, ..."),
+    Mutation("roberta-token-type-row-dropped", "atm_jax/models/bert.py",
+             'x = x + table(self.type_vocab_size, "token_type_embeddings")(token_type_ids)',
+             'x = x + (table(self.type_vocab_size, "token_type_embeddings")(token_type_ids)\n'
+             '                 if self.type_vocab_size > 1 else 0)',
+             (HF + "test_encoder_matches_pytorch[roberta]",),
+             "one token type (RoBERTa) taken as none: its embedding row not added"),
     Mutation("bert-attention-unscaled", "atm_jax/models/bert.py",
              'heads("value"), mask=mask)', 'heads("value"), mask=mask, scale=1.0)',
              (HF + "test_encoder_matches_pytorch",), "no 1/sqrt(head_dim) in attention"),
@@ -371,6 +377,7 @@ def run(mutations: list[Mutation], *, baseline: str | None, allow_dirty: bool,
             else:
                 result = f"error (pytest exit {rc})"
             rows.append((m, result, old))
+            print(f"{m.name}: {result} {old}".rstrip(), file=sys.stderr, flush=True)
     _print(rows, baseline)
     return 1 if survived else 0
 
