@@ -189,8 +189,9 @@ def check_stacked(stacked: PyTree, *, like: PyTree | None = None, what: str = "t
             if tuple(x.shape) != want:
                 raise ValueError(
                     f"Leaf {path!r} has shape {tuple(x.shape)} but the reference (like=) has "
-                    f"{np.shape(ref[path])}, so a stacked leaf should be {want}. Is it unstacked? "
-                    "Stack task vectors with atm_jax.tree.stack([...]).")
+                    f"{np.shape(ref[path])}: stacked over the {num_tasks} tasks that {first!r} "
+                    f"implies, it should be {want}. Is it unstacked? Stack task vectors with "
+                    "atm_jax.tree.stack([...]).")
     if warn_state:
         state = state_paths(stacked)
         if state:

@@ -752,7 +752,7 @@ def test_like_detects_an_unstacked_tree_whose_leaves_share_a_leading_size():
     base = {"dense": {"kernel": np.zeros((8, 8), F32), "bias": np.zeros((8,), F32)}}
     tv = {"dense": {"kernel": np.ones((8, 8), F32), "bias": np.ones((8,), F32)}}
     with pytest.raises(ValueError, match=r"Leaf 'dense/bias' has shape \(8,\) but the reference "
-                                         r"\(like=\) has \(8,\).*should be \(8, 8\).*tree.stack"):
+                                         r"\(like=\) has \(8,\).*it should be \(8, 8\).*tree.stack"):
         merge.ties(tv, like=base)
     stacked = tree_lib.stack([tv, tv])
     np.testing.assert_array_equal(merge.mean(stacked, like=base)["dense"]["bias"], np.ones(8, F32))
