@@ -183,6 +183,11 @@ FINETUNE_MUTATIONS = [
              'batch["key"] = jax.random.fold_in(epoch_key, i)', 'batch["key"] = epoch_key',
              (FT + "test_augment_gets_a_distinct_reproducible_key_per_step",),
              "every step of an epoch augments with one key"),
+    Mutation("augment-key-is-shuffle-key", "atm_jax/finetune.py",
+             "epoch_key = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)",
+             "epoch_key = jax.random.fold_in(key, epoch)",
+             (FT + "test_augment_keys_follow_the_documented_derivation",),
+             "augment keys derived from the shuffle's key (streams not kept apart)"),
 ]
 
 DATA_MUTATIONS = [
