@@ -14,14 +14,13 @@ import pathlib
 import tarfile
 import zipfile
 
+import fakes
 import numpy as np
 import pytest
 
 from atm_jax import files
 from atm_jax.data import fetch, mini_text, prepare
 from atm_jax.errors import ChecksumError, SourceUnavailableError
-
-import fakes
 
 _REAL_CACHE = files.cache_dir()  # Read before the fixture redirects the cache.
 _VADER_OUTER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -365,3 +364,85 @@ def test_real_sizes_and_disjoint(name):
         _REAL_SIZES[name]
     keys = [{_norm(s) for s in task.split(s)[0]} for s in ("train", "validation", "test")]
     assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+
+
+# ---------------------------------------------------------------------------
+# The suite: configs/mini_text.py.
+
+
+def _config(arg=None):
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "mini_text.py"
+    spec = importlib.util.spec_from_file_location("mini_text_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_recipe_is_the_mini_protocol():
+    from atm_jax import runner, schema
+
+    config = _config()
+    runner.validate(config)
+    assert config.suite == "mini_text" and config.heads == "frozen_random"
+    assert config.tasks == ("movie_sentiment", "product_sentiment", "tweet_sentiment",
+                            "quote_topic")
+    assert config.model.weights == "all-MiniLM-L6-v2" and config.budget == 10
+    assert (config.methods.atm.iterations, config.methods.valft_atm.split) == (10, "validation")
+    assert (config.methods.ties.merge_kwargs.density, config.methods.dare.merge_kwargs.p) == \
+        (0.15, 0.9)
+    assert schema.method_order(config) == ["task_arithmetic", "ties", "breadcrumbs", "dare",
+                                           "valft_atm", "atm"]
+    assert config.references == ("pretrained", "linear_probe", "individual")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: setattr(c, "tasks", ("movie_sentiment", "sst2")), "unknown task 'sst2'"),
+    (lambda c: setattr(c.data, "max_length", 0), "config.data.max_length=0"),
+    (lambda c: setattr(c.data, "max_length", 65), "max_length=65 exceeds the model's 64"),
+    (lambda c: setattr(c.model, "weights", "/nonexistent"), "config.model.weights='/nonexistent'"),
+    (lambda c: setattr(c, "heads", "zero_shot"), "config.heads='zero_shot'"),
+])
+def test_bad_suite_fields(edit, message, tmp_path):
+    import json
+
+    from atm_jax import errors, runner
+    from atm_jax.models import bert
+
+    (tmp_path / "config.json").write_text(json.dumps(bert.tiny_config()))  # 64 positions
+    config = _config("tiny")
+    config.model.weights = str(tmp_path)
+    edit(config)
+    with pytest.raises(errors.ConfigError, match=message):
+        runner.validate(config)
+
+
+@pytest.mark.usefixtures("fake_sources")
+def test_tiny_runs_end_to_end(tmp_path):
+    import json
+
+    from atm_jax import runner
+
+    _tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    config = _config("tiny")
+    with config.unlocked():
+        config.data.update(train_size=8, validation_size=4, test_size=4, max_length=8,
+                           tokenizer=str(tmp_path / "tokenizer.json"))
+        config.optimizer.batch_size = 4
+        config.eval_batch_size = 4
+        # The suite is under test, not the merges: the fewest methods that use it all.
+        for name in ("ties", "breadcrumbs", "dare", "valft_atm"):
+            del config.methods[name]
+        config.references = ("pretrained", "individual")
+        config.save_params = False
+    runner.run_experiment(config, tmp_path / "run", log=lambda *a: None)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["tasks"] == ["movie_sentiment", "product_sentiment"]
+    methods = [row["method"] for row in results["rows"]]
+    assert methods == ["pretrained", "individual", "task_arithmetic", "atm"]
+    # The fake tasks have 2 and 2 test sentences (their whole pools under the caps).
+    for row in results["rows"]:
+        assert set(row["accuracy"]) == {"movie_sentiment", "product_sentiment"}
+        assert {2 * a for a in row["accuracy"].values()} <= {0, 1, 2}
+    assert any("share none" in note for note in results["notes"])

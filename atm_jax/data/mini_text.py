@@ -64,8 +64,8 @@ import numpy as np
 
 from atm_jax import files
 from atm_jax.data import fetch, text
-from atm_jax.data.mini import SPLITS, TaskData
 from atm_jax.data.sources import RawFile
+from atm_jax.data.tasks import SPLITS, TaskData
 from atm_jax.errors import ChecksumError, SourceUnavailableError
 
 PREPARE_COMMAND = "python -m atm_jax.data.prepare mini_text"

@@ -23,6 +23,7 @@ __all__ = ["Setup", "SUITES", "get"]
 SUITES = {
     "mini": "atm_jax.suites.mini",    # configs/mini.py: real 28×28 tasks, glyph-pretrained ViT
     "paper": "atm_jax.suites.paper",  # configs/vit.py, roberta.py, bert.py: the paper's setups
+    "mini_text": "atm_jax.suites.mini_text",  # configs/mini_text.py: MiniLM on real text
 }
 
 
