@@ -31,7 +31,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from atm_jax import extras
+
+with extras.needed("atm_jax.checkpoint"):
+    import orbax.checkpoint as ocp
 
 from atm_jax import atm
 from atm_jax.errors import CheckpointFormatError

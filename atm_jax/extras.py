@@ -21,6 +21,8 @@ import importlib
 from collections.abc import Iterator
 from types import ModuleType
 
+from atm_jax.errors import MissingExtraError
+
 __all__ = ["EXPERIMENTS", "INSTALL", "MissingExtraError", "missing_extra", "needed", "require"]
 
 INSTALL = 'pip install "atm_jax[experiments]"'
@@ -42,10 +44,6 @@ EXPERIMENTS = {
     "PIL": "pillow",
     "tqdm": "tqdm",
 }
-
-
-class MissingExtraError(ImportError):
-    """A package of the ``experiments`` extra is not installed."""
 
 
 def missing_extra(error: ModuleNotFoundError, *, feature: str) -> ImportError:

@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
-from atm_jax import batching, evaluate
+from atm_jax import batching, evaluate, extras
 from atm_jax.errors import DivergedError
 from atm_jax.models.heads import apply_head
 
@@ -150,6 +149,13 @@ def as_inputs(x) -> np.ndarray:
     return x.astype(np.float32, copy=False) if x.dtype.kind in "fb" else x
 
 
+def _tqdm():
+    """tqdm's progress bar class (an ``experiments`` package, imported when asked for)."""
+    with extras.needed("a Finetuner with progress=True"):
+        from tqdm import tqdm
+    return tqdm
+
+
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
                     train_head: bool, augment: Augment | None = None
                     ) -> Callable[[dict, dict], tuple[dict, dict]]:
@@ -256,7 +262,8 @@ class Finetuner:
         progress: show a tqdm bar over steps on stderr.
         augment: optional `augment(images, key) -> images` for training batches
             (e.g. random resized crops); step i of epoch e uses the key
-            `fold_in(fold_in(key, e), i)`, so runs stay reproducible.
+            `fold_in(fold_in(fold_in(key, e), 1), i)` (the epoch's shuffle uses
+            `fold_in(key, e)`), so runs stay reproducible.
         tx: the optax transformation.
         train_step: the jitted step `step(state, batch) -> (state, metrics)`; it
             donates `state`.
@@ -287,7 +294,7 @@ class Finetuner:
         return self._init_state(backbone, head)
 
     def train_epoch(self, state: dict, images: np.ndarray, labels: np.ndarray, *,
-                    key: jax.Array, epoch: int, bar: tqdm.tqdm | None = None
+                    key: jax.Array, epoch: int, bar: Any | None = None
                     ) -> tuple[dict, dict]:
         """One pass over all examples in a keyed random order.
 
@@ -385,7 +392,7 @@ class Finetuner:
         start = time.perf_counter()
         state = self.init_state(backbone, head)
         steps_per_epoch = batching.num_batches(len(images), self.opt.batch_size)
-        bar = (tqdm.tqdm(total=epochs * steps_per_epoch, leave=False, file=sys.stderr,
+        bar = (_tqdm()(total=epochs * steps_per_epoch, leave=False, file=sys.stderr,
                          unit="step") if self.progress else None)
         losses, accuracies = [], []
         try:
@@ -437,8 +444,9 @@ def linear_probe(apply_fn: ApplyFn, base: PyTree, heads: dict, tasks: dict,
     features_fn = jax.jit(lambda p, x: apply_fn(p, x, False))
 
     def features(inputs):
+        # Small splits are not padded up to a whole feature batch.
         return batching.map_batches(lambda x: features_fn(base, x), as_inputs(inputs),
-                                    feature_batch_size)
+                                    min(feature_batch_size, len(inputs)))
 
     def identity(_, f, train):  # a probe's "backbone" is the precomputed features
         return f

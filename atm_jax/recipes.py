@@ -16,7 +16,10 @@ suite from what `BUILDERS` produce, so a new field is added here, once.
 
 from __future__ import annotations
 
-import ml_collections
+from atm_jax import extras
+
+with extras.needed("atm_jax.recipes"):
+    import ml_collections
 
 __all__ = ["PAPER", "BUILDERS", "SHRINKS", "method", "mini", "tiny", "paper_config", "runlocal",
            "apply_arg"]

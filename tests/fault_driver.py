@@ -104,6 +104,17 @@ def install_fault(point: str, n: int) -> None:
         from orbax.checkpoint import handlers
 
         wrap(handlers.JsonCheckpointHandler, "async_save", before=True)
+    elif point == "item":  # inside an item's write: orbax's temporary folder exists
+        from orbax.checkpoint import handlers
+
+        original = handlers.StandardCheckpointHandler.async_save
+
+        def async_save(self, directory, *args, **kwargs):
+            if "items" in str(directory):
+                hit()
+            return original(self, directory, *args, **kwargs)
+
+        handlers.StandardCheckpointHandler.async_save = async_save
     elif point == "saved":
         wrap(checkpoint.Checkpointer, "save")
     elif point == "metrics":

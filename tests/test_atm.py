@@ -202,3 +202,193 @@ def test_cosine_diagnostics_of_opposite_task_vectors():
     finetuned = [tree.apply(base, jax.tree.map(jnp.ones_like, base), s) for s in (1.0, -1.0)]
     _, diag = atm.merge_step(base, finetuned, atm.MergeSpec(), key=jax.random.key(0))
     np.testing.assert_allclose(diag["cosine"], [[1, -1], [-1, 1]], atol=1e-6)
+
+
+# -- by-hand references: a finetune whose result is known in closed form ------------------
+
+def _documented_task_key(key, iteration, task_index):
+    # atm.task_key's docstring: fold_in(fold_in(fold_in(key, iteration), 0), task_index).
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, iteration), 0), task_index)
+
+
+def _scripted(shift=None):
+    """finetune -> base + epochs * c_task + 1e-3 * normal(key); heads + 1 per call."""
+    shift = shift or {t: float(i + 1) for i, t in enumerate(TASKS)}
+    seen = []
+
+    def finetune(base, head, task, epochs, key):
+        seen.append((task, np.asarray(jax.random.key_data(key)).tobytes(),
+                     float(head["w"][0])))
+        noise = jax.tree.map(lambda x: 1e-3 * jax.random.normal(key, x.shape), base)
+        params = jax.tree.map(lambda b, n: b + epochs * shift[task] + n, base, noise)
+        return params, {"w": head["w"] + 1.0}, {"loss": 0.25}
+
+    return finetune, seen, shift
+
+
+def _counting_heads():
+    return {t: {"w": np.zeros(2, np.float32)} for t in TASKS}
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_atm_loop_equals_the_closed_form(alpha):
+    """K iterations of mean merging, every key from the documented derivation:
+    base_K = base_0 + alpha * sum_k mean_t(e * c_t + 1e-3 * normal(key_kt))."""
+    finetune, seen, shift = _scripted()
+    key, base, iterations, epochs = jax.random.key(5), _base(), 3, 2
+    merged, _, history = atm.run(base, _counting_heads(), finetune=finetune, evaluate=None,
+                                 iterations=iterations, epochs_per_iteration=epochs, key=key,
+                                 merge=atm.MergeSpec("mean", alpha=alpha))
+    expected = jax.tree.map(np.asarray, base)
+    for k in range(iterations):
+        deltas = []
+        for i, t in enumerate(TASKS):
+            k_t = _documented_task_key(key, k, i)
+            deltas.append(jax.tree.map(
+                lambda x, k_t=k_t, t=t: epochs * shift[t] + 1e-3 * np.asarray(
+                    jax.random.normal(k_t, x.shape)), expected))
+        expected = jax.tree.map(lambda b, *d: b + alpha * np.mean(d, axis=0), expected, *deltas)
+    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-6)
+    keys = [s[1] for s in seen]
+    assert keys == [np.asarray(jax.random.key_data(_documented_task_key(key, k, i))).tobytes()
+                    for k in range(iterations) for i in range(len(TASKS))]
+    assert len(set(keys)) == len(keys)  # every (iteration, task) trains with its own key
+    # evaluate=None: no iteration-0 record and no accuracies, only the merge records.
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    assert not any("accuracy" in h for h in history)
+
+
+def test_carried_heads_are_the_previous_iterations_heads_exactly():
+    finetune, seen, _ = _scripted()
+    _, heads, _ = atm.run(_base(), _counting_heads(), finetune=finetune, evaluate=None,
+                          iterations=3, epochs_per_iteration=1, key=jax.random.key(0),
+                          carry_heads=True)
+    # Each call adds 1 to the head it gets: iteration k must start from k.
+    assert [s[2] for s in seen] == [k for k in range(3) for _ in TASKS]
+    assert all(np.array_equal(h["w"], [3.0, 3.0]) for h in heads.values())
+    seen.clear()
+    _, heads, _ = atm.run(_base(), _counting_heads(), finetune=finetune, evaluate=None,
+                          iterations=3, epochs_per_iteration=1, key=jax.random.key(0),
+                          carry_heads=False)
+    assert [s[2] for s in seen] == [0.0] * 9
+    assert all(np.array_equal(h["w"], [0.0, 0.0]) for h in heads.values())
+
+
+def test_one_shot_individual_and_merged_params_by_hand():
+    finetune, _, shift = _scripted()
+    base, key, epochs = _base(), jax.random.key(2), 4
+
+    def evaluate(params, heads):  # "accuracy" = mean of params["out"], task-independent
+        return {t: float(np.mean(params["out"])) + float(h["w"][0]) for t, h in heads.items()}
+
+    out = atm.one_shot(base, _counting_heads(), finetune=finetune, evaluate=evaluate, epochs=epochs,
+                       merges={"ta": atm.MergeSpec("mean"), "half": atm.MergeSpec("mean", alpha=0.5)},
+                       key=key)
+    for i, t in enumerate(TASKS):
+        noise = 1e-3 * np.asarray(jax.random.normal(_documented_task_key(key, 0, i), base["out"].shape))
+        own = np.mean(np.asarray(base["out"]) + epochs * shift[t] + noise) + 1.0  # its own head: +1
+        assert out["individual"][t] == pytest.approx(own, rel=1e-5)
+    mean_shift = epochs * np.mean(list(shift.values()))
+    for name, alpha in (("ta", 1.0), ("half", 0.5)):
+        got = np.asarray(out["params"][name]["dense"]["bias"])
+        np.testing.assert_allclose(got, alpha * mean_shift, atol=3e-3)  # noise is 1e-3 scale
+        assert out["merged"][name]["a"] == pytest.approx(
+            float(np.mean(out["params"][name]["out"])) + 1.0, rel=1e-6)
+
+
+def test_include_merges_only_matching_leaves():
+    base = _base()
+    finetuned = [jax.tree.map(lambda x, i=i: x + i + 1.0, base) for i in range(3)]
+    new, _ = atm.merge_step(base, finetuned, atm.MergeSpec("mean", include=r"^dense/bias$"),
+                            key=jax.random.key(0))
+    np.testing.assert_allclose(new["dense"]["bias"], np.asarray(base["dense"]["bias"]) + 2.0)
+    np.testing.assert_array_equal(new["dense"]["kernel"], base["dense"]["kernel"])
+    np.testing.assert_array_equal(new["out"], base["out"])
+
+
+def test_only_the_params_collection_merges_by_default():
+    base = {"params": {"w": jnp.ones(3)}, "batch_stats": {"var": jnp.ones(3)}}
+    finetuned = [{"params": {"w": jnp.full(3, v)}, "batch_stats": {"var": jnp.full(3, 0.1 * v)}}
+                 for v in (2.0, 4.0)]
+    new, _ = atm.merge_step(base, finetuned, atm.MergeSpec("mean", alpha=2.0), key=jax.random.key(0))
+    np.testing.assert_allclose(new["params"]["w"], 1 + 2 * 2.0)  # 1 + 2 * mean(1, 3)
+    np.testing.assert_array_equal(new["batch_stats"]["var"], base["batch_stats"]["var"])
+    both = atm.MergeSpec("mean", collections=("params", "batch_stats"))
+    new, _ = atm.merge_step(base, finetuned, both, key=jax.random.key(0))
+    np.testing.assert_allclose(new["batch_stats"]["var"], 1 + np.mean([0.2 - 1, 0.4 - 1]), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"collections \['stats'\] are not in the base"):
+        atm.merge_step(base, finetuned, atm.MergeSpec("mean", collections="stats"),
+                       key=jax.random.key(0))
+
+
+def test_mergespec_takes_hyperparameters_as_keywords():
+    assert atm.MergeSpec("ties", density=0.2) == atm.MergeSpec("ties", {"density": 0.2})
+    assert atm.MergeSpec("ties", density=0.2, alpha=0.5).alpha == 0.5
+    with pytest.raises(TypeError, match=r"\['density'\] both in kwargs and as keywords"):
+        atm.MergeSpec("ties", {"density": 0.2}, density=0.3)
+    with pytest.raises(TypeError, match="must be a dict of hyperparameters"):
+        atm.MergeSpec("ties", 0.2)
+    with pytest.raises(ValueError, match="alpha='1'"):
+        atm.MergeSpec("mean", alpha="1")
+
+
+def test_inputs_are_checked_with_the_fix_in_the_message():
+    finetune, _, _ = _scripted()
+    run = dict(finetune=finetune, evaluate=None, iterations=1, epochs_per_iteration=1,
+               key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"heads must be a dict \{task name: head pytree\}.*list"):
+        atm.run(_base(), list(_counting_heads().values()), **run)
+    with pytest.raises(TypeError, match="must be an atm.MergeSpec"):
+        atm.run(_base(), _counting_heads(), merge="mean", **run)
+    bad = dict(run, finetune=lambda *a: a[0])
+    with pytest.raises(TypeError, match=r"must return \(params, head, metrics dict\); for task 'a'"):
+        atm.run(_base(), _counting_heads(), **bad)
+    wrong = dict(run, evaluate=lambda p, h: {"zz": 1.0})
+    with pytest.raises(TypeError, match=r"return \{task: accuracy\} for the tasks \['a', 'b', 'c'\]"):
+        atm.run(_base(), _counting_heads(), **wrong)
+    with pytest.raises(TypeError, match=r"merges must be a dict \{method name: atm.MergeSpec\}"):
+        atm.one_shot(_base(), _counting_heads(), finetune=finetune, evaluate=lambda p, h: {},
+                     epochs=1, merges={"ta": "mean"}, key=jax.random.key(0))
+
+
+def test_scalar_metrics_are_logged():
+    finetune, _, _ = _scripted()  # returns {"loss": 0.25}, a number, not a per-epoch list
+    lines = []
+    atm.run(_base(), _counting_heads(), finetune=finetune, evaluate=None, iterations=1,
+            epochs_per_iteration=1, key=jax.random.key(0), log=lines.append)
+    assert any("finetune a: 1 epoch(s), final loss 0.2500" in line for line in lines)
+
+
+def test_start_outside_the_run_is_refused_and_a_start_state_is_not_changed():
+    finetune, seen, _ = _scripted()
+    kwargs = dict(finetune=finetune, evaluate=None, epochs_per_iteration=1, key=jax.random.key(0))
+    late = atm.State(iteration=3, base=_base(), heads=_counting_heads())
+    with pytest.raises(ValueError, match="start is at iteration 3 with 0 tasks done, outside "
+                                         r"this run's 2 iterations × 3 tasks"):
+        atm.run(_base(), _counting_heads(), iterations=2, start=late, **kwargs)
+    crowded = atm.State(0, _base(), _counting_heads(), finetuned=(_base(),) * 4)
+    with pytest.raises(ValueError, match="with 4 tasks done"):
+        atm.run(_base(), _counting_heads(), iterations=2, start=crowded, **kwargs)
+    assert not seen
+    # Resuming after one finetune: the rest of the run, and the start state untouched.
+    state = atm.finetune_next(atm.init(_base(), _counting_heads()), finetune=finetune,
+                              epochs=1, key=jax.random.key(0))
+    snapshot = (state.iteration, len(state.finetuned), dict(state.heads), dict(state.finetuned_heads))
+    resumed = atm.run(None, None, iterations=1, start=state, **kwargs)[0]
+    fresh = atm.run(_base(), _counting_heads(), iterations=1, **kwargs)[0]
+    _assert_trees_equal(resumed, fresh)
+    assert (state.iteration, len(state.finetuned), dict(state.heads),
+            dict(state.finetuned_heads)) == snapshot
+
+
+def test_iteration_returns_the_next_state_and_its_diagnostics():
+    finetune, _, shift = _scripted()
+    state = atm.init(_base(), _counting_heads())
+    new, diagnostics = atm.iteration(state, finetune=finetune, epochs=1, merge=atm.MergeSpec(),
+                                     key=jax.random.key(0), carry_heads=True)
+    assert (new.iteration, new.finetuned, dict(new.finetune_metrics)) == (1, (), {})
+    assert state.iteration == 0 and state.finetuned == ()
+    assert set(diagnostics) == {"finetune", "merge"} and set(diagnostics["finetune"]) == set(TASKS)
+    assert diagnostics["merge"]["task_vector_norm"][2] > diagnostics["merge"]["task_vector_norm"][0]
+    np.testing.assert_allclose(new.base["dense"]["bias"], np.mean(list(shift.values())), atol=3e-3)

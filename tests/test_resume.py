@@ -28,7 +28,12 @@ def cache(tmp_path_factory):
 
 
 def drive(cache, workdir, calls, fault=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu")
+    # The subprocesses share JAX's persistent compilation cache: each compiles the same
+    # tiny programs, so only the first pays for XLA.
+    env = dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(cache / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     command = [sys.executable, str(HERE / "fault_driver.py"), str(workdir), str(calls)]
     return subprocess.run(command + ([fault] if fault else []), env=env, capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
@@ -52,6 +57,7 @@ def _events(path: pathlib.Path) -> list[tuple[str, str]]:
 CHAIN = (
     "eval:3",      # mid-evaluation inside the linear probe
     "step:10",     # mid-finetune: the second one-shot task, second step
+    "item:1",      # mid-write of that task's finetuned model (a checkpoint item)
     "save:1",      # mid-save: orbax's temporary folder exists, no commit yet
     "merge:2",     # mid-merge: DARE's one-shot merge done, not yet evaluated or saved
     "metrics:3",   # after a metrics record reached the file, before its checkpoint
@@ -77,7 +83,7 @@ def _corrupt_newest(ckpt_dir: pathlib.Path) -> int:
 def test_sigkill_at_every_point_then_resume_gives_bitwise_the_uninterrupted_run(
         cache, reference, tmp_path):
     workdir, calls = tmp_path / "work", tmp_path / "calls"
-    resumed_from, saw_tmp_folder, warned = [], False, False
+    resumed_from, saw_tmp_folder, saw_tmp_item, warned = [], False, False, False
     for fault in CHAIN:
         if fault == "CORRUPT":
             damaged = _corrupt_newest(workdir / "checkpoints")
@@ -91,10 +97,20 @@ def test_sigkill_at_every_point_then_resume_gives_bitwise_the_uninterrupted_run(
             assert f"checkpoint step {damaged}" in log
         if fault.startswith("save"):
             saw_tmp_folder = any("tmp" in p.name for p in (workdir / "checkpoints").iterdir())
+        if fault.startswith("item"):
+            saw_tmp_item = any("tmp" in p.name
+                               for p in (workdir / "checkpoints" / "items").iterdir())
     final = drive(cache, workdir, calls)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resuming from" in final.stdout
     assert saw_tmp_folder, "the mid-save kill left no partial checkpoint to skip"
+    assert saw_tmp_item, "the mid-item kill left no partial item to clean up"
+    # Half-written items are gone; every item left is named by a kept step.
+    kept = set()
+    for step in checkpoint.Checkpointer(workdir / "checkpoints", keep=2).steps():
+        meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+        kept |= set(meta["items"])
+    assert {p.name for p in (workdir / "checkpoints" / "items").iterdir()} <= kept
     assert warned, "the damaged checkpoint was not reported"
     # Every kill after the first resumed, and from ever later points.
     assert len(resumed_from) == len(CHAIN) - 2

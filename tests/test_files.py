@@ -1,0 +1,109 @@
+"""The file layer: atomic writes, process-0 guard, checksums, and a (mocked) bucket workdir."""
+
+import json
+import os
+import pathlib
+
+import jax
+import pytest
+from etils import epath
+from etils.epath import testing as epath_testing
+
+from atm_jax import errors, files, workdir, writers
+
+BUCKET = "gs://atm-test-bucket"
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "out.json"
+    files.write_json(path, {"a": 1, "b": [1.5, 2]})
+    assert json.loads(path.read_text()) == {"a": 1, "b": [1.5, 2]}
+    files.write_text(path, "second")
+    assert path.read_text() == "second"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "out.bin"
+    files.write_bytes(path, b"old")
+
+    def broken(f):
+        f.write(b"half of the new")
+        raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        files.atomic_write(path, broken)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_only_process_zero_writes_unless_all_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    files.write_text(tmp_path / "shared.txt", "x")
+    assert not (tmp_path / "shared.txt").exists()
+    files.write_text(tmp_path / "cache.txt", "x", all_processes=True)
+    assert (tmp_path / "cache.txt").read_text() == "x"
+
+
+def test_cache_root_and_offline_flag_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "c"))
+    assert files.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(files.CACHE_ENV)
+    assert files.cache_dir() == pathlib.Path.home() / ".cache" / "atm_jax"
+    for value, expected in (("1", True), ("yes", True), ("TRUE", True), ("0", False), ("", False)):
+        monkeypatch.setenv(files.OFFLINE_ENV, value)
+        assert files.offline() is expected
+
+
+def test_sha256_check_names_file_digests_and_fix(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
+    assert files.sha256_file(path) == digest
+    files.verify_sha256(path, digest, fix="unused")
+    with pytest.raises(errors.ChecksumError, match=rf"{path}: expected 0+, got {digest}\..*refetch"):
+        files.verify_sha256(path, "0" * 64, fix="refetch it")
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    """``gs://atm-test-bucket/...`` served from a local folder through etils' epath mock."""
+    root = tmp_path / "bucket"
+    root.mkdir()
+
+    def local(path):
+        text = os.fspath(path)
+        return text.replace(BUCKET, str(root)) if text.startswith(BUCKET) else text
+
+    def one(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def two(fn, src, dst, *args, **kwargs):
+        return fn(local(src), local(dst), *args, **kwargs)
+
+    singles = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree",
+               "stat", "walk", "glob")
+    with epath_testing.mock_epath(**{n: one for n in singles},
+                                  **{n: two for n in ("copy", "rename", "replace")}):
+        yield root
+
+
+def test_a_bucket_workdir_gets_the_run_files(bucket):
+    target = workdir.writable(f"{BUCKET}/runs/a")
+    assert not files.is_local(target) and files.is_local(bucket)
+    assert list((bucket / "runs" / "a").iterdir()) == []  # the write probe was removed
+    files.write_json(target / "config.json", {"seed": 0})
+    assert json.loads((bucket / "runs" / "a" / "config.json").read_text()) == {"seed": 0}
+    assert workdir.saved_config(target) == {"seed": 0}
+    files.atomic_write_file(target / "params" / "m.bin", lambda name: pathlib.Path(name).write_bytes(b"p"))
+    assert (bucket / "runs" / "a" / "params" / "m.bin").read_bytes() == b"p"
+
+
+def test_metrics_on_a_bucket_are_rewritten_whole(bucket):
+    metrics = writers.MetricsWriter(epath.Path(f"{BUCKET}/w/metrics.jsonl"))
+    metrics.reset()
+    record = {"method": "atm", "iteration": 1, "epochs_per_task": 1, "accuracy": {"a": 0.5}}
+    metrics(record)
+    metrics(dict(record, iteration=2))
+    lines = (bucket / "w" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
