@@ -52,7 +52,18 @@ def machine() -> str:
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, {memory:.0f} GiB, {platform.platform()}"
+    cores = f"{os.cpu_count()} CPU cores"
+    if cpu_count() != os.cpu_count():
+        cores += f" ({cpu_count()} usable by this run)"
+    return f"{cpu}, {cores}, {memory:.0f} GiB, {platform.platform()}"
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (``taskset`` and cgroup pinning respected)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def versions(*modules: str) -> str:
@@ -92,6 +103,8 @@ def write_results(name: str, header: Sequence[str], body: str,
              "", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}_{stamp:%Y%m%d_%H%M}{suffix}"
+    if path.exists():  # two runs in one minute (e.g. rows run side by side): keep both
+        path = RESULTS / f"{name}_{stamp:%Y%m%d_%H%M%S}{suffix}"
     path.write_text("\n".join(lines) + body.rstrip("\n") + "\n")
     return path
 
@@ -128,22 +141,22 @@ def run_worker(script: str | os.PathLike, args: Sequence[str], *, env: dict | No
 
 
 def timed_windows(call: Callable[[], None], *, windows: int, steps: int,
-                  warmup: int = 1) -> list[float]:
-    """Seconds per step of `windows` timed windows of `steps` calls each.
+                  sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds per call over each of `windows` timed windows of `steps` calls.
 
-    `call` must block until its work is done (e.g. ``jax.block_until_ready``) at
-    least at the end of a window; it is called `warmup` times first, untimed
-    (compilation, first-touch page faults, allocator growth).
+    Warm up (compile, first-touch page faults, allocator growth) before calling
+    this. `sync` runs at the end of every window, inside the timing, so work that
+    `call` only dispatched (JAX's asynchronous dispatch) is counted in its window.
     """
-    for _ in range(warmup):
-        call()
-    per_step = []
+    sync()
+    per_call = []
     for _ in range(windows):
         start = time.perf_counter()
         for _ in range(steps):
             call()
-        per_step.append((time.perf_counter() - start) / steps)
-    return per_step
+        sync()
+        per_call.append((time.perf_counter() - start) / steps)
+    return per_call
 
 
 def median(values: Sequence[float]) -> float:
