@@ -26,8 +26,6 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SHARED_CORES_NOTE = ("this machine's cores are shared with other jobs, so timings are noisy "
-                     "(compare ratios measured in one run, not absolute numbers across runs)")
 
 
 def commit() -> str:
