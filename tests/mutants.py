@@ -3,8 +3,10 @@
   python tests/mutants.py                  # every mutation
   python tests/mutants.py gelu roberta     # those whose name contains a word
   python tests/mutants.py --list           # the table of mutations, nothing run
-  python tests/mutants.py --baseline REV   # also: do the test files of commit REV
-                                           # catch it (did the old suite miss it?)
+  python tests/mutants.py --baseline REV   # also: do the same tests as of commit REV
+                                           # catch it (did the old suite miss it?);
+                                           # new tests fall back to the old file
+  python tests/mutants.py --baseline REV --whole-files   # the whole old files
 
 Each `Mutation` replaces one exact piece of source text (it must occur exactly once)
 and names the pytest node ids expected to catch it. The script copies the working
@@ -161,7 +163,8 @@ FINETUNE_MUTATIONS = [
              (FT + "test_epochs_use_every_example_once_and_padding_adds_nothing",),
              "every epoch uses epoch 0's order"),
     Mutation("on-epoch-not-called", "atm_jax/finetune.py",
-             "on_epoch(epoch, epoch_metrics)", "pass",
+             "                    on_epoch(epoch, epoch_metrics)\n",
+             "                    pass\n",
              (FT + "test_epochs_use_every_example_once_and_padding_adds_nothing",),
              "on_epoch callback never called"),
     Mutation("epoch-loss-unweighted", "atm_jax/finetune.py",
@@ -214,10 +217,81 @@ DATA_MUTATIONS = [
 ]
 
 # One list per area; other areas append theirs here.
+ATM = "tests/test_atm.py::"
+RUN = "tests/test_runner.py::"
+FILES = "tests/test_files.py::"
+STRUCT = "tests/test_structure.py::"
+
+ATM_MUTATIONS = [
+    Mutation("atm-task-key-order", "atm_jax/atm.py",
+             "jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, iteration), 0), task_index)",
+             "jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, task_index), 0), iteration)",
+             (ATM + "test_atm_loop_equals_the_closed_form",),
+             "task keys derived against their documentation"),
+    Mutation("atm-heads-not-carried", "atm_jax/atm.py",
+             "heads = dict(state.finetuned_heads) if carry_heads else state.heads",
+             "heads = state.heads",
+             (ATM + "test_carried_heads_are_the_previous_iterations_heads_exactly",),
+             "trainable heads reset every iteration"),
+    Mutation("one-shot-individual-base-head", "atm_jax/atm.py",
+             "_evaluated(evaluate, params, {task: new_heads[task]},",
+             "_evaluated(evaluate, params, {task: state.heads[task]},",
+             (ATM + "test_one_shot_individual_and_merged_params_by_hand",),
+             "individual models scored with their starting heads"),
+    Mutation("merge-include-ignored", "atm_jax/atm.py",
+             "return tree_lib.path_filter(spec.include, spec.exclude, collections=spec.collections)",
+             "return tree_lib.path_filter(None, spec.exclude, collections=spec.collections)",
+             (ATM + "test_include_merges_only_matching_leaves",), "MergeSpec.include dropped"),
+    Mutation("merge-collections-ignored", "atm_jax/atm.py",
+             "return tree_lib.path_filter(spec.include, spec.exclude, collections=spec.collections)",
+             "return tree_lib.path_filter(spec.include, spec.exclude, collections=None)",
+             (ATM + "test_only_the_params_collection_merges_by_default",),
+             "BatchNorm statistics merged as if weights"),
+    Mutation("valft-on-train", "atm_jax/runner.py",
+             "finetune=self.make_finetune(spec.split),", 'finetune=self.make_finetune("train"),',
+             (RUN + "test_valft_trains_on_the_validation_split_and_save_params_off_writes_none",),
+             "valFT ATM trains on the training split"),
+    Mutation("save-params-ignored", "atm_jax/runner.py",
+             'out["params"] if config.save_params else None', 'out["params"]',
+             (RUN + "test_valft_trains_on_the_validation_split_and_save_params_off_writes_none",),
+             "save_params=False still writes params"),
+    Mutation("resume-drops-finetuned-heads", "atm_jax/checkpoint.py",
+             'finetuned_heads=order(arrays.get("finetuned_heads", {})),', "finetuned_heads={},",
+             (RUN + "test_trainable_heads_are_checkpointed_and_resumed_exactly",),
+             "a resumed iteration forgets the heads its finished tasks trained"),
+    Mutation("seed-change-accepted", "atm_jax/runner.py",
+             'if not np.array_equal(np.asarray(restored.state["key"]), self.key_data):',
+             "if False:",
+             (RUN + "test_resume_refuses_a_seed_change_even_when_forced",),
+             "a forced resume silently changes the seed midway"),
+    Mutation("normalized-by-itself", "atm_jax/results.py",
+             'normalized_average(row["accuracy"], individual)',
+             "normalized_average(individual, individual)",
+             (RUN + "test_main_end_to_end_on_tiny_data",), "every row normalized to 1"),
+    Mutation("duplicate-tasks-accepted", "atm_jax/schema.py",
+             "if len(set(tasks)) != len(tasks):", "if False:",
+             (RUN + "test_bad_configs_fail_before_any_compute",), "config.tasks may name a task twice"),
+    Mutation("write-in-place", "atm_jax/files.py", "            write(tmp)\n",
+             "            write(os.fspath(target))\n",
+             (FILES + "test_a_failed_write_keeps_the_old_file_and_no_temp",),
+             "a failed write leaves half a file"),
+    Mutation("bucket-append", "atm_jax/writers.py", "if not files.is_local(self.path):", "if False:",
+             (FILES + "test_metrics_on_a_bucket_are_rewritten_whole",),
+             "metrics.jsonl appended on an object store"),
+    Mutation("every-process-writes", "atm_jax/files.py",
+             "if not (all_processes or is_writer()):", "if False:",
+             (FILES + "test_only_process_zero_writes_unless_all_processes",),
+             "processes other than 0 write shared files"),
+    Mutation("import-cycle", "atm_jax/schema.py", "from atm_jax import recipes\n",
+             "from atm_jax import recipes, runner  # noqa: F401\n",
+             (STRUCT + "test_no_import_cycle_in_the_package",), "schema <-> runner cycle"),
+]
+
 GROUPS: dict[str, list[Mutation]] = {
     "hf": HF_MUTATIONS,
     "finetune": FINETUNE_MUTATIONS,
     "data": DATA_MUTATIONS,
+    "atm": ATM_MUTATIONS,
 }
 
 
@@ -316,6 +390,22 @@ def _restore(path: pathlib.Path, original: bytes) -> None:
         raise RuntimeError(f"could not restore {path}; stopping")
 
 
+def _old_targets(old_tests: pathlib.Path, tests: tuple[str, ...], whole_files: bool
+                 ) -> list[str]:
+    """The old suite's counterparts of ``tests``: the same test where the old file
+    has it (unless ``whole_files``), else the whole old file."""
+    out = []
+    for test in tests:
+        file, _, name = test.partition("::")
+        old_file = old_tests / pathlib.Path(file).name
+        if not old_file.exists():
+            continue
+        function = name.split("[")[0]
+        same = name and f"def {function}(" in old_file.read_text()
+        out.append(f"{old_file}::{name}" if same and not whole_files else str(old_file))
+    return sorted(set(out))
+
+
 def _baseline_tests(rev: str, dest: pathlib.Path) -> pathlib.Path:
     """The tests/ folder of commit ``rev``, extracted under ``dest``."""
     dest.mkdir(parents=True)
@@ -328,7 +418,7 @@ def _baseline_tests(rev: str, dest: pathlib.Path) -> pathlib.Path:
 
 
 def run(mutations: list[Mutation], *, baseline: str | None, allow_dirty: bool,
-        timeout: float) -> int:
+        timeout: float, whole_files: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="atm_mutants_") as tmp:
         copy = pathlib.Path(tmp) / "repo"
         _copy_tree(copy)
@@ -366,10 +456,9 @@ def run(mutations: list[Mutation], *, baseline: str | None, allow_dirty: bool,
             try:
                 rc, failed = _failures(copy, list(m.tests), timeout, ("-x",))
                 if old_tests is not None:
-                    names = {pathlib.Path(t.split("::")[0]).name for t in m.tests}
-                    files = [str(old_tests / n) for n in sorted(names) if (old_tests / n).exists()]
-                    _, old_failed = (_failures(copy, files, timeout, ("-x", *deselect))
-                                     if files else (0, set()))
+                    targets = _old_targets(old_tests, m.tests, whole_files)
+                    _, old_failed = (_failures(copy, targets, timeout, ("-x", *deselect))
+                                     if targets else (0, set()))
                     old = "caught" if old_failed else "missed"
                 else:
                     old = ""
@@ -401,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run the test files as of commit REV on each mutant")
+    parser.add_argument("--whole-files", action="store_true",
+                        help="baseline: run the whole old test files, not the same tests")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="mutate files with uncommitted changes too")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
@@ -412,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:34} {m.file:28} {m.note}\n{'':34} caught by {', '.join(m.tests)}")
         return 0
     return run(mutations, baseline=args.baseline, allow_dirty=args.allow_dirty,
-               timeout=args.timeout)
+               timeout=args.timeout, whole_files=args.whole_files)
 
 
 if __name__ == "__main__":
