@@ -1,6 +1,7 @@
-"""The mini suite over seeds and budgets: ATM vs one-shot merging, mean ± std.
+"""The mini suites over seeds and budgets: ATM vs one-shot merging, mean ± std.
 
-Runs ``configs/mini.py`` (unchanged but for the fields named here) for budgets 5
+Runs ``configs/mini.py`` (or ``--config configs/mini_text.py``; unchanged but for the
+fields named here) for budgets 5
 and 10 epochs per task with seeds 0, 1, 2, and the budget split of the paper's
 Fig. 5: 10 epochs = K iterations × 10/K epochs for K in 1, 2, 5, 10 (K = 1 is
 one-shot task arithmetic; K = 10 is the main ATM run). The seed changes the data
@@ -11,6 +12,7 @@ Run::
 
   python benchmarks/mini_study.py                      # ≈ 35 min on 2 CPU cores
   python benchmarks/mini_study.py --seeds 0 --budgets 10 --no-split   # one run
+  python benchmarks/mini_study.py --config configs/mini_text.py --budgets 10 --no-split
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ ROOT = common.ROOT
 ONE_SHOT = ("task_arithmetic", "ties", "breadcrumbs", "dare")
 
 
+CONFIG = "configs/mini.py"
+
+
 def _base_config():
-    spec = importlib.util.spec_from_file_location("mini_config", ROOT / "configs" / "mini.py")
+    spec = importlib.util.spec_from_file_location("mini_config", ROOT / CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -48,6 +53,7 @@ def _mean_std(values) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=CONFIG, help="configs/mini.py or configs/mini_text.py")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--budgets", default="5,10")
     parser.add_argument("--splits", default="1,2,5,10", help="K values of the budget split (budget 10)")
@@ -55,6 +61,10 @@ def main():
     parser.add_argument("--workdir", default="/tmp/atm_mini_study")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    global CONFIG
+    CONFIG = args.config
+    study = "mini_study" if CONFIG == "configs/mini.py" else \
+        f"mini_study_{pathlib.Path(CONFIG).stem}"
 
     from atm_jax import runner, schema
 
@@ -145,10 +155,10 @@ def main():
     if args.no_write:
         return
     stamp = common.utc_now()
-    path = common.write_results("mini_study", [
-        f"configs/mini.py, seeds {seeds}, budgets {budgets}; {elapsed / 60:.0f} min in all",
+    path = common.write_results(study, [
+        f"{CONFIG}, seeds {seeds}, budgets {budgets}; {elapsed / 60:.0f} min in all",
     ], table, stamp=stamp)
-    (common.RESULTS / f"mini_study_{stamp:%Y%m%d_%H%M}.json").write_text(json.dumps(
+    (common.RESULTS / f"{study}_{stamp:%Y%m%d_%H%M}.json").write_text(json.dumps(
         {"runs": {f"b{b}_s{s}": {k: v for k, v in r.items() if k in ("rows", "curves", "tasks")}
                   for (b, s), r in runs.items()},
          "split": {f"k{k}_s{s}": v for (k, s), v in split.items()}}, indent=1))
