@@ -33,7 +33,8 @@ ROOT = common.ROOT
 ONE_SHOT = ("task_arithmetic", "ties", "breadcrumbs", "dare")
 
 
-CONFIG = "configs/mini.py"
+DEFAULT_CONFIG = "configs/mini.py"
+CONFIG = DEFAULT_CONFIG  # the --config of this run
 
 
 def _base_config():
@@ -53,7 +54,8 @@ def _mean_std(values) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=CONFIG, help="configs/mini.py or configs/mini_text.py")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="configs/mini.py or configs/mini_text.py")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--budgets", default="5,10")
     parser.add_argument("--splits", default="1,2,5,10", help="K values of the budget split (budget 10)")
@@ -63,7 +65,7 @@ def main():
     args = parser.parse_args()
     global CONFIG
     CONFIG = args.config
-    study = "mini_study" if CONFIG == "configs/mini.py" else \
+    study = "mini_study" if CONFIG == DEFAULT_CONFIG else \
         f"mini_study_{pathlib.Path(CONFIG).stem}"
 
     from atm_jax import runner, schema

@@ -211,6 +211,21 @@ def test_items_are_written_once_verified_and_deleted_when_no_kept_step_names_the
     ckpt.close()
 
 
+def test_a_step_whose_item_folder_is_gone_is_skipped_for_the_older_one(tmp_path):
+    messages = []
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", keep=3, log=messages.append)
+    ckpt.save(1, {"x": np.zeros(2)}, {"n": 1})
+    crcs = {"a": ckpt.save_item("a", {"w": np.ones(4, np.float32)})}
+    ckpt.save(2, {"x": np.ones(2)}, {"n": 2}, crcs)
+    import shutil
+
+    shutil.rmtree(tmp_path / "c" / "items" / "a")
+    restored = ckpt.latest()
+    assert restored.step == 1 and restored.items == {}
+    assert any("checkpoint step 2" in m and "damaged or incomplete" in m for m in messages)
+    ckpt.close()
+
+
 def test_a_checkpoint_of_another_format_is_refused_not_discarded(fake_cache, tmp_path, monkeypatch):
     config = _quick_config()
     runner.run_experiment(config, tmp_path / "work", log=quiet)
