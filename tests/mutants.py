@@ -346,7 +346,7 @@ def _failures(copy: pathlib.Path, targets: list[str], timeout: float,
         (exit code, names of the failed tests as ``module.py::test[param]``).
     """
     report = copy / ".mutants-report.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                f"--junitxml={report}", "-o", "junit_family=xunit1", *extra, *targets]
     try:
         rc = subprocess.run(command, cwd=copy, env=_env(copy), capture_output=True, check=False,
