@@ -22,10 +22,11 @@ import zipfile
 from collections.abc import Callable, Sequence
 
 from atm_jax import files
-from atm_jax.errors import ChecksumError
+from atm_jax.errors import ChecksumError, SourceUnavailableError
 
 __all__ = ["run", "pip_command", "pip_wheel", "pip_sdist", "zip_members", "tar_members",
-           "nested_tar_members", "debian_package", "deb_members", "fetch_verified"]
+           "nested_tar_members", "debian_package", "deb_members", "fetch_verified",
+           "unavailable"]
 
 
 def run(command: Sequence[str], cwd: pathlib.Path) -> None:
@@ -244,3 +245,19 @@ def fetch_verified(
                 "cache.")
     for name, member, _ in wanted:
         files.write_bytes(folder / name, blobs[member], all_processes=True)
+
+
+def unavailable(source, folder: pathlib.Path, root: pathlib.Path, *, what: str, command: str,
+                recorded_in: str, reason: str) -> SourceUnavailableError:
+    """The error for a source that is neither cached nor fetchable: names the prepare
+    command, the manual route and where each raw file goes.
+
+    ``source`` has ``name``, ``origin``, ``manual`` and ``files`` (each with ``member`` and
+    ``name``); ``what`` is the noun ("dataset", "text source").
+    """
+    steps = "\n".join(f"  {f.member} (from the archive) -> {folder / f.name}" for f in source.files)
+    return SourceUnavailableError(
+        f"The '{source.name}' {what} is not available: {reason}\n"
+        f"Fetch it with `{command}` (add --cache_dir '{root}' for this cache; it "
+        f"downloads the {source.origin}), or by hand: `{source.manual}`, then copy\n{steps}\n"
+        f"(checked against SHA-256s recorded in {recorded_in}).")

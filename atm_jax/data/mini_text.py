@@ -293,13 +293,9 @@ def raw_dir(source: str, cache: PathLike | None = None) -> pathlib.Path:
 
 
 def _unavailable(source: TextSource, root: pathlib.Path, reason: str) -> SourceUnavailableError:
-    folder = raw_dir(source.name, root)
-    steps = "\n".join(f"  {f.member} (from the archive) -> {folder / f.name}" for f in source.files)
-    return SourceUnavailableError(
-        f"The '{source.name}' text source is not available: {reason}\n"
-        f"Fetch it with `{PREPARE_COMMAND}` (add --cache_dir '{root}' for this cache; it "
-        f"downloads the {source.origin}), or by hand: `{source.manual}`, then copy\n{steps}\n"
-        f"(checked against SHA-256s recorded in atm_jax/data/mini_text.py).")
+    return fetch.unavailable(source, raw_dir(source.name, root), root, what="text source",
+                             command=PREPARE_COMMAND, recorded_in="atm_jax/data/mini_text.py",
+                             reason=reason)
 
 
 def fetch_source(name: str, *, cache: PathLike | None = None, force: bool = False) -> float:

@@ -223,15 +223,9 @@ def _get(name: str) -> Source:
 
 
 def _unavailable(source: Source, root: pathlib.Path, reason: str) -> SourceUnavailableError:
-    folder = raw_dir(source.name, root)
-    steps = "\n".join(f"  {f.member} (from the archive) -> {folder / f.name}" for f in source.files)
-    return SourceUnavailableError(
-        f"The '{source.name}' dataset is not available: {reason}\n"
-        f"Fetch it with `{PREPARE_COMMAND}` (add --cache_dir '{root}' for this cache; it "
-        f"downloads the {source.origin}), or by hand: `{source.manual}`, "
-        f"then copy\n{steps}\n(checked against SHA-256s recorded in "
-        f"atm_jax/data/sources.py)."
-    )
+    return fetch.unavailable(source, raw_dir(source.name, root), root, what="dataset",
+                             command=PREPARE_COMMAND, recorded_in="atm_jax/data/sources.py",
+                             reason=reason)
 
 
 def fetch_raw(name: str, *, cache: PathLike | None = None, force: bool = False) -> None:
