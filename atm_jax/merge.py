@@ -297,9 +297,16 @@ def _majority_needs_negative(codes) -> bool | jax.Array:
     model), and a zero majority selects the negative side.
     """
     if any(isinstance(c, jax.core.Tracer) for c in codes):
+        if jax.default_backend() == "cpu" and select.host_callback_available():
+            # XLA:CPU full reductions are slow (WORKSPACE): count on the host, in place.
+            return select.on_host(_count_majority, jax.ShapeDtypeStruct((), jnp.bool_), *codes)
         ambiguous = builtins.sum(jnp.sum(c == 2) for c in codes)
         balance = builtins.sum(jnp.sum(jnp.where(c == 2, 0, c).astype(jnp.int32)) for c in codes)
         return (ambiguous > 0) & (balance <= 0)
+    return _count_majority(*codes)
+
+
+def _count_majority(*codes) -> bool:
     codes = [np.asarray(c) for c in codes]
     if not builtins.sum(int(np.count_nonzero(c == 2)) for c in codes):
         return False

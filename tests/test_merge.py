@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atm_jax import merge
+from atm_jax import merge, select
 from atm_jax import tree as tree_lib
 
 F32 = np.float32
@@ -451,11 +451,19 @@ def _two_task(a, b=None):
     return t
 
 
-def test_zero_mass_takes_the_majority_sign():
+@pytest.mark.parametrize("where", ["eager", "jit", "jit, counted by XLA"])
+def test_zero_mass_takes_the_majority_sign(monkeypatch, where):
     # Entry 0 has mass +1 - 1 = 0; the other entries set the majority over the model.
     # (dare_ties shares the election: test_dare_with_p_zero... compares it with ties.)
+    # Under jit on CPU the majority is counted on the host (a buffer callback); the
+    # XLA reduction path is what accelerators run.
+    if where == "jit, counted by XLA":
+        monkeypatch.setattr(select, "host_callback_available", lambda: False)
+
     def fn(s, **kw):
-        return merge.ties(s, density=1.0, **kw)
+        if where == "eager":
+            return merge.ties(s, density=1.0, **kw)
+        return jax.jit(lambda t: merge.ties(t, density=1.0, **kw))(s)
     positive = _two_task([(1, -1), (2, 1), (3, 0), (-1, 0)])    # signs 0 + 1 + 1 - 1 = +1
     np.testing.assert_array_equal(fn(positive)["a"], [1, 1.5, 3, -1])
     negative = _two_task([(1, -1), (2, 1), (-3, 0), (-1, 0)])   # 0 + 1 - 1 - 1 = -1
