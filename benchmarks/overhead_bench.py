@@ -1,0 +1,114 @@
+"""Where an ATM iteration's wall time goes outside finetuning (issue 12, item 3).
+
+Runs one ATM method of a config through the real runner (``run_experiment``) with
+timers around the parts of an iteration: the task finetunes, evaluation after each
+merge, the merge itself, checkpoint writes (steps and finetuned-model items) and
+the metrics lines. The rest of the ATM unit's wall time (state bookkeeping, key
+derivation, logging) is reported as "other". The goal is finetuning ≥ 90 % of the
+unit. Pretraining and data are cached first (a plain run of the same config), so
+only the ATM unit is timed.
+
+Run::
+
+  python benchmarks/overhead_bench.py                      # configs/mini.py, method "atm"
+  python benchmarks/overhead_bench.py --config configs/mini.py:tiny --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import pathlib
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_config(spec: str):
+    from ml_collections import config_flags  # noqa: F401  (the experiments extra)
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/mini.py")
+    parser.add_argument("--method", default="atm", help="the ATM method of the config to time")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import jax
+
+    from atm_jax import atm, checkpoint, evaluate, finetune, runner, writers
+
+    config = _load_config(args.config)
+    if args.method not in config.methods or config.methods[args.method].kind != "atm":
+        raise SystemExit(f"--method {args.method!r} is not an ATM method of {args.config}.")
+    with config.unlocked():
+        for name in list(config.methods):
+            if name != args.method:
+                del config.methods[name]
+        config.references = ()
+        config.progress = False
+
+    spent: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, int] = collections.Counter()
+
+    def timed(part, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return jax.block_until_ready(fn(*a, **k))
+            finally:
+                spent[part] += time.perf_counter() - start
+                calls[part] += 1
+        return wrapper
+
+    patches = [(finetune.Finetuner, "finetune", "finetune"),
+               (runner.Runner, "evaluate", "evaluate"),
+               (atm, "merge_step", "merge"),
+               (checkpoint.Checkpointer, "save", "checkpoint step"),
+               (checkpoint.Checkpointer, "save_item", "checkpoint item"),
+               (writers.MetricsWriter, "__call__", "metrics line")]
+    for owner, attr, part in patches:
+        setattr(owner, attr, timed(part, getattr(owner, attr)))
+    del evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lines: list[str] = []
+        out = runner.run_experiment(config, pathlib.Path(tmp) / "run", log=lines.append)
+    unit = out["timings_seconds"][args.method]
+    accounted = sum(spent.values())
+    rows = [f"| {part} | {calls[part]} | {seconds:.1f} | {100 * seconds / unit:.1f} % |"
+            for part, seconds in sorted(spent.items(), key=lambda kv: -kv[1])]
+    rows.append(f"| other (bookkeeping, logging) | | {unit - accounted:.1f} | "
+                f"{100 * (unit - accounted) / unit:.1f} % |")
+    outside = unit - spent["finetune"]
+    spec = config.methods[args.method]
+    body = "\n".join([
+        f"`{args.config}`, method `{args.method}`: {spec.iterations} iterations × "
+        f"{len(config.tasks)} tasks × {config.budget // spec.iterations} epoch(s); the ATM unit "
+        f"took {unit:.1f} s.", "",
+        "| part | calls | seconds | share of the unit |", "|---|---|---|---|", *rows, "",
+        f"**Outside finetuning: {outside:.1f} s = {100 * outside / unit:.1f} % of the unit** "
+        "(goal ≤ 10 %)."])
+    print(body)
+    if not args.no_write:
+        path = common.write_results("overhead_bench", [common.versions("jax", "flax", "orbax")], body)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
