@@ -258,7 +258,34 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
         finetune_metrics={**state.finetune_metrics, task: metrics})
 
 
-def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress) -> State:
+def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress,
+                        finetune_tasks=None, tasks_per_call=None) -> State:
+    if finetune_tasks is not None:
+        tasks = state.tasks
+        per_call = tasks_per_call or len(tasks)
+        while len(state.finetuned) < len(tasks):
+            first = len(state.finetuned)
+            group = tasks[first:first + per_call]
+            keys = {t: task_key(key, state.iteration, first + j) for j, t in enumerate(group)}
+            start = time.perf_counter()
+            try:
+                out = finetune_tasks(state.base, {t: state.heads[t] for t in group}, epochs, keys)
+            except DivergedError as e:
+                raise DivergedError(f"{name}: tasks {group}, iteration {state.iteration + 1}: "
+                                    f"{e}") from None
+            seconds = round(time.perf_counter() - start, 3)
+            metrics = {t: dict(out[t][2], seconds=seconds) for t in group}
+            if log:
+                for t in group:
+                    log(f"  finetune {t}: {epochs} epoch(s), final loss "
+                        f"{_loss_text(metrics[t])}, {seconds:.1f}s (group of {len(group)})")
+            state = dataclasses.replace(
+                state, finetuned=(*state.finetuned, *(out[t][0] for t in group)),
+                finetuned_heads={**state.finetuned_heads, **{t: out[t][1] for t in group}},
+                finetune_metrics={**state.finetune_metrics, **metrics})
+            if on_progress:
+                on_progress(state)
+        return state
     while len(state.finetuned) < len(state.heads):
         state = finetune_next(state, finetune=finetune, epochs=epochs, key=key, log=log, name=name)
         if on_progress:
@@ -268,7 +295,8 @@ def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress)
 
 def iteration(state: State, *, finetune: FinetuneFn, epochs: int, merge: MergeSpec,
               key: jax.Array, carry_heads: bool = True, log: Log | None = None,
-              name: str = "atm", on_progress: Callable[[State], None] | None = None
+              name: str = "atm", on_progress: Callable[[State], None] | None = None,
+              finetune_tasks=None, tasks_per_call: int | None = None
               ) -> tuple[State, dict]:
     """One ATM iteration: finetune every remaining task, merge, apply.
 
@@ -277,7 +305,8 @@ def iteration(state: State, *, finetune: FinetuneFn, epochs: int, merge: MergeSp
       With ``carry_heads`` each task keeps its finetuned head for the next iteration.
     """
     state = _finetune_remaining(state, finetune=finetune, epochs=epochs, key=key, log=log,
-                                name=name, on_progress=on_progress)
+                                name=name, on_progress=on_progress,
+                                finetune_tasks=finetune_tasks, tasks_per_call=tasks_per_call)
     new_base, diagnostics = merge_step(state.base, state.finetuned, merge,
                                        key=merge_key(key, state.iteration))
     heads = dict(state.finetuned_heads) if carry_heads else state.heads
@@ -303,7 +332,8 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         merge: MergeSpec = MergeSpec(), key: jax.Array, carry_heads: bool = True,
         callback: Callback | None = None, log: Log | None = None,
         name: str = "atm", start: State | None = None,
-        on_progress: Callable[[State], None] | None = None
+        on_progress: Callable[[State], None] | None = None,
+        finetune_tasks=None, tasks_per_call: int | None = None
         ) -> tuple[PyTree, dict[str, PyTree], list[dict]]:
     """The ATM loop: ``iterations`` × (finetune every task → merge → apply).
 
@@ -376,7 +406,9 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
                 + (f" (resumed after {done} of {len(state.heads)} tasks)" if done else ""))
         state, diagnostics = iteration(state, finetune=finetune, epochs=epochs_per_iteration,
                                        merge=merge, key=key, carry_heads=carry_heads, log=log,
-                                       name=name, on_progress=on_progress)
+                                       name=name, on_progress=on_progress,
+                                       finetune_tasks=finetune_tasks,
+                                       tasks_per_call=tasks_per_call)
         state = record(state, diagnostics)
         if on_progress:
             on_progress(state)
@@ -387,7 +419,8 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
              evaluate: EvaluateFn, epochs: int, merges: Mapping[str, MergeSpec],
              key: jax.Array, callback: Callback | None = None,
              log: Log | None = None, start: State | None = None,
-             on_progress: Callable[[State], None] | None = None) -> dict:
+             on_progress: Callable[[State], None] | None = None,
+             finetune_tasks=None, tasks_per_call: int | None = None) -> dict:
     """The one-shot baselines: finetune every task for the whole budget, merge once.
 
     Every task is finetuned from ``base`` for ``epochs`` (the same keys as ATM's
@@ -413,7 +446,8 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         log(f"[one-shot] finetuning {len(tasks)} task(s) for {epochs} epoch(s) each"
             + (f" (resumed: {done} already done)" if done else ""))
     state = _finetune_remaining(state, finetune=finetune, epochs=epochs, key=key, log=log,
-                                name="one-shot", on_progress=on_progress)
+                                name="one-shot", on_progress=on_progress,
+                                finetune_tasks=finetune_tasks, tasks_per_call=tasks_per_call)
     finetuned, new_heads = state.finetuned, state.finetuned_heads
     individual = {}
     for task, params in zip(tasks, finetuned):

@@ -40,7 +40,7 @@ with extras.needed("atm_jax.checkpoint"):
 from atm_jax import atm
 from atm_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "Restored", "digest", "item_name", "state_to_checkpoint",
+__all__ = ["Checkpointer", "Restored", "digest", "savable", "item_name", "state_to_checkpoint",
            "state_from_checkpoint"]
 
 PyTree = Any
@@ -55,6 +55,21 @@ def digest(state: PyTree) -> dict[str, int]:
         out[jax.tree_util.keystr(path)] = zlib.crc32(array.view(np.uint8).reshape(-1)) \
             if array.size else 0
     return out
+
+
+def savable(tree: PyTree) -> PyTree:
+    """``tree`` as orbax can save it from every process of a multi-host run: arrays
+    held whole by this process (replicated per process, or on one local device)
+    become NumPy arrays, which orbax writes from the primary process; arrays
+    spanning processes (global meshes) stay as they are. One process: unchanged."""
+    if jax.process_count() == 1:
+        return tree
+
+    def host(x):
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            return np.asarray(x)
+        return x
+    return jax.tree.map(host, tree)
 
 
 class Restored:
@@ -96,7 +111,7 @@ class Checkpointer:
         """Writes ``tree`` as item ``name`` (atomic; replaces an older one of that
         name) and returns its CRCs, to pass to :meth:`save` in ``items``."""
         self._items.save((self.items_directory / name).absolute(),
-                         args=ocp.args.StandardSave(tree), force=True)
+                         args=ocp.args.StandardSave(savable(tree)), force=True)
         return digest(tree)
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first."""
@@ -110,7 +125,8 @@ class Checkpointer:
         items = dict(items or {})
         meta = dict(meta, step=step, format=FORMAT_VERSION, digest=digest(state), items=items)
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(savable(dict(state))), meta=ocp.args.JsonSave(meta)),
+            force=True)
         self._manager.wait_until_finished()
         self._item_refs[step] = items
         self._collect_items()

@@ -97,6 +97,9 @@ def mini() -> ml_collections.ConfigDict:
     # Checkpoints after every finetune and merge; a run found in the workdir resumes
     # ("auto": only with the same config; "force": even with a different one).
     config.resume = "auto"
+    # Multi-host: "all" = every process sees every task; "per_process" = PA-ATM (paper
+    # §6): task i is loaded and finetuned only by process i % P (atm_jax.distributed).
+    config.task_placement = "all"
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
     return config
@@ -165,6 +168,9 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.eval_batch_size = 256
     config.progress = False
     config.resume = "auto"
+    # Multi-host: "all" = every process sees every task; "per_process" = PA-ATM (paper
+    # §6): task i is loaded and finetuned only by process i % P (atm_jax.distributed).
+    config.task_placement = "all"
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True
     config.export_hf = True  # <workdir>/hf/<method>/: loadable by transformers

@@ -32,7 +32,7 @@ import numpy as np
 from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
-from atm_jax import files, results, schema, suites, writers
+from atm_jax import distributed, files, results, schema, suites, writers
 from atm_jax import workdir as workdir_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
@@ -76,6 +76,7 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
         iteration and step, and the last good checkpoint stays in place.
     """
     validate(config)
+    log(distributed.start_line())
     suite = suites.get(config.suite)
     workdir = workdir_lib.writable(workdir)
     started = time.perf_counter()
@@ -98,6 +99,8 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
         metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
         metrics.reset(restored.meta["metrics"] if restored else [])
         setup = suite.build(config, log)
+        if jax.process_count() > 1:  # every process starts from process 0's base and heads
+            setup.base, setup.heads = distributed.broadcast_from_first((setup.base, setup.heads))
         if shapes is None:
             shapes = jax.eval_shape(lambda: setup.base)
             schema.check_merge_filter(config, shapes)
@@ -136,7 +139,9 @@ class Runner:
         self.finetuner = Finetuner(setup.apply_fn, self.opt, train_head=config.heads == "trainable",
                                    progress=bool(config.progress) or sys.stderr.isatty(),
                                    augment=setup.augment)
-        self.task_names = list(setup.tasks)
+        self.task_names = list(setup.heads)  # config order; PA-ATM loads only its own tasks
+        self.per_process = config.get("task_placement", "all") == "per_process"
+        self.owners = {t: distributed.owner(i) for i, t in enumerate(self.task_names)}
         self.step, self.done, self.rows, self.curves = 0, [], [], {}
         self.timings: dict[str, float] = {}
         self.individual: dict[str, float] | None = None
@@ -221,9 +226,23 @@ class Runner:
             self.timings[unit] = round(self.timings.get(unit, 0.0) + time.perf_counter() - t0, 1)
 
     def evaluate(self, params, heads) -> dict[str, float]:
-        return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h, *self.setup.tasks[t].test,
-                                         batch_size=self.config.eval_batch_size)
-                for t, h in heads.items()}
+        """Test accuracy per task; under PA-ATM each process evaluates its own tasks
+        and the accuracies are gathered (every process gets all of them)."""
+        local = {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h, *self.setup.tasks[t].test,
+                                          batch_size=self.config.eval_batch_size)
+                 for t, h in heads.items() if t in self.setup.tasks}
+        if self.per_process:
+            return distributed.gather_accuracies(list(heads), local, self.owners)
+        return local
+
+    def finetune_tasks(self, split: str):
+        """PA-ATM's ``finetune_tasks`` for the ATM loop (None when every process
+        sees every task), and how many tasks it takes per call."""
+        if not self.per_process:
+            return {}
+        return {"finetune_tasks": distributed.make_finetune_tasks(self.make_finetune(split),
+                                                                   self.task_names),
+                "tasks_per_call": jax.process_count()}
 
     def make_finetune(self, split: str):
         def finetune(base, head, task, epochs, task_key):
@@ -245,9 +264,13 @@ class Runner:
     def linear_probe(self) -> None:
         budget = self.config.budget
         keys = {t: atm_lib.task_key(self.key, 0, i) for i, t in enumerate(self.task_names)}
-        acc = linear_probe(self.setup.apply_fn, self.setup.base, self.setup.heads, self.setup.tasks,
-                           self.opt, epochs=budget, keys=keys,
+        local = self.setup.tasks  # PA-ATM: this process's tasks; accuracies gathered
+        acc = linear_probe(self.setup.apply_fn, self.setup.base,
+                           {t: self.setup.heads[t] for t in local}, local, self.opt,
+                           epochs=budget, keys={t: keys[t] for t in local},
                            eval_batch_size=self.config.eval_batch_size)
+        if self.per_process:
+            acc = distributed.gather_accuracies(self.task_names, acc, self.owners)
         self.add_row("linear_probe", acc, budget, "reference")
         self.metrics({"method": "linear_probe", "iteration": 1, "epochs_per_task": budget,
                       "accuracy": acc})
@@ -262,7 +285,8 @@ class Runner:
             self.setup.base, self.setup.heads, finetune=self.make_finetune("train"),
             evaluate=self.evaluate, epochs=budget, merges=merges, key=self.key,
             callback=self.metrics, log=self.log, start=self.restored_state("one_shot"),
-            on_progress=self.state_saver("one_shot", with_base=False))
+            on_progress=self.state_saver("one_shot", with_base=False),
+            **self.finetune_tasks("train"))
         self.individual = out["individual"]
         if "individual" in config.references:
             self.add_row("individual", self.individual, budget, "reference")
@@ -279,7 +303,8 @@ class Runner:
             merge=schema.merge_spec(config, spec), key=self.key,
             carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,
             name=name, start=self.restored_state(name),
-            on_progress=self.state_saver(name, with_base=True))
+            on_progress=self.state_saver(name, with_base=True),
+            **self.finetune_tasks(spec.split))
         self.curves[name] = history
         self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
         self.finish_unit(name, {name: base} if config.save_params else None)
