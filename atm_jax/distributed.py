@@ -28,7 +28,7 @@ import numpy as np
 from atm_jax.errors import ConfigError
 
 __all__ = ["PLACEMENTS", "initialize", "start_line", "owner", "owned_tasks", "allgather_tree",
-           "broadcast_from_first",
+           "broadcast_from_first", "allgather_float64",
            "gather_accuracies", "make_finetune_tasks"]
 
 PyTree = Any
@@ -150,8 +150,16 @@ def gather_accuracies(tasks: Sequence[str], local: Mapping[str, float],
     """``{task: accuracy}`` for ``tasks`` on every process, each computed by its
     owner (``local`` holds this process's own)."""
     row = np.array([local.get(t, np.nan) for t in tasks], np.float64)
-    rows = allgather_tree(row)
+    rows = allgather_float64(row)
     return {t: float(rows[owners[t], i]) for i, t in enumerate(tasks)}
+
+
+def allgather_float64(row: np.ndarray) -> np.ndarray:
+    """``allgather_tree`` of a float64 vector, bitwise: sent as its uint32 halves
+    (without ``jax_enable_x64`` a float64 would travel as float32)."""
+    row = np.ascontiguousarray(row, np.float64)
+    gathered = allgather_tree(row.view(np.uint32))
+    return np.ascontiguousarray(gathered).view(np.float64).reshape(len(gathered), -1)
 
 
 def make_finetune_tasks(finetune: Callable, task_order: Sequence[str],
@@ -189,26 +197,44 @@ def make_finetune_tasks(finetune: Callable, task_order: Sequence[str],
                 out[t] = mine[t]
                 continue
             gathered = allgather_tree({"params": jax.tree.leaves(params),
-                                       "head": jax.tree.leaves(head),
-                                       "loss": np.float64(_final_loss(metrics))})
+                                       "head": jax.tree.leaves(head)})
+            numbers = allgather_float64(_metrics_row(metrics, epochs))[p]
             if p == me:
                 out[t] = mine[t]
             else:
                 out[t] = (_with_leaves(base, (x[p] for x in gathered["params"])),
                           _with_leaves(heads[t], (x[p] for x in gathered["head"])),
-                          {"loss": float(gathered["loss"][p]), "process": p})
+                          dict(_metrics_from_row(numbers, epochs), process=p))
         return out
     return finetune_tasks
 
 
-def _final_loss(metrics: Mapping) -> float:
-    loss = metrics.get("loss", np.nan)
-    if isinstance(loss, Sequence) and not isinstance(loss, str):
-        loss = loss[-1] if len(loss) else np.nan
-    try:
-        return float(loss)
-    except (TypeError, ValueError):
-        return float("nan")
+_COUNTS = ("steps", "examples", "epochs")
+
+
+def _metrics_row(metrics: Mapping, epochs: int) -> np.ndarray:
+    """A finetune's metrics as float64s: per-epoch loss and accuracy, then the counts
+    (NaN where absent: a placeholder, or a finetune reporting less)."""
+    row = np.full(2 * epochs + len(_COUNTS), np.nan)
+    for j, name in enumerate(("loss", "accuracy")):
+        values = metrics.get(name)
+        if isinstance(values, Sequence) and len(values) == epochs:
+            row[j * epochs:(j + 1) * epochs] = values
+        elif values is not None and np.ndim(values) == 0:
+            row[(j + 1) * epochs - 1] = values
+    for j, name in enumerate(_COUNTS):
+        if name in metrics:
+            row[2 * epochs + j] = metrics[name]
+    return row
+
+
+def _metrics_from_row(row: np.ndarray, epochs: int) -> dict:
+    out = {"loss": [float(x) for x in row[:epochs]],
+           "accuracy": [float(x) for x in row[epochs:2 * epochs]]}
+    for j, name in enumerate(_COUNTS):
+        if not np.isnan(row[2 * epochs + j]):
+            out[name] = int(row[2 * epochs + j])
+    return out
 
 
 def broadcast_from_first(tree: PyTree) -> PyTree:
