@@ -142,12 +142,16 @@ class Checkpointer:
         return self._item_refs[step]
 
     def _collect_items(self) -> None:
-        """Deletes items (and half-written item folders) that no kept step names."""
+        """Deletes items (and half-written item folders) that no kept step names
+        (process 0 deletes; every process reads the steps, since orbax's reads of a
+        multi-host checkpoint are collective)."""
         if not self.items_directory.is_dir():
             return
         kept = set()
         for step in self.steps():
             kept |= set(self._refs(step))
+        if jax.process_index() != 0:
+            return
         for path in self.items_directory.iterdir():
             if path.name not in kept:
                 shutil.rmtree(path, ignore_errors=True)
@@ -187,11 +191,23 @@ class Checkpointer:
                 continue
             self._set_aside(damaged)
             return Restored(step, state, meta, items)
+        self._set_aside([])  # nothing to move; multi-host: the barrier every process passes
         return None
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves damaged steps out of the way (to ``<directory>.damaged/``), so the
         resumed run can write those step numbers again; nothing is deleted."""
+        if jax.process_count() > 1:  # every process reads the same steps: one moves them
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                self._move_aside(steps)
+            multihost_utils.sync_global_devices("atm_jax: damaged checkpoints set aside")
+            self._manager.reload()
+            return
+        self._move_aside(steps)
+
+    def _move_aside(self, steps: list[int]) -> None:
         if not steps:
             return
         aside = self.directory.with_name(self.directory.name + ".damaged")
