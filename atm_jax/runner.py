@@ -32,7 +32,7 @@ import numpy as np
 from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
-from atm_jax import files, results, schema, suites, writers
+from atm_jax import files, parallel, results, schema, sharding, suites, writers
 from atm_jax import workdir as workdir_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
@@ -132,10 +132,13 @@ class Runner:
         self.key = jax.random.key(config.seed)
         self.key_data = np.asarray(jax.random.key_data(self.key))
         self.opt = OptimizerConfig(**config.optimizer.to_dict())
+        # The device mesh (None on one device: the single-device program).
+        self.mesh = dict(config.get("mesh", sharding.DEFAULT))
+        self.placement = sharding.Placement.of(self.mesh)
         # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
         self.finetuner = Finetuner(setup.apply_fn, self.opt, train_head=config.heads == "trainable",
                                    progress=bool(config.progress) or sys.stderr.isatty(),
-                                   augment=setup.augment)
+                                   augment=setup.augment, placement=self.placement)
         self.task_names = list(setup.tasks)
         self.step, self.done, self.rows, self.curves = 0, [], [], {}
         self.timings: dict[str, float] = {}
@@ -222,7 +225,8 @@ class Runner:
 
     def evaluate(self, params, heads) -> dict[str, float]:
         return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h, *self.setup.tasks[t].test,
-                                         batch_size=self.config.eval_batch_size)
+                                         batch_size=self.config.eval_batch_size,
+                                         placement=self.placement)
                 for t, h in heads.items()}
 
     def make_finetune(self, split: str):
@@ -230,6 +234,13 @@ class Runner:
             inputs, labels = self.setup.tasks[task].split(split)
             return self.finetuner.finetune(base, head, inputs, labels, epochs=epochs, key=task_key)
         return finetune
+
+    def parallel(self, split: str) -> dict:
+        """``finetune_tasks`` / ``tasks_per_call`` for `atm`: task parallel when
+        ``config.mesh.task > 1`` (`atm_jax.parallel`), else sequential."""
+        fn, per_call = parallel.for_mesh(self.mesh, self.finetuner,
+                                         lambda task: self.setup.tasks[task].split(split))
+        return {"finetune_tasks": fn, "tasks_per_call": per_call}
 
     def add_row(self, method: str, accuracy: Mapping[str, float], epochs: int, kind: str) -> None:
         self.rows.append({"method": method, "kind": kind, "epochs": epochs,
@@ -262,7 +273,7 @@ class Runner:
             self.setup.base, self.setup.heads, finetune=self.make_finetune("train"),
             evaluate=self.evaluate, epochs=budget, merges=merges, key=self.key,
             callback=self.metrics, log=self.log, start=self.restored_state("one_shot"),
-            on_progress=self.state_saver("one_shot", with_base=False))
+            on_progress=self.state_saver("one_shot", with_base=False), **self.parallel("train"))
         self.individual = out["individual"]
         if "individual" in config.references:
             self.add_row("individual", self.individual, budget, "reference")
@@ -279,7 +290,7 @@ class Runner:
             merge=schema.merge_spec(config, spec), key=self.key,
             carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,
             name=name, start=self.restored_state(name),
-            on_progress=self.state_saver(name, with_base=True))
+            on_progress=self.state_saver(name, with_base=True), **self.parallel(spec.split))
         self.curves[name] = history
         self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
         self.finish_unit(name, {name: base} if config.save_params else None)
