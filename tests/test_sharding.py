@@ -246,7 +246,9 @@ def test_fsdp_params_train_like_replicated():
 
 # -- configs/mini.py:tiny through main on an 8-way data mesh -----------------------------
 
-def test_main_on_tiny_with_an_8_device_data_mesh_matches_one_device(fake_cache, tmp_path):
+def test_main_on_tiny_with_an_8_device_data_mesh_and_with_task_parallel(fake_cache, tmp_path):
+    """Through main: 8-way data parallel, and 2 task groups of one device each (the
+    runner's task-parallel path); their numbers agree within float reduction order."""
     from absl import flags
 
     from atm_jax import main
@@ -255,26 +257,27 @@ def test_main_on_tiny_with_an_8_device_data_mesh_matches_one_device(fake_cache, 
              "optimizer": {"batch_size": 8},
              "pretrain": {"num_images": 256, "batch_size": 32, "held_out": 64}}
     out = {}
-    for data in (8, 1):
-        workdir = tmp_path / f"data{data}"
+    for task, data in ((1, 8), (2, 1)):
+        workdir = tmp_path / f"mesh{task}x{data}"
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["atm_jax.main", f"--config={ROOT / 'configs' / 'mini.py'}:tiny",
                      f"--workdir={workdir}"])
         config = flags.FLAGS["config"].value
         with config.unlocked():
-            config.mesh.data = data
+            config.mesh.task, config.mesh.data = task, data
             for section, fields in sizes.items():
                 for name, value in fields.items():
                     config[section][name] = value
-            config.methods = {"ties": config.methods.ties, "atm": config.methods.atm}
-            config.references = ("pretrained", "individual")
+            config.tasks = config.tasks[:2]
+            config.methods = {"atm": config.methods.atm}
+            config.references = ("pretrained",)
         main.main(["atm_jax.main"])
         flags.FLAGS.unparse_flags()
-        out[data] = json.loads((workdir / "results.json").read_text())
+        out[task] = json.loads((workdir / "results.json").read_text())
         assert json.loads((workdir / "config.json").read_text())["mesh"]["data"] == data
-    rows8 = {r["method"]: r["accuracy"] for r in out[8]["rows"]}
-    rows1 = {r["method"]: r["accuracy"] for r in out[1]["rows"]}
-    assert list(rows8) == ["pretrained", "individual", "ties", "atm"] == list(rows1)
+    rows8 = {r["method"]: r["accuracy"] for r in out[1]["rows"]}
+    rows1 = {r["method"]: r["accuracy"] for r in out[2]["rows"]}
+    assert list(rows8) == ["pretrained", "atm"] == list(rows1)
     # Float reduction order only: every accuracy within one test example (16 per task).
     for method in rows1:
         for task, acc in rows1[method].items():
