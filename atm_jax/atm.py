@@ -51,11 +51,15 @@ from atm_jax.errors import DivergedError
 
 PyTree = Any
 FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTree, dict]]
+# finetune_tasks(base, {task: head}, epochs, {task: key}) -> {task: (params, head, metrics)}:
+# several tasks of one iteration in one call (e.g. at the same time on disjoint devices).
+FinetuneTasksFn = Callable[[PyTree, Mapping[str, PyTree], int, Mapping[str, jax.Array]],
+                           Mapping[str, tuple[PyTree, PyTree, dict]]]
 EvaluateFn = Callable[[PyTree, Mapping[str, PyTree]], dict[str, float]]
 Callback = Callable[[dict], None]
 Log = Callable[[str], None]
 
-__all__ = ["MergeSpec", "State", "init", "finetune_next", "iteration", "merge_step", "run",
+__all__ = ["MergeSpec", "State", "init", "finetune_next", "finetune_group", "iteration", "merge_step", "run",
            "one_shot", "task_key", "merge_key"]
 
 
@@ -243,6 +247,11 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
                        task_key(key, state.iteration, i))
     except DivergedError as e:
         raise DivergedError(f"{name}: task {task!r}, iteration {state.iteration + 1}: {e}") from None
+    return _appended(state, task, out, epochs, start, log)
+
+
+def _appended(state: State, task: str, out, epochs: int, start: float, log: Log | None) -> State:
+    """``state`` with ``task``'s finetune result ``out`` checked and appended."""
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], Mapping)):
         raise TypeError(f"finetune(base, head, task, epochs, key) must return (params, head, "
                         f"metrics dict); for task {task!r} it returned {type(out).__name__} "
@@ -258,36 +267,54 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
         finetune_metrics={**state.finetune_metrics, task: metrics})
 
 
+def finetune_group(state: State, *, finetune_tasks: FinetuneTasksFn, count: int, epochs: int,
+                   key: jax.Array, log: Log | None = None, name: str = "atm") -> State:
+    """Finetunes the next ``count`` tasks of the current iteration in one call.
+
+    Tasks ``i = len(state.finetuned) … i + count - 1``, each with exactly the key
+    the sequential loop gives it (``task_key(key, state.iteration, i)``); the
+    results are appended in task order and checked like :func:`finetune_next`'s.
+
+    Raises:
+      DivergedError: a finetune's loss became non-finite (the message names the
+        method, the group's tasks and the iteration).
+      TypeError: ``finetune_tasks`` did not return ``{task: (params, head, metrics)}``
+        for exactly the tasks it was given.
+    """
+    tasks = state.tasks
+    first = len(state.finetuned)
+    group = tasks[first:first + count]
+    if not group:
+        raise ValueError(f"every task of iteration {state.iteration + 1} is already finetuned.")
+    keys = {t: task_key(key, state.iteration, first + j) for j, t in enumerate(group)}
+    start = time.perf_counter()
+    try:
+        out = finetune_tasks(state.base, {t: state.heads[t] for t in group}, epochs, keys)
+    except DivergedError as e:
+        named = group[0] if len(group) == 1 else group
+        raise DivergedError(f"{name}: task {named!r}, iteration {state.iteration + 1}: {e}") from None
+    if not isinstance(out, Mapping) or set(out) != set(group):
+        raise TypeError(f"finetune_tasks(base, heads, epochs, keys) must return {{task: (params, "
+                        f"head, metrics dict)}} for the tasks {group}; it returned "
+                        f"{str(out)[:120]}.")
+    for task in group:
+        state = _appended(state, task, out[task], epochs, start, log)
+    return state
+
+
 def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress,
                         finetune_tasks=None, tasks_per_call=None) -> State:
-    if finetune_tasks is not None:
-        tasks = state.tasks
-        per_call = tasks_per_call or len(tasks)
-        while len(state.finetuned) < len(tasks):
-            first = len(state.finetuned)
-            group = tasks[first:first + per_call]
-            keys = {t: task_key(key, state.iteration, first + j) for j, t in enumerate(group)}
-            start = time.perf_counter()
-            try:
-                out = finetune_tasks(state.base, {t: state.heads[t] for t in group}, epochs, keys)
-            except DivergedError as e:
-                raise DivergedError(f"{name}: tasks {group}, iteration {state.iteration + 1}: "
-                                    f"{e}") from None
-            seconds = round(time.perf_counter() - start, 3)
-            metrics = {t: dict(out[t][2], seconds=seconds) for t in group}
-            if log:
-                for t in group:
-                    log(f"  finetune {t}: {epochs} epoch(s), final loss "
-                        f"{_loss_text(metrics[t])}, {seconds:.1f}s (group of {len(group)})")
-            state = dataclasses.replace(
-                state, finetuned=(*state.finetuned, *(out[t][0] for t in group)),
-                finetuned_heads={**state.finetuned_heads, **{t: out[t][1] for t in group}},
-                finetune_metrics={**state.finetune_metrics, **metrics})
-            if on_progress:
-                on_progress(state)
-        return state
+    if tasks_per_call is not None:
+        _positive("tasks_per_call", tasks_per_call)
     while len(state.finetuned) < len(state.heads):
-        state = finetune_next(state, finetune=finetune, epochs=epochs, key=key, log=log, name=name)
+        if finetune_tasks is None:
+            state = finetune_next(state, finetune=finetune, epochs=epochs, key=key, log=log,
+                                  name=name)
+        else:
+            left = len(state.heads) - len(state.finetuned)
+            state = finetune_group(state, finetune_tasks=finetune_tasks,
+                                   count=min(left, tasks_per_call or left), epochs=epochs,
+                                   key=key, log=log, name=name)
         if on_progress:
             on_progress(state)
     return state
@@ -296,9 +323,14 @@ def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress,
 def iteration(state: State, *, finetune: FinetuneFn, epochs: int, merge: MergeSpec,
               key: jax.Array, carry_heads: bool = True, log: Log | None = None,
               name: str = "atm", on_progress: Callable[[State], None] | None = None,
-              finetune_tasks=None, tasks_per_call: int | None = None
+              finetune_tasks: FinetuneTasksFn | None = None, tasks_per_call: int | None = None
               ) -> tuple[State, dict]:
     """One ATM iteration: finetune every remaining task, merge, apply.
+
+    With ``finetune_tasks`` the remaining tasks are finetuned by calls on
+    consecutive groups of ``tasks_per_call`` tasks (None: all of them in one call),
+    each task with the key the sequential loop gives it; ``on_progress`` runs
+    after each group. Without it, ``finetune`` runs one task at a time.
 
     Returns:
       ``(state after the merge, {"finetune": {task: metrics}, "merge": diagnostics})``.
@@ -333,7 +365,7 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         callback: Callback | None = None, log: Log | None = None,
         name: str = "atm", start: State | None = None,
         on_progress: Callable[[State], None] | None = None,
-        finetune_tasks=None, tasks_per_call: int | None = None
+        finetune_tasks: FinetuneTasksFn | None = None, tasks_per_call: int | None = None
         ) -> tuple[PyTree, dict[str, PyTree], list[dict]]:
     """The ATM loop: ``iterations`` × (finetune every task → merge → apply).
 
@@ -361,7 +393,12 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         uninterrupted run, since every key derives from ``key``, the iteration
         and the task index.
       on_progress: called with the :class:`State` after every task finetune
-        and every merge (e.g. to checkpoint).
+        (every group of them with ``finetune_tasks``) and every merge (e.g. to
+        checkpoint).
+      finetune_tasks: optional ``(base, {task: head}, epochs, {task: key}) ->
+        {task: (params, head, metrics)}`` finetuning several tasks in one call
+        (task parallel: `atm_jax.sharding`); the results equal ``finetune``'s.
+      tasks_per_call: tasks per ``finetune_tasks`` call (None: all remaining).
 
     Returns:
       ``(final base, final heads, history)``; ``history[k]`` is the record after
@@ -420,7 +457,8 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
              key: jax.Array, callback: Callback | None = None,
              log: Log | None = None, start: State | None = None,
              on_progress: Callable[[State], None] | None = None,
-             finetune_tasks=None, tasks_per_call: int | None = None) -> dict:
+             finetune_tasks: FinetuneTasksFn | None = None,
+             tasks_per_call: int | None = None) -> dict:
     """The one-shot baselines: finetune every task for the whole budget, merge once.
 
     Every task is finetuned from ``base`` for ``epochs`` (the same keys as ATM's
@@ -429,7 +467,8 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
     merge in ``merges`` is applied once to the same task vectors.
 
     ``start`` / ``on_progress`` work as in :func:`run` (a :class:`State` after
-    every task finetune), so a resumed call skips the finetunes already done.
+    every task finetune), so a resumed call skips the finetunes already done;
+    ``finetune_tasks`` / ``tasks_per_call`` as in :func:`run`.
 
     Returns:
       ``{"individual": {task: acc}, "merged": {method: {task: acc}},

@@ -27,7 +27,7 @@ import numpy as np
 
 from atm_jax.errors import ConfigError
 
-__all__ = ["PLACEMENTS", "initialize", "start_line", "owner", "owned_tasks", "allgather_tree",
+__all__ = ["PLACEMENTS", "initialize", "start_line", "local_placement", "owner", "owned_tasks", "allgather_tree",
            "broadcast_from_first", "allgather_float64",
            "gather_accuracies", "make_finetune_tasks"]
 
@@ -101,16 +101,31 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     return True
 
 
-def start_line(mesh: Any = None) -> str:
-    """The one line every process logs at start: who it is, its devices, the mesh."""
+def start_line(config_mesh: Mapping | None = None, per_process: bool = False) -> str:
+    """The one line every process logs at start: who it is, its devices, the mesh
+    (``config.mesh`` resolved on the global devices, or on the local ones for PA-ATM)."""
     local, devices = jax.local_devices(), jax.devices()
     kinds = sorted({d.platform for d in devices})
     text = (f"process {jax.process_index()}/{jax.process_count()}: {len(local)} local of "
             f"{len(devices)} global {'/'.join(kinds)} device(s)")
-    if mesh is not None:
-        shape = getattr(mesh, "shape", mesh)
-        text += f", mesh {dict(shape)}"
+    if config_mesh is not None:
+        from atm_jax import sharding
+
+        task, data = sharding.mesh_shape(config_mesh, len(local if per_process else devices))
+        where = "this process's devices (PA-ATM)" if per_process else "all devices"
+        text += f"; mesh task={task} x data={data} over {where}"
     return text
+
+
+def local_placement(config_mesh: Mapping):
+    """PA-ATM's placement: ``config.mesh`` over this process's devices only (each
+    process finetunes its own tasks alone); None with one local device."""
+    from atm_jax import sharding
+
+    mesh = sharding.make_mesh(config_mesh, jax.local_devices())
+    if mesh.size == 1:
+        return None
+    return sharding.Placement(mesh, config_mesh.get("params", sharding.DEFAULT["params"]))
 
 
 # -- task placement ---------------------------------------------------------------------

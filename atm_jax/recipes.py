@@ -21,7 +21,7 @@ from atm_jax import extras
 with extras.needed("atm_jax.recipes"):
     import ml_collections
 
-__all__ = ["PAPER", "BUILDERS", "SHRINKS", "method", "mini", "tiny", "paper_config", "runlocal",
+__all__ = ["PAPER", "BUILDERS", "SHRINKS", "method", "mesh", "mini", "tiny", "paper_config", "runlocal",
            "apply_arg"]
 
 VISION_TASKS = ("cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn")
@@ -59,6 +59,13 @@ def method(kind: str, merge: str = "mean", kwargs: dict | None = None, *, alpha:
     if kind == "atm":
         spec.update(iterations=iterations, split=split)
     return ml_collections.ConfigDict(spec)
+
+
+def mesh() -> ml_collections.ConfigDict:
+    """``config.mesh`` (`atm_jax.sharding`): ``data`` devices split every batch (−1 =
+    all devices left), ``task`` device groups finetune different tasks at the same
+    time, ``params`` "replicated" or "fsdp" (big kernels split over the data axis)."""
+    return ml_collections.ConfigDict({"task": 1, "data": -1, "params": "replicated"})
 
 
 def mini() -> ml_collections.ConfigDict:
@@ -102,6 +109,7 @@ def mini() -> ml_collections.ConfigDict:
     config.task_placement = "all"
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
+    config.mesh = mesh()
     return config
 
 
@@ -174,6 +182,7 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True
     config.export_hf = True  # <workdir>/hf/<method>/: loadable by transformers
+    config.mesh = mesh()
     return config
 
 

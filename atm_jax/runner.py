@@ -32,7 +32,7 @@ import numpy as np
 from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
-from atm_jax import distributed, files, results, schema, suites, writers
+from atm_jax import distributed, files, parallel, results, schema, sharding, suites, writers
 from atm_jax import workdir as workdir_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
@@ -76,7 +76,8 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
         iteration and step, and the last good checkpoint stays in place.
     """
     validate(config)
-    log(distributed.start_line())
+    log(distributed.start_line(dict(config.get("mesh", sharding.DEFAULT)),
+                               config.get("task_placement", "all") == "per_process"))
     suite = suites.get(config.suite)
     workdir = workdir_lib.writable(workdir)
     started = time.perf_counter()
@@ -135,12 +136,17 @@ class Runner:
         self.key = jax.random.key(config.seed)
         self.key_data = np.asarray(jax.random.key_data(self.key))
         self.opt = OptimizerConfig(**config.optimizer.to_dict())
+        # The device mesh (None on one device: the single-device program). PA-ATM:
+        # each process finetunes its own tasks alone, on a mesh of its local devices.
+        self.mesh = dict(config.get("mesh", sharding.DEFAULT))
+        self.per_process = config.get("task_placement", "all") == "per_process"
+        self.placement = distributed.local_placement(self.mesh) if self.per_process \
+            else sharding.Placement.of(self.mesh)
         # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
         self.finetuner = Finetuner(setup.apply_fn, self.opt, train_head=config.heads == "trainable",
                                    progress=bool(config.progress) or sys.stderr.isatty(),
-                                   augment=setup.augment)
+                                   augment=setup.augment, placement=self.placement)
         self.task_names = list(setup.heads)  # config order; PA-ATM loads only its own tasks
-        self.per_process = config.get("task_placement", "all") == "per_process"
         self.owners = {t: distributed.owner(i) for i, t in enumerate(self.task_names)}
         self.step, self.done, self.rows, self.curves = 0, [], [], {}
         self.timings: dict[str, float] = {}
@@ -229,26 +235,30 @@ class Runner:
         """Test accuracy per task; under PA-ATM each process evaluates its own tasks
         and the accuracies are gathered (every process gets all of them)."""
         local = {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h, *self.setup.tasks[t].test,
-                                          batch_size=self.config.eval_batch_size)
+                                          batch_size=self.config.eval_batch_size,
+                                          placement=self.placement)
                  for t, h in heads.items() if t in self.setup.tasks}
         if self.per_process:
             return distributed.gather_accuracies(list(heads), local, self.owners)
         return local
-
-    def finetune_tasks(self, split: str):
-        """PA-ATM's ``finetune_tasks`` for the ATM loop (None when every process
-        sees every task), and how many tasks it takes per call."""
-        if not self.per_process:
-            return {}
-        return {"finetune_tasks": distributed.make_finetune_tasks(self.make_finetune(split),
-                                                                   self.task_names),
-                "tasks_per_call": jax.process_count()}
 
     def make_finetune(self, split: str):
         def finetune(base, head, task, epochs, task_key):
             inputs, labels = self.setup.tasks[task].split(split)
             return self.finetuner.finetune(base, head, inputs, labels, epochs=epochs, key=task_key)
         return finetune
+
+    def parallel(self, split: str) -> dict:
+        """``finetune_tasks`` / ``tasks_per_call`` for `atm`: PA-ATM (each process
+        its own tasks, `atm_jax.distributed`), task parallel when ``config.mesh.task
+        > 1`` (`atm_jax.parallel`), else sequential."""
+        if self.per_process:
+            return {"finetune_tasks": distributed.make_finetune_tasks(self.make_finetune(split),
+                                                                       self.task_names),
+                    "tasks_per_call": jax.process_count()}
+        fn, per_call = parallel.for_mesh(self.mesh, self.finetuner,
+                                         lambda task: self.setup.tasks[task].split(split))
+        return {"finetune_tasks": fn, "tasks_per_call": per_call}
 
     def add_row(self, method: str, accuracy: Mapping[str, float], epochs: int, kind: str) -> None:
         self.rows.append({"method": method, "kind": kind, "epochs": epochs,
@@ -285,8 +295,7 @@ class Runner:
             self.setup.base, self.setup.heads, finetune=self.make_finetune("train"),
             evaluate=self.evaluate, epochs=budget, merges=merges, key=self.key,
             callback=self.metrics, log=self.log, start=self.restored_state("one_shot"),
-            on_progress=self.state_saver("one_shot", with_base=False),
-            **self.finetune_tasks("train"))
+            on_progress=self.state_saver("one_shot", with_base=False), **self.parallel("train"))
         self.individual = out["individual"]
         if "individual" in config.references:
             self.add_row("individual", self.individual, budget, "reference")
@@ -303,8 +312,7 @@ class Runner:
             merge=schema.merge_spec(config, spec), key=self.key,
             carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,
             name=name, start=self.restored_state(name),
-            on_progress=self.state_saver(name, with_base=True),
-            **self.finetune_tasks(spec.split))
+            on_progress=self.state_saver(name, with_base=True), **self.parallel(spec.split))
         self.curves[name] = history
         self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
         self.finish_unit(name, {name: base} if config.save_params else None)

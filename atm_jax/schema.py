@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from atm_jax import atm as atm_lib
-from atm_jax import recipes
+from atm_jax import recipes, sharding
 from atm_jax import tree as tree_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import OptimizerConfig
@@ -24,7 +24,7 @@ from atm_jax.finetune import OptimizerConfig
 __all__ = ["HEAD_MODES", "REFERENCES", "SPLITS", "KINDS", "RESUME_MODES", "TASK_PLACEMENTS",
            "PER_PROCESS_SUITES", "DISPLAY_ORDER",
            "REFERENCE_LABELS", "field", "positive_int", "integer", "flag", "check_keys",
-           "allowed_fields", "validate_common", "check_merge_filter", "merge_spec",
+           "allowed_fields", "validate_common", "check_mesh", "check_merge_filter", "merge_spec",
            "method_order"]
 
 HEAD_MODES = ("frozen_random", "trainable")
@@ -153,6 +153,7 @@ def validate_common(config) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.optimizer: {e}") from None
     _validate_methods(config, budget)
+    check_mesh(config)
     try:
         tree_lib.path_filter(tuple(config.merge_include) or None,
                              tuple(config.merge_exclude) or None)
@@ -191,6 +192,23 @@ def _validate_methods(config, budget: int) -> None:
             config.methods[n].kind == "one_shot" for n in config.methods):
         raise ConfigError("config.references has 'individual' but no one_shot method finetunes "
                           "the individual models; add one or drop the reference.")
+
+
+def check_mesh(config) -> None:
+    """``config.mesh`` fits this machine's devices (`atm_jax.sharding.mesh_shape`).
+    A config without the field (written before it existed) runs on the default."""
+    import jax
+
+    mesh = config.get("mesh")
+    if mesh is None:
+        return
+    if not hasattr(mesh, "keys"):
+        raise ConfigError(f"config.mesh={mesh!r} must be a ConfigDict like "
+                          f"{sharding.DEFAULT}.")
+    try:
+        sharding.check_mesh(dict(mesh.items()), jax.device_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_batch_sizes(config, train: int | None, validation: int | None) -> None:
