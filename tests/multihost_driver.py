@@ -15,8 +15,9 @@ the environment:
   ``open``, ``os.rename``/``os.replace``, ``os.mkdir``, ``os.remove`` and
   ``shutil.rmtree`` under ``--workdir`` to ``<folder>/writes.<process index>``
   (Python-level file operations; orbax's tensorstore writes happen in C++).
-* ``MULTIHOST_SMALL=1``: the run keeps 3 tasks and the methods ``ties`` and ``atm``
-  (the config is pruned just before ``runner.run_experiment``), to fit the test budget.
+* ``MULTIHOST_SMALL=1``: the run keeps 3 tasks, the pretrained reference and ATM
+  (2 iterations × 1 epoch; the config is pruned just before
+  ``runner.run_experiment``), to fit the test budget.
 * ``MULTIHOST_KILL=<process>:<n>``: that process SIGKILLs itself before its n-th
   finetune train step (a preempted host).
 """
@@ -140,7 +141,8 @@ def prune_config() -> None:
     def pruned(config, workdir, **kwargs):
         with config.unlocked():
             config.tasks = ("mnist", "fashion_mnist", "digits")
-            config.methods = {"ties": config.methods.ties, "atm": config.methods.atm}
+            config.references = ("pretrained",)
+            config.methods = {"atm": config.methods.atm}
         return run_experiment(config, workdir, **kwargs)
 
     runner.run_experiment = pruned
