@@ -268,6 +268,8 @@ def test_main_on_tiny_with_task_parallel_on_an_8_device_mesh(fake_cache, tmp_pat
         config.mesh.task, config.mesh.data = 2, 4
         config.tasks = config.tasks[:3]  # 3 tasks on 2 groups: one group idles in round 2
         config.methods = {"atm": config.methods.atm}
+        config.methods.atm.iterations = 1  # one round of finetunes, one merge: keep it short
+        config.budget = 1
         config.references = ("pretrained",)
     main.main(["atm_jax.main"])
     flags.FLAGS.unparse_flags()
@@ -278,5 +280,5 @@ def test_main_on_tiny_with_task_parallel_on_an_8_device_mesh(fake_cache, tmp_pat
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     tasks = list(config.tasks)
     assert {(m["iteration"], m["task"]) for m in lines if m["method"] == "atm"} == {
-        (k, t) for k in range(3) for t in tasks}
-    assert [c["iteration"] for c in results["curves"]["atm"]] == [0, 1, 2]
+        (k, t) for k in range(2) for t in tasks}
+    assert [c["iteration"] for c in results["curves"]["atm"]] == [0, 1]
