@@ -51,11 +51,15 @@ from atm_jax.errors import DivergedError
 
 PyTree = Any
 FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTree, dict]]
+# finetune_tasks(base, {task: head}, epochs, {task: key}) -> {task: (params, head, metrics)}:
+# several tasks of one iteration in one call (e.g. at the same time on disjoint devices).
+FinetuneTasksFn = Callable[[PyTree, Mapping[str, PyTree], int, Mapping[str, jax.Array]],
+                           Mapping[str, tuple[PyTree, PyTree, dict]]]
 EvaluateFn = Callable[[PyTree, Mapping[str, PyTree]], dict[str, float]]
 Callback = Callable[[dict], None]
 Log = Callable[[str], None]
 
-__all__ = ["MergeSpec", "State", "init", "finetune_next", "iteration", "merge_step", "run",
+__all__ = ["MergeSpec", "State", "init", "finetune_next", "finetune_group", "iteration", "merge_step", "run",
            "one_shot", "task_key", "merge_key"]
 
 
@@ -243,6 +247,11 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
                        task_key(key, state.iteration, i))
     except DivergedError as e:
         raise DivergedError(f"{name}: task {task!r}, iteration {state.iteration + 1}: {e}") from None
+    return _appended(state, task, out, epochs, start, log)
+
+
+def _appended(state: State, task: str, out, epochs: int, start: float, log: Log | None) -> State:
+    """``state`` with ``task``'s finetune result ``out`` checked and appended."""
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], Mapping)):
         raise TypeError(f"finetune(base, head, task, epochs, key) must return (params, head, "
                         f"metrics dict); for task {task!r} it returned {type(out).__name__} "
@@ -258,9 +267,54 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
         finetune_metrics={**state.finetune_metrics, task: metrics})
 
 
-def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress) -> State:
+def finetune_group(state: State, *, finetune_tasks: FinetuneTasksFn, count: int, epochs: int,
+                   key: jax.Array, log: Log | None = None, name: str = "atm") -> State:
+    """Finetunes the next ``count`` tasks of the current iteration in one call.
+
+    Tasks ``i = len(state.finetuned) … i + count - 1``, each with exactly the key
+    the sequential loop gives it (``task_key(key, state.iteration, i)``); the
+    results are appended in task order and checked like :func:`finetune_next`'s.
+
+    Raises:
+      DivergedError: a finetune's loss became non-finite (the message names the
+        method, the group's tasks and the iteration).
+      TypeError: ``finetune_tasks`` did not return ``{task: (params, head, metrics)}``
+        for exactly the tasks it was given.
+    """
+    tasks = state.tasks
+    first = len(state.finetuned)
+    group = tasks[first:first + count]
+    if not group:
+        raise ValueError(f"every task of iteration {state.iteration + 1} is already finetuned.")
+    keys = {t: task_key(key, state.iteration, first + j) for j, t in enumerate(group)}
+    start = time.perf_counter()
+    try:
+        out = finetune_tasks(state.base, {t: state.heads[t] for t in group}, epochs, keys)
+    except DivergedError as e:
+        named = group[0] if len(group) == 1 else group
+        raise DivergedError(f"{name}: task {named!r}, iteration {state.iteration + 1}: {e}") from None
+    if not isinstance(out, Mapping) or set(out) != set(group):
+        raise TypeError(f"finetune_tasks(base, heads, epochs, keys) must return {{task: (params, "
+                        f"head, metrics dict)}} for the tasks {group}; it returned "
+                        f"{str(out)[:120]}.")
+    for task in group:
+        state = _appended(state, task, out[task], epochs, start, log)
+    return state
+
+
+def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress,
+                        finetune_tasks=None, tasks_per_call=None) -> State:
+    if tasks_per_call is not None:
+        _positive("tasks_per_call", tasks_per_call)
     while len(state.finetuned) < len(state.heads):
-        state = finetune_next(state, finetune=finetune, epochs=epochs, key=key, log=log, name=name)
+        if finetune_tasks is None:
+            state = finetune_next(state, finetune=finetune, epochs=epochs, key=key, log=log,
+                                  name=name)
+        else:
+            left = len(state.heads) - len(state.finetuned)
+            state = finetune_group(state, finetune_tasks=finetune_tasks,
+                                   count=min(left, tasks_per_call or left), epochs=epochs,
+                                   key=key, log=log, name=name)
         if on_progress:
             on_progress(state)
     return state
@@ -268,16 +322,23 @@ def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress)
 
 def iteration(state: State, *, finetune: FinetuneFn, epochs: int, merge: MergeSpec,
               key: jax.Array, carry_heads: bool = True, log: Log | None = None,
-              name: str = "atm", on_progress: Callable[[State], None] | None = None
+              name: str = "atm", on_progress: Callable[[State], None] | None = None,
+              finetune_tasks: FinetuneTasksFn | None = None, tasks_per_call: int | None = None
               ) -> tuple[State, dict]:
     """One ATM iteration: finetune every remaining task, merge, apply.
+
+    With ``finetune_tasks`` the remaining tasks are finetuned by calls on
+    consecutive groups of ``tasks_per_call`` tasks (None: all of them in one call),
+    each task with the key the sequential loop gives it; ``on_progress`` runs
+    after each group. Without it, ``finetune`` runs one task at a time.
 
     Returns:
       ``(state after the merge, {"finetune": {task: metrics}, "merge": diagnostics})``.
       With ``carry_heads`` each task keeps its finetuned head for the next iteration.
     """
     state = _finetune_remaining(state, finetune=finetune, epochs=epochs, key=key, log=log,
-                                name=name, on_progress=on_progress)
+                                name=name, on_progress=on_progress,
+                                finetune_tasks=finetune_tasks, tasks_per_call=tasks_per_call)
     new_base, diagnostics = merge_step(state.base, state.finetuned, merge,
                                        key=merge_key(key, state.iteration))
     heads = dict(state.finetuned_heads) if carry_heads else state.heads
@@ -303,7 +364,8 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         merge: MergeSpec = MergeSpec(), key: jax.Array, carry_heads: bool = True,
         callback: Callback | None = None, log: Log | None = None,
         name: str = "atm", start: State | None = None,
-        on_progress: Callable[[State], None] | None = None
+        on_progress: Callable[[State], None] | None = None,
+        finetune_tasks: FinetuneTasksFn | None = None, tasks_per_call: int | None = None
         ) -> tuple[PyTree, dict[str, PyTree], list[dict]]:
     """The ATM loop: ``iterations`` × (finetune every task → merge → apply).
 
@@ -331,7 +393,12 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         uninterrupted run, since every key derives from ``key``, the iteration
         and the task index.
       on_progress: called with the :class:`State` after every task finetune
-        and every merge (e.g. to checkpoint).
+        (every group of them with ``finetune_tasks``) and every merge (e.g. to
+        checkpoint).
+      finetune_tasks: optional ``(base, {task: head}, epochs, {task: key}) ->
+        {task: (params, head, metrics)}`` finetuning several tasks in one call
+        (task parallel: `atm_jax.sharding`); the results equal ``finetune``'s.
+      tasks_per_call: tasks per ``finetune_tasks`` call (None: all remaining).
 
     Returns:
       ``(final base, final heads, history)``; ``history[k]`` is the record after
@@ -376,7 +443,9 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
                 + (f" (resumed after {done} of {len(state.heads)} tasks)" if done else ""))
         state, diagnostics = iteration(state, finetune=finetune, epochs=epochs_per_iteration,
                                        merge=merge, key=key, carry_heads=carry_heads, log=log,
-                                       name=name, on_progress=on_progress)
+                                       name=name, on_progress=on_progress,
+                                       finetune_tasks=finetune_tasks,
+                                       tasks_per_call=tasks_per_call)
         state = record(state, diagnostics)
         if on_progress:
             on_progress(state)
@@ -387,7 +456,9 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
              evaluate: EvaluateFn, epochs: int, merges: Mapping[str, MergeSpec],
              key: jax.Array, callback: Callback | None = None,
              log: Log | None = None, start: State | None = None,
-             on_progress: Callable[[State], None] | None = None) -> dict:
+             on_progress: Callable[[State], None] | None = None,
+             finetune_tasks: FinetuneTasksFn | None = None,
+             tasks_per_call: int | None = None) -> dict:
     """The one-shot baselines: finetune every task for the whole budget, merge once.
 
     Every task is finetuned from ``base`` for ``epochs`` (the same keys as ATM's
@@ -396,7 +467,8 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
     merge in ``merges`` is applied once to the same task vectors.
 
     ``start`` / ``on_progress`` work as in :func:`run` (a :class:`State` after
-    every task finetune), so a resumed call skips the finetunes already done.
+    every task finetune), so a resumed call skips the finetunes already done;
+    ``finetune_tasks`` / ``tasks_per_call`` as in :func:`run`.
 
     Returns:
       ``{"individual": {task: acc}, "merged": {method: {task: acc}},
@@ -413,7 +485,8 @@ def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         log(f"[one-shot] finetuning {len(tasks)} task(s) for {epochs} epoch(s) each"
             + (f" (resumed: {done} already done)" if done else ""))
     state = _finetune_remaining(state, finetune=finetune, epochs=epochs, key=key, log=log,
-                                name="one-shot", on_progress=on_progress)
+                                name="one-shot", on_progress=on_progress,
+                                finetune_tasks=finetune_tasks, tasks_per_call=tasks_per_call)
     finetuned, new_heads = state.finetuned, state.finetuned_heads
     individual = {}
     for task, params in zip(tasks, finetuned):

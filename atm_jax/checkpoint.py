@@ -40,7 +40,7 @@ with extras.needed("atm_jax.checkpoint"):
 from atm_jax import atm
 from atm_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "Restored", "digest", "item_name", "state_to_checkpoint",
+__all__ = ["Checkpointer", "Restored", "digest", "savable", "item_name", "state_to_checkpoint",
            "state_from_checkpoint"]
 
 PyTree = Any
@@ -55,6 +55,21 @@ def digest(state: PyTree) -> dict[str, int]:
         out[jax.tree_util.keystr(path)] = zlib.crc32(array.view(np.uint8).reshape(-1)) \
             if array.size else 0
     return out
+
+
+def savable(tree: PyTree) -> PyTree:
+    """``tree`` as orbax can save it from every process of a multi-host run: arrays
+    held whole by this process (replicated per process, or on one local device)
+    become NumPy arrays, which orbax writes from the primary process; arrays
+    spanning processes (global meshes) stay as they are. One process: unchanged."""
+    if jax.process_count() == 1:
+        return tree
+
+    def host(x):
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            return np.asarray(x)
+        return x
+    return jax.tree.map(host, tree)
 
 
 class Restored:
@@ -96,7 +111,7 @@ class Checkpointer:
         """Writes ``tree`` as item ``name`` (atomic; replaces an older one of that
         name) and returns its CRCs, to pass to :meth:`save` in ``items``."""
         self._items.save((self.items_directory / name).absolute(),
-                         args=ocp.args.StandardSave(tree), force=True)
+                         args=ocp.args.StandardSave(savable(tree)), force=True)
         return digest(tree)
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first."""
@@ -110,7 +125,8 @@ class Checkpointer:
         items = dict(items or {})
         meta = dict(meta, step=step, format=FORMAT_VERSION, digest=digest(state), items=items)
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(savable(dict(state))), meta=ocp.args.JsonSave(meta)),
+            force=True)
         self._manager.wait_until_finished()
         self._item_refs[step] = items
         self._collect_items()
@@ -126,12 +142,16 @@ class Checkpointer:
         return self._item_refs[step]
 
     def _collect_items(self) -> None:
-        """Deletes items (and half-written item folders) that no kept step names."""
+        """Deletes items (and half-written item folders) that no kept step names
+        (process 0 deletes; every process reads the steps, since orbax's reads of a
+        multi-host checkpoint are collective)."""
         if not self.items_directory.is_dir():
             return
         kept = set()
         for step in self.steps():
             kept |= set(self._refs(step))
+        if jax.process_index() != 0:
+            return
         for path in self.items_directory.iterdir():
             if path.name not in kept:
                 shutil.rmtree(path, ignore_errors=True)
@@ -171,11 +191,23 @@ class Checkpointer:
                 continue
             self._set_aside(damaged)
             return Restored(step, state, meta, items)
+        self._set_aside([])  # nothing to move; multi-host: the barrier every process passes
         return None
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves damaged steps out of the way (to ``<directory>.damaged/``), so the
         resumed run can write those step numbers again; nothing is deleted."""
+        if jax.process_count() > 1:  # every process reads the same steps: one moves them
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                self._move_aside(steps)
+            multihost_utils.sync_global_devices("atm_jax: damaged checkpoints set aside")
+            self._manager.reload()
+            return
+        self._move_aside(steps)
+
+    def _move_aside(self, steps: list[int]) -> None:
         if not steps:
             return
         aside = self.directory.with_name(self.directory.name + ".damaged")

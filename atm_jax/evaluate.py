@@ -17,6 +17,7 @@ import numpy as np
 
 from atm_jax import batching
 from atm_jax.models.heads import apply_head
+from atm_jax.sharding import Placement
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, bool], jax.Array]
@@ -38,7 +39,7 @@ _count_correct_for = functools.lru_cache(maxsize=32)(_make_count_correct)
 
 
 def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
-             batch_size: int = 500) -> float:
+             batch_size: int = 500, placement: Placement | None = None) -> float:
     """Top-1 accuracy of `apply_head(head, apply_fn(backbone, images, False))`.
 
     Every batch has exactly `batch_size` rows (the last is padded and masked), so one
@@ -52,6 +53,9 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
         images: [N, ...] images.
         labels: [N] integer labels.
         batch_size: rows per forward pass.
+        placement: a mesh (`atm_jax.sharding.Placement`): params placed by its
+            rules, every batch padded to a multiple of its devices and split over
+            them; None = one device.
 
     Returns:
         Fraction of correctly classified examples, in [0, 1].
@@ -71,8 +75,18 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
     except TypeError:  # an unhashable apply_fn: no caching, compiles per call
         count_correct = _make_count_correct(apply_fn)
 
-    counts = [count_correct(backbone, head, x, y, mask > 0)
-              for (x, y), mask in batching.padded_batches([images, labels], batch_size)]
+    if placement is None:
+        counts = [count_correct(backbone, head, x, y, mask > 0)
+                  for (x, y), mask in batching.padded_batches([images, labels], batch_size)]
+    else:
+        backbone, head = placement.params(backbone), placement.params(head)
+        total = batching.padded_size(batch_size, placement.multiple)
+        batches = batching.padded_batches([images, labels], batch_size,
+                                          multiple=placement.multiple,
+                                          rows=placement.local_rows(total))
+        placed = batching.prefetch(
+            (tuple(placement.put(a, total) for a in (x, y, mask > 0)) for (x, y), mask in batches))
+        counts = [count_correct(backbone, head, x, y, m) for x, y, m in placed]
     return int(sum(jax.device_get(counts))) / len(images)
 
 

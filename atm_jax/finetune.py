@@ -23,7 +23,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import jax
@@ -34,6 +34,7 @@ import optax
 from atm_jax import batching, evaluate, extras
 from atm_jax.errors import DivergedError
 from atm_jax.models.heads import apply_head
+from atm_jax.sharding import Placement
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, bool], jax.Array]
@@ -266,12 +267,18 @@ class Finetuner:
             `fold_in(key, e)`), so runs stay reproducible.
         tx: the optax transformation.
         train_step: the jitted step `step(state, batch) -> (state, metrics)`; it
-            donates `state`.
+            donates `state`. On a mesh it runs SPMD on the sharded inputs (jit
+            propagates the batch and param shardings; no pmap), one compilation
+            per mesh.
+        placement: the default mesh of `finetune` (`atm_jax.sharding.Placement`;
+            None = one device, exactly the single-device program).
     """
 
     def __init__(self, apply_fn: ApplyFn, opt: OptimizerConfig, *, train_head: bool,
-                 progress: bool = False, augment: Augment | None = None):
+                 progress: bool = False, augment: Augment | None = None,
+                 placement: Placement | None = None):
         self.apply_fn = apply_fn
+        self.placement = placement
         self.augment = augment
         self.opt = opt
         self.train_head = train_head
@@ -293,9 +300,37 @@ class Finetuner:
         """
         return self._init_state(backbone, head)
 
+    def epoch_batches(self, images: np.ndarray, labels: np.ndarray, *, key: jax.Array,
+                      epoch: int, placement: Placement | None = None) -> Iterator[dict]:
+        """The batches of one epoch in its keyed order, built ahead on a thread.
+
+        Without a placement: NumPy batches of ``batch_size`` rows (the last padded
+        and masked). With one: batches padded to a multiple of the mesh size, this
+        process's rows gathered and assembled into global arrays sharded over the
+        mesh (`atm_jax.sharding.Placement`).
+        """
+        order = epoch_order(key, epoch, len(images))
+        epoch_key = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
+        size = self.opt.batch_size
+        multiple = 1 if placement is None else placement.multiple
+        total = batching.padded_size(size, multiple)
+        rows = slice(None) if placement is None else placement.local_rows(total)
+
+        def batches():
+            for i, ((x, y), mask) in enumerate(batching.padded_batches(
+                    [images, labels], size, order, multiple=multiple, rows=rows)):
+                batch = {"images": x, "labels": y, "mask": mask}
+                if placement is not None:
+                    batch = {k: placement.put(v, total) for k, v in batch.items()}
+                if self.augment is not None:
+                    batch["key"] = jax.random.fold_in(epoch_key, i)
+                yield batch
+
+        return batching.prefetch(batches(), depth=2)
+
     def train_epoch(self, state: dict, images: np.ndarray, labels: np.ndarray, *,
-                    key: jax.Array, epoch: int, bar: Any | None = None
-                    ) -> tuple[dict, dict]:
+                    key: jax.Array, epoch: int, bar: Any | None = None,
+                    placement: Placement | None = None) -> tuple[dict, dict]:
         """One pass over all examples in a keyed random order.
 
         The last partial batch is padded to `batch_size` with mask-0 rows, so every
@@ -308,6 +343,7 @@ class Finetuner:
             key: PRNG key of the whole finetuning call.
             epoch: 0-based epoch index (mixed into the shuffle).
             bar: optional progress bar, advanced once per step.
+            placement: the mesh the batches are sharded over (None: one device).
 
         Returns:
             (state, metrics) with metrics {"loss": mean CE over the epoch's examples,
@@ -318,19 +354,28 @@ class Finetuner:
             DivergedError: if a step's loss was not finite (checked once, after
                 the epoch, to avoid a host sync per step).
         """
-        num_examples = len(images)
-        order = epoch_order(key, epoch, num_examples)
-        epoch_key = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
+        steps = self.epoch_steps(state, images, labels, key=key, epoch=epoch, bar=bar,
+                                 placement=placement)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def epoch_steps(self, state: dict, images: np.ndarray, labels: np.ndarray, *,
+                    key: jax.Array, epoch: int, bar: Any | None = None,
+                    placement: Placement | None = None) -> Generator[None, None, tuple]:
+        """`train_epoch` as a generator: yields after dispatching each step and
+        returns ``(state, metrics)``; a caller can interleave several of them
+        (task parallel: `atm_jax.parallel`)."""
         step_metrics = []
-        for i, ((batch_images, batch_labels), mask) in enumerate(
-                batching.padded_batches([images, labels], self.opt.batch_size, order)):
-            batch = {"images": batch_images, "labels": batch_labels, "mask": mask}
-            if self.augment is not None:
-                batch["key"] = jax.random.fold_in(epoch_key, i)
+        for batch in self.epoch_batches(images, labels, key=key, epoch=epoch,
+                                        placement=placement):
             state, metrics = self.train_step(state, batch)
             step_metrics.append(metrics)
             if bar is not None:
                 bar.update(1)
+            yield
 
         # One host transfer per epoch; dispatch stays asynchronous until here.
         step_metrics = jax.device_get(step_metrics)
@@ -346,7 +391,7 @@ class Finetuner:
         correct = sum(float(m["correct"]) for m in step_metrics)
         metrics = {
             "loss": float((losses * counts).sum() / counts.sum()),
-            "accuracy": correct / num_examples,
+            "accuracy": correct / len(images),
             "steps": len(losses),
             "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
         }
@@ -354,7 +399,8 @@ class Finetuner:
 
     def finetune(self, backbone: PyTree, head: dict, images, labels, *, epochs: int,
                  key: jax.Array,
-                 on_epoch: Callable[[int, dict], None] | None = None
+                 on_epoch: Callable[[int, dict], None] | None = None,
+                 placement: Placement | None | str = "default"
                  ) -> tuple[PyTree, dict, dict]:
         """Finetunes from `backbone`/`head` with a fresh optimizer.
 
@@ -370,6 +416,9 @@ class Finetuner:
             key: PRNG key; epoch e shuffles with `fold_in(key, e)`.
             on_epoch: optional callback `on_epoch(epoch, epoch_metrics)` after each
                 epoch (for logging; see `train_epoch` for the metrics).
+            placement: the mesh to train on (`atm_jax.sharding.Placement`): params
+                and optimizer state placed by its rules, batches split over its
+                devices; None = one device; "default" = ``self.placement``.
 
         Returns:
             (backbone, head, metrics) with metrics {"loss": [mean loss per epoch],
@@ -381,6 +430,25 @@ class Finetuner:
             ValueError: on mismatched or empty data, or epochs < 1.
             DivergedError: if the loss became non-finite.
         """
+        steps = self.finetune_steps(backbone, head, images, labels, epochs=epochs, key=key,
+                                    on_epoch=on_epoch, placement=placement)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def finetune_steps(self, backbone: PyTree, head: dict, images, labels, *, epochs: int,
+                       key: jax.Array, on_epoch: Callable[[int, dict], None] | None = None,
+                       placement: Placement | None | str = "default"
+                       ) -> Generator[None, None, tuple[PyTree, dict, dict]]:
+        """`finetune` as a generator: checks its arguments at once, then yields
+        after dispatching each step and returns ``(backbone, head, metrics)``.
+
+        Interleaving the generators of tasks placed on disjoint devices runs them
+        at the same time (JAX dispatch is asynchronous); a finished generator takes
+        no further step, so each task's result is that of its own `finetune`.
+        """
         images = as_inputs(images)
         labels = np.asarray(labels, np.int32)
         if len(images) != len(labels) or len(images) == 0:
@@ -388,8 +456,15 @@ class Finetuner:
                              f"{len(images)} images and {len(labels)} labels")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs={epochs!r} is invalid: must be an integer >= 1")
+        if isinstance(placement, str):
+            placement = self.placement
+        return self._finetune_steps(backbone, head, images, labels, epochs, key, on_epoch,
+                                    placement)
 
+    def _finetune_steps(self, backbone, head, images, labels, epochs, key, on_epoch, placement):
         start = time.perf_counter()
+        if placement is not None:
+            backbone, head = placement.params(backbone), placement.params(head)
         state = self.init_state(backbone, head)
         steps_per_epoch = batching.num_batches(len(images), self.opt.batch_size)
         bar = (_tqdm()(total=epochs * steps_per_epoch, leave=False, file=sys.stderr,
@@ -397,8 +472,8 @@ class Finetuner:
         losses, accuracies = [], []
         try:
             for epoch in range(epochs):
-                state, epoch_metrics = self.train_epoch(state, images, labels, key=key,
-                                                        epoch=epoch, bar=bar)
+                state, epoch_metrics = yield from self.epoch_steps(
+                    state, images, labels, key=key, epoch=epoch, bar=bar, placement=placement)
                 losses.append(epoch_metrics["loss"])
                 accuracies.append(epoch_metrics["accuracy"])
                 if on_epoch is not None:

@@ -21,7 +21,7 @@ from atm_jax import extras
 with extras.needed("atm_jax.recipes"):
     import ml_collections
 
-__all__ = ["PAPER", "BUILDERS", "SHRINKS", "method", "mini", "tiny", "paper_config", "runlocal",
+__all__ = ["PAPER", "BUILDERS", "SHRINKS", "method", "mesh", "mini", "tiny", "paper_config", "runlocal",
            "apply_arg"]
 
 VISION_TASKS = ("cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn")
@@ -61,6 +61,13 @@ def method(kind: str, merge: str = "mean", kwargs: dict | None = None, *, alpha:
     return ml_collections.ConfigDict(spec)
 
 
+def mesh() -> ml_collections.ConfigDict:
+    """``config.mesh`` (`atm_jax.sharding`): ``data`` devices split every batch (−1 =
+    all devices left), ``task`` device groups finetune different tasks at the same
+    time, ``params`` "replicated" or "fsdp" (big kernels split over the data axis)."""
+    return ml_collections.ConfigDict({"task": 1, "data": -1, "params": "replicated"})
+
+
 def mini() -> ml_collections.ConfigDict:
     """The embedded default: ATM vs one-shot merging on four real tasks (configs/mini.py)."""
     config = ml_collections.ConfigDict()
@@ -97,8 +104,12 @@ def mini() -> ml_collections.ConfigDict:
     # Checkpoints after every finetune and merge; a run found in the workdir resumes
     # ("auto": only with the same config; "force": even with a different one).
     config.resume = "auto"
+    # Multi-host: "all" = every process sees every task; "per_process" = PA-ATM (paper
+    # §6): task i is loaded and finetuned only by process i % P (atm_jax.distributed).
+    config.task_placement = "all"
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
+    config.mesh = mesh()
     return config
 
 
@@ -165,9 +176,13 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.eval_batch_size = 256
     config.progress = False
     config.resume = "auto"
+    # Multi-host: "all" = every process sees every task; "per_process" = PA-ATM (paper
+    # §6): task i is loaded and finetuned only by process i % P (atm_jax.distributed).
+    config.task_placement = "all"
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True
     config.export_hf = True  # <workdir>/hf/<method>/: loadable by transformers
+    config.mesh = mesh()
     return config
 
 

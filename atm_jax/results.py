@@ -43,8 +43,11 @@ def write_results(config, workdir, setup: Setup, *, rows: Sequence[dict],
     writers.write_text(workdir / "results.md", table)
     plots = writers.plot_results(workdir, rows, curves, tasks)
     log("\n" + table)
-    log(f"wrote {workdir}/results.md, results.json, metrics.jsonl, config.json and "
-        f"{len(plots)} plots in {seconds:.0f}s")
+    if files.is_writer():
+        log(f"wrote {workdir}/results.md, results.json, metrics.jsonl, config.json and "
+            f"{len(plots)} plots in {seconds:.0f}s")
+    else:
+        log(f"done in {seconds:.0f}s; process 0 writes the results to {workdir}")
     return results
 
 

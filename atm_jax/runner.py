@@ -32,7 +32,7 @@ import numpy as np
 from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
-from atm_jax import files, results, schema, suites, writers
+from atm_jax import distributed, files, parallel, results, schema, sharding, suites, writers
 from atm_jax import workdir as workdir_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
@@ -76,6 +76,8 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
         iteration and step, and the last good checkpoint stays in place.
     """
     validate(config)
+    log(distributed.start_line(dict(config.get("mesh", sharding.DEFAULT)),
+                               config.get("task_placement", "all") == "per_process"))
     suite = suites.get(config.suite)
     workdir = workdir_lib.writable(workdir)
     started = time.perf_counter()
@@ -98,6 +100,8 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
         metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
         metrics.reset(restored.meta["metrics"] if restored else [])
         setup = suite.build(config, log)
+        if jax.process_count() > 1:  # every process starts from process 0's base and heads
+            setup.base, setup.heads = distributed.broadcast_from_first((setup.base, setup.heads))
         if shapes is None:
             shapes = jax.eval_shape(lambda: setup.base)
             schema.check_merge_filter(config, shapes)
@@ -132,11 +136,18 @@ class Runner:
         self.key = jax.random.key(config.seed)
         self.key_data = np.asarray(jax.random.key_data(self.key))
         self.opt = OptimizerConfig(**config.optimizer.to_dict())
+        # The device mesh (None on one device: the single-device program). PA-ATM:
+        # each process finetunes its own tasks alone, on a mesh of its local devices.
+        self.mesh = dict(config.get("mesh", sharding.DEFAULT))
+        self.per_process = config.get("task_placement", "all") == "per_process"
+        self.placement = distributed.local_placement(self.mesh) if self.per_process \
+            else sharding.Placement.of(self.mesh)
         # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
         self.finetuner = Finetuner(setup.apply_fn, self.opt, train_head=config.heads == "trainable",
                                    progress=bool(config.progress) or sys.stderr.isatty(),
-                                   augment=setup.augment)
-        self.task_names = list(setup.tasks)
+                                   augment=setup.augment, placement=self.placement)
+        self.task_names = list(setup.heads)  # config order; PA-ATM loads only its own tasks
+        self.owners = {t: distributed.owner(i) for i, t in enumerate(self.task_names)}
         self.step, self.done, self.rows, self.curves = 0, [], [], {}
         self.timings: dict[str, float] = {}
         self.individual: dict[str, float] | None = None
@@ -221,15 +232,33 @@ class Runner:
             self.timings[unit] = round(self.timings.get(unit, 0.0) + time.perf_counter() - t0, 1)
 
     def evaluate(self, params, heads) -> dict[str, float]:
-        return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h, *self.setup.tasks[t].test,
-                                         batch_size=self.config.eval_batch_size)
-                for t, h in heads.items()}
+        """Test accuracy per task; under PA-ATM each process evaluates its own tasks
+        and the accuracies are gathered (every process gets all of them)."""
+        local = {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h, *self.setup.tasks[t].test,
+                                          batch_size=self.config.eval_batch_size,
+                                          placement=self.placement)
+                 for t, h in heads.items() if t in self.setup.tasks}
+        if self.per_process:
+            return distributed.gather_accuracies(list(heads), local, self.owners)
+        return local
 
     def make_finetune(self, split: str):
         def finetune(base, head, task, epochs, task_key):
             inputs, labels = self.setup.tasks[task].split(split)
             return self.finetuner.finetune(base, head, inputs, labels, epochs=epochs, key=task_key)
         return finetune
+
+    def parallel(self, split: str) -> dict:
+        """``finetune_tasks`` / ``tasks_per_call`` for `atm`: PA-ATM (each process
+        its own tasks, `atm_jax.distributed`), task parallel when ``config.mesh.task
+        > 1`` (`atm_jax.parallel`), else sequential."""
+        if self.per_process:
+            return {"finetune_tasks": distributed.make_finetune_tasks(self.make_finetune(split),
+                                                                       self.task_names),
+                    "tasks_per_call": jax.process_count()}
+        fn, per_call = parallel.for_mesh(self.mesh, self.finetuner,
+                                         lambda task: self.setup.tasks[task].split(split))
+        return {"finetune_tasks": fn, "tasks_per_call": per_call}
 
     def add_row(self, method: str, accuracy: Mapping[str, float], epochs: int, kind: str) -> None:
         self.rows.append({"method": method, "kind": kind, "epochs": epochs,
@@ -245,9 +274,13 @@ class Runner:
     def linear_probe(self) -> None:
         budget = self.config.budget
         keys = {t: atm_lib.task_key(self.key, 0, i) for i, t in enumerate(self.task_names)}
-        acc = linear_probe(self.setup.apply_fn, self.setup.base, self.setup.heads, self.setup.tasks,
-                           self.opt, epochs=budget, keys=keys,
+        local = self.setup.tasks  # PA-ATM: this process's tasks; accuracies gathered
+        acc = linear_probe(self.setup.apply_fn, self.setup.base,
+                           {t: self.setup.heads[t] for t in local}, local, self.opt,
+                           epochs=budget, keys={t: keys[t] for t in local},
                            eval_batch_size=self.config.eval_batch_size)
+        if self.per_process:
+            acc = distributed.gather_accuracies(self.task_names, acc, self.owners)
         self.add_row("linear_probe", acc, budget, "reference")
         self.metrics({"method": "linear_probe", "iteration": 1, "epochs_per_task": budget,
                       "accuracy": acc})
@@ -262,7 +295,7 @@ class Runner:
             self.setup.base, self.setup.heads, finetune=self.make_finetune("train"),
             evaluate=self.evaluate, epochs=budget, merges=merges, key=self.key,
             callback=self.metrics, log=self.log, start=self.restored_state("one_shot"),
-            on_progress=self.state_saver("one_shot", with_base=False))
+            on_progress=self.state_saver("one_shot", with_base=False), **self.parallel("train"))
         self.individual = out["individual"]
         if "individual" in config.references:
             self.add_row("individual", self.individual, budget, "reference")
@@ -279,7 +312,7 @@ class Runner:
             merge=schema.merge_spec(config, spec), key=self.key,
             carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,
             name=name, start=self.restored_state(name),
-            on_progress=self.state_saver(name, with_base=True))
+            on_progress=self.state_saver(name, with_base=True), **self.parallel(spec.split))
         self.curves[name] = history
         self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
         self.finish_unit(name, {name: base} if config.save_params else None)

@@ -16,14 +16,15 @@ from collections.abc import Iterable
 import numpy as np
 
 from atm_jax import atm as atm_lib
-from atm_jax import recipes
+from atm_jax import recipes, sharding
 from atm_jax import tree as tree_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import OptimizerConfig
 
-__all__ = ["HEAD_MODES", "REFERENCES", "SPLITS", "KINDS", "RESUME_MODES", "DISPLAY_ORDER",
+__all__ = ["HEAD_MODES", "REFERENCES", "SPLITS", "KINDS", "RESUME_MODES", "TASK_PLACEMENTS",
+           "PER_PROCESS_SUITES", "DISPLAY_ORDER",
            "REFERENCE_LABELS", "field", "positive_int", "integer", "flag", "check_keys",
-           "allowed_fields", "validate_common", "check_merge_filter", "merge_spec",
+           "allowed_fields", "validate_common", "check_mesh", "check_merge_filter", "merge_spec",
            "method_order"]
 
 HEAD_MODES = ("frozen_random", "trainable")
@@ -31,6 +32,9 @@ REFERENCES = ("pretrained", "linear_probe", "individual")
 SPLITS = ("train", "validation")
 KINDS = ("one_shot", "atm")
 RESUME_MODES = ("auto", "force")
+TASK_PLACEMENTS = ("all", "per_process")  # atm_jax.distributed.PLACEMENTS
+# The suites whose build loads only this process's tasks (PA-ATM).
+PER_PROCESS_SUITES = ("mini",)
 DISPLAY_ORDER = ("task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
                  "ties_atm_code", "breadcrumbs_atm_code", "valft_atm", "atm")
 REFERENCE_LABELS = {"pretrained": "pretrained base (no finetuning)",
@@ -118,6 +122,15 @@ def validate_common(config) -> None:
         raise ConfigError(f"config.resume={config.resume!r} must be one of {RESUME_MODES}: 'auto' "
                           "continues a run found in the workdir when its config is the same, "
                           "'force' continues it even when the config differs.")
+    placement = field(config, "task_placement")
+    if placement not in TASK_PLACEMENTS:
+        raise ConfigError(f"config.task_placement={placement!r} must be one of {TASK_PLACEMENTS}: "
+                          "'all' (every process sees every task) or 'per_process' (PA-ATM: each "
+                          "task's data stays on one process).")
+    if placement == "per_process" and suite not in PER_PROCESS_SUITES:
+        raise ConfigError(f"config.task_placement='per_process' is implemented for the "
+                          f"{PER_PROCESS_SUITES} suite(s), not {suite!r} (its build loads every "
+                          "task): use task_placement='all'.")
     keep = positive_int(config, "checkpoint.keep")
     if keep < 2:
         raise ConfigError(f"config.checkpoint.keep={keep} must be at least 2, so a damaged newest "
@@ -140,6 +153,7 @@ def validate_common(config) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.optimizer: {e}") from None
     _validate_methods(config, budget)
+    check_mesh(config)
     try:
         tree_lib.path_filter(tuple(config.merge_include) or None,
                              tuple(config.merge_exclude) or None)
@@ -178,6 +192,23 @@ def _validate_methods(config, budget: int) -> None:
             config.methods[n].kind == "one_shot" for n in config.methods):
         raise ConfigError("config.references has 'individual' but no one_shot method finetunes "
                           "the individual models; add one or drop the reference.")
+
+
+def check_mesh(config) -> None:
+    """``config.mesh`` fits this machine's devices (`atm_jax.sharding.mesh_shape`).
+    A config without the field (written before it existed) runs on the default."""
+    import jax
+
+    mesh = config.get("mesh")
+    if mesh is None:
+        return
+    if not hasattr(mesh, "keys"):
+        raise ConfigError(f"config.mesh={mesh!r} must be a ConfigDict like "
+                          f"{sharding.DEFAULT}.")
+    try:
+        sharding.check_mesh(dict(mesh.items()), jax.device_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_batch_sizes(config, train: int | None, validation: int | None) -> None:

@@ -1,10 +1,54 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and 8 fake CPU devices for the whole session.
 
-import pytest
+XLA reads ``--xla_force_host_platform_device_count`` once, when JAX starts its CPU
+backend, so it is set here and the backend started before any test module runs;
+the user's own ``XLA_FLAGS`` are kept (a count they set wins) and restored right
+after, so subprocesses the tests start see what the user set (one CPU device by
+default; a test that wants fake devices there sets XLA_FLAGS itself).
 
-from atm_jax.data import sources
+Code not given a mesh runs on device 0 alone. Configs built in the tests default to
+``config.mesh.data = 1`` (`one_device_default_mesh`): the real default (−1, every
+device) would put every runner test on an 8-way mesh of 2 shared cores, measured
+185 s -> 614 s for test_runner.py. Tests of the mesh set ``config.mesh`` themselves.
+"""
 
-import fakes
+import os
+
+FAKE_DEVICES = 8
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+if "xla_force_host_platform_device_count" not in (_USER_XLA_FLAGS or ""):
+    os.environ["XLA_FLAGS"] = ((_USER_XLA_FLAGS or "") + " --xla_force_host_platform_"
+                               f"device_count={FAKE_DEVICES}").strip()
+    import jax
+
+    jax.devices()  # starts the CPU backend with the flag
+    if _USER_XLA_FLAGS is None:
+        del os.environ["XLA_FLAGS"]
+    else:
+        os.environ["XLA_FLAGS"] = _USER_XLA_FLAGS
+
+import pytest  # noqa: E402
+
+from atm_jax.data import sources  # noqa: E402
+
+import fakes  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_device_default_mesh():
+    """Configs from `atm_jax.recipes` get ``mesh.data = 1`` in the tests (see above)."""
+    from atm_jax import recipes
+
+    original = recipes.mesh
+
+    def mesh():
+        config = original()
+        config.data = 1
+        return config
+
+    recipes.mesh = mesh
+    yield
+    recipes.mesh = original
 
 
 @pytest.fixture(scope="session")

@@ -59,8 +59,14 @@ def backbone_shapes(config):
 
 
 def build(config, log) -> Setup:
-    """Loads the tasks (fetched and cached on first use) and the pretrained base."""
-    from atm_jax import data
+    """Loads the tasks (fetched and cached on first use) and the pretrained base.
+
+    Under ``config.task_placement = "per_process"`` (PA-ATM) only this process's
+    tasks are loaded (``Setup.tasks`` holds those); every task still gets its head,
+    sized from the task registry's class names without opening the data.
+    """
+    from atm_jax import data, distributed
+    from atm_jax.data.mini import TASK_SPECS
     from atm_jax import tree as tree_lib
     from atm_jax.models.heads import init_head
     from atm_jax.models.vit_tiny import vit_from_config
@@ -68,7 +74,7 @@ def build(config, log) -> Setup:
 
     start = time.perf_counter()
     tasks = {}
-    for name in config.tasks:
+    for name in distributed.owned_tasks(config.tasks, config.get("task_placement", "all")):
         tasks[name] = data.load_task(name, train_size=config.data.train_size,
                                      validation_size=config.data.validation_size,
                                      test_size=config.data.test_size, seed=config.seed,
@@ -83,8 +89,9 @@ def build(config, log) -> Setup:
         return model.apply({"params": params}, images, train=train)
 
     head_key = jax.random.key(config.head_seed)
-    heads = {name: init_head(jax.random.fold_in(head_key, i), model.width, t.num_classes)
-             for i, (name, t) in enumerate(tasks.items())}
+    heads = {name: init_head(jax.random.fold_in(head_key, i), model.width,
+                             len(TASK_SPECS[name].class_names))
+             for i, name in enumerate(config.tasks)}
     resolved = base_info.get("config", {})
     m, pre = resolved.get("model", {}), resolved.get("pretrain", {})
     acc = base_info.get("held_out_accuracy")
