@@ -61,13 +61,14 @@ MFUS = (0.3, 0.4)
 EPOCHS, ITERATIONS = 10, 10  # the paper's budget and ATM iterations
 
 
-def overrides(model: str, root: pathlib.Path, *, tiny: bool = False) -> dict:
+def overrides(model: str, root: pathlib.Path, *, tiny: bool = False,
+              test_size: int = TEST_SIZE) -> dict:
     """The ``--config.*`` values of the rehearsal (paths under ``root``)."""
     values = {
         "data.source": "folder", "data.folder": str(root / "data"),
-        "data.train_size": TRAIN_SIZE, "data.test_size": TEST_SIZE,
+        "data.train_size": TRAIN_SIZE, "data.test_size": test_size,
         "data.validation_cap": VALIDATION_CAP, "model.weights": str(root / "hf_init"),
-        "optimizer.batch_size": BATCH, "eval_batch_size": BATCH, "budget": 1,
+        "optimizer.batch_size": BATCH, "eval_batch_size": test_size, "budget": 1,
         "methods.atm.iterations": 1, "checkpoint.keep": 2,
     }
     if model == "clip":
@@ -85,7 +86,8 @@ def flags(values: dict) -> list[str]:
             for k, v in values.items()]
 
 
-def prepare(model: str, root: pathlib.Path, *, tiny: bool = False, tasks=None) -> dict:
+def prepare(model: str, root: pathlib.Path, *, tiny: bool = False, tasks=None,
+            test_size: int = TEST_SIZE, text_layers: int = 12) -> dict:
     """Writes the random-init HF folder, the stand-in tasks and the tokenizer."""
     from atm_jax.data import rehearsal_data as rd
 
@@ -96,8 +98,13 @@ def prepare(model: str, root: pathlib.Path, *, tiny: bool = False, tasks=None) -
     else:
         tasks = tuple(tasks or rd.GLUE_TASKS)
         rd.write_text_tasks(root / "data", tasks)
-    rd.write_hf_model(model, root / "hf_init", tiny=tiny)
-    values = overrides(model, root, tiny=tiny)
+    # Fewer CLIP text layers (and a 32-token context: the longest prompt is 26) only
+    # shorten the one-off zero-shot head encoding; the vision tower stays ViT-B/16.
+    text = None if text_layers == 12 else {"num_hidden_layers": text_layers,
+                                           "max_position_embeddings": 32}
+    rd.write_hf_model(model, root / "hf_init", tiny=tiny,
+                      text_config=text if model == "clip" else None)
+    values = overrides(model, root, tiny=tiny, test_size=test_size)
     if tasks is not None:
         values["tasks"] = list(tasks)
     return values
@@ -371,11 +378,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rehearse(model: str, root: pathlib.Path, *, tiny: bool = False, tasks=None) -> dict:
+def rehearse(model: str, root: pathlib.Path, *, tiny: bool = False, tasks=None,
+             test_size: int = TEST_SIZE, text_layers: int = 12) -> dict:
     """Prepares, runs, probes and summarizes one architecture under ``root``."""
     print(f"[{model}] writing the random-init model and the stand-in tasks under {root}",
           flush=True)
-    values = prepare(model, root, tiny=tiny, tasks=tasks)
+    values = prepare(model, root, tiny=tiny, tasks=tasks, test_size=test_size,
+                     text_layers=text_layers)
     workdir = root / "workdir"
     print(f"[{model}] running {CONFIGS[model]} (log: {root / 'run.log'})", flush=True)
     run = run_measured(model, root, values, workdir, root / "run.log")
@@ -384,7 +393,8 @@ def rehearse(model: str, root: pathlib.Path, *, tiny: bool = False, tasks=None) 
     # One small task is enough: FLOPs and exports do not depend on the tasks.
     probe_task = tuple(tasks)[:1] if tasks else (("mnist",) if model == "clip" else ("cola",))
     probe = run_probe(model, root, values, workdir, probe_task)
-    return summarize(model, run, probe, workdir)
+    return {**summarize(model, run, probe, workdir), "test_size": test_size,
+            "clip_text_layers": text_layers if model == "clip" else None}
 
 
 def main() -> None:
@@ -398,13 +408,19 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (the machinery only)")
     parser.add_argument("--root", help="keep the files here (default: a temporary folder)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--test-size", type=int, default=TEST_SIZE,
+                        help="test examples per task (and the eval batch)")
+    parser.add_argument("--clip-text-layers", type=int, default=12,
+                        help="CLIP text tower layers (< 12: also a 32-token context); it only "
+                             "encodes the zero-shot prompts, once")
     args = parser.parse_args()
     models = sorted(CONFIGS) if args.all else (args.model or [])
     if not models:
         parser.error("name --model clip|bert (repeatable) or --all")
     base = pathlib.Path(args.root or tempfile.mkdtemp(prefix="atm_rehearsal_"))
     started = common.utc_now()
-    rows = [rehearse(m, base / m, tiny=args.tiny) for m in models]
+    rows = [rehearse(m, base / m, tiny=args.tiny, test_size=args.test_size,
+                     text_layers=args.clip_text_layers) for m in models]
     body = table(rows)
     print("\n" + body)
     print(json.dumps(rows, indent=1, default=str))
@@ -417,7 +433,9 @@ def main() -> None:
         "random-init CLIP ViT-B/16 (configs/vit.py) and BERT-base (configs/bert.py) through "
         "`python -m atm_jax.main`, the 7 paper tasks as generated stand-ins with their class "
         f"counts; budget 1, ATM 1 iteration, batch {BATCH}, {TRAIN_SIZE} train / "
-        f"{VALIDATION_CAP} validation / {TEST_SIZE} test examples per task"
+        f"{VALIDATION_CAP} validation / {args.test_size} test examples per task"
+        + (f"; CLIP text tower {args.clip_text_layers} layers, 32-token context (only the "
+           "zero-shot heads use it)" if "clip" in models and args.clip_text_layers != 12 else "")
         + (" (TINY shapes: machinery check, not a measurement)" if args.tiny else ""),
         "measured under contention: 2 cores shared with other agents' jobs, run with nice -n 10",
     ], body + "\n" + NOTES + "\n```json\n" + json.dumps(rows, indent=1, default=str) + "\n```\n",

@@ -179,7 +179,8 @@ def write_prompt_tokenizer(path: PathLike, tasks: Sequence[str] = VISION_TASKS) 
 
 
 def write_hf_model(model: str, folder: PathLike, *, tiny: bool = False, seed: int = 0,
-                   vocab_size: int | None = None) -> pathlib.Path:
+                   vocab_size: int | None = None, text_config: dict | None = None
+                   ) -> pathlib.Path:
     """Writes a random-init Hugging Face model folder (config.json + model.safetensors).
 
     Args:
@@ -190,6 +191,8 @@ def write_hf_model(model: str, folder: PathLike, *, tiny: bool = False, seed: in
       seed: torch's seed for the init.
       vocab_size: the text vocabulary (default: the config's); at least the
         tokenizer's.
+      text_config: CLIP only: overrides of the text tower's config (e.g. fewer
+        layers: it only encodes the zero-shot prompts once, and is never trained).
 
     Returns:
       ``folder`` as a path.
@@ -201,7 +204,8 @@ def write_hf_model(model: str, folder: PathLike, *, tiny: bool = False, seed: in
     if model == "clip":
         special = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
         vision = dict(TINY_CLIP["vision_config"] if tiny else VIT_B16)
-        text_cfg = {**(TINY_CLIP["text_config"] if tiny else {}), **special}
+        text_cfg = {**(TINY_CLIP["text_config"] if tiny else {}), **(text_config or {}),
+                    **special}
         if vocab_size:
             text_cfg["vocab_size"] = vocab_size
         extra = {"projection_dim": TINY_CLIP["projection_dim"]} if tiny else {}
