@@ -228,7 +228,8 @@ def child_probe(out: str, model: str, workdir: str, values_json: str) -> None:
     inputs = as_inputs(task.test[0][:4])
     base_out = np.asarray(setup.apply_fn(setup.base, inputs, False))
     exports = {}
-    for folder in sorted((pathlib.Path(workdir) / "hf").iterdir()):
+    hf_root = pathlib.Path(workdir) / "hf"  # absent when the run stopped early: FLOPs only
+    for folder in sorted(hf_root.iterdir()) if hf_root.is_dir() else []:
         params_file = pathlib.Path(workdir) / "params" / f"{folder.name}.msgpack"
         merged = flax.serialization.msgpack_restore(params_file.read_bytes())
         ours = np.asarray(setup.apply_fn(merged, inputs, False))
