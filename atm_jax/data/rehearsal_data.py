@@ -35,8 +35,8 @@ import numpy as np
 from atm_jax.data import local, text
 from atm_jax.data.paper_tasks import GLUE_TASKS, PAPER_TASKS, VISION_TASKS
 
-__all__ = ["write_image_tasks", "write_text_tasks", "write_prompt_tokenizer", "prompt_words",
-           "write_hf_model", "CLIP_SPECIAL", "VIT_B16", "TINY_CLIP", "TINY_BERT"]
+__all__ = ["CLIP_SPECIAL", "TINY_BERT", "TINY_CLIP", "VIT_B16", "prompt_words",
+           "write_hf_model", "write_image_tasks", "write_prompt_tokenizer", "write_text_tasks"]
 
 PathLike = str | os.PathLike
 
@@ -127,7 +127,7 @@ def write_text_tasks(root: PathLike, tasks: Sequence[str] = GLUE_TASKS, *, train
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, t])
 
-        def sentences(n):
+        def sentences(n, rng=rng):
             return [" ".join(rng.choice(vocabulary, rng.integers(words[0], words[1] + 1)))
                     for _ in range(n)]
 
