@@ -22,7 +22,9 @@ def write_results(config, workdir, setup: Setup, *, rows: Sequence[dict],
     over tasks) when the individual models were finetuned.
     """
     rows = [dict(r) for r in rows]
-    if individual is not None:
+    # A task whose individual model scored 0 leaves normalized out ("–" in the table)
+    # rather than failing the run after all its finetuning (e.g. tiny test sets).
+    if individual is not None and all(float(a) > 0 for a in individual.values()):
         for row in rows:
             row["normalized"] = evaluate_lib.normalized_average(row["accuracy"], individual)
     lines = notes(config, setup, seconds)

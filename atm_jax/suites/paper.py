@@ -24,7 +24,7 @@ __all__ = ["validate", "backbone_shapes", "build", "hf_config", "MODEL_NAMES", "
 MODEL_NAMES = ("clip", "bert", "roberta")
 # Which heads each model uses (the paper's recipe), and which data sources exist.
 PAPER_HEADS = {"clip": "zero_shot", "bert": "frozen_random", "roberta": "frozen_random"}
-DATA_SOURCES = ("tfds", "folder", "local")
+DATA_SOURCES = ("tfds", "folder", "local")  # "folder": image folders, or TSVs for text
 # Zero-shot prompts of the generated glyph tasks (the paper's tasks carry their own).
 LOCAL_TEMPLATES = ("a photo of the character {c}.", "a rendering of {c}.", "the glyph {c}.")
 CLIP_TEXT_LENGTH = 77  # OpenAI CLIP's context length
@@ -148,6 +148,8 @@ def _load_tasks(config, tokenizer, log) -> dict:
         else:
             folder = local.make_text_tasks(_local_root("text"), tasks=tuple(config.tasks))
             source = "tsv"
+    elif source == "folder" and config.model.name != "clip":
+        source = "tsv"  # text tasks in a folder: <folder>/<task>/{train,test}.tsv (data.text)
     tasks = {}
     for name in config.tasks:
         spec = paper.PAPER_TASKS.get(name)
