@@ -13,13 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from atm_jax import atm, errors, runner
-from atm_jax.analysis import geometry, report, theory, tuning
-from atm_jax.analysis import __main__ as cli
-
 import test_runner
 
+from atm_jax import atm, errors, runner
+from atm_jax.analysis import __main__ as cli
+from atm_jax.analysis import geometry, report, theory, tuning
 
 # -- Theorem 3.1 ----------------------------------------------------------------------
 

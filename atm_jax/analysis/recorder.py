@@ -72,7 +72,7 @@ class Recorder:
         return out
 
     def sizes(self, split: str) -> dict[str, int]:
-        return {t: int(len(task.split(split)[1])) for t, task in self.setup.tasks.items()}
+        return {t: len(task.split(split)[1]) for t, task in self.setup.tasks.items()}
 
     # -- the events -----------------------------------------------------------------------
     def pretrained(self, base: PyTree) -> None:

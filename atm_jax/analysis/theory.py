@@ -31,7 +31,13 @@ from atm_jax import batching
 from atm_jax import tree as tree_lib
 from atm_jax.analysis import geometry
 from atm_jax.analysis.losses import LossFn
-from atm_jax.finetune import Finetuner, OptimizerConfig, as_inputs, epoch_order, make_optimizer
+from atm_jax.finetune import (
+    Finetuner,
+    OptimizerConfig,
+    as_inputs,
+    epoch_order,
+    make_optimizer,
+)
 from atm_jax.models.heads import apply_head
 
 __all__ = ["gradient_gap", "gradient_structure", "gap_table"]
@@ -94,7 +100,7 @@ def gradient_gap(apply_fn: Callable, base: PyTree, heads: Mapping[str, dict], da
             total_grad = sum(grads.values())
             rows.append({"task": "sum", "eta": float(eta), "epochs": int(k),
                          **_compare(total_tau, -k * eta * total_grad)})
-    return {"rows": rows, "examples": {t: int(len(d[1])) for t, d in data.items()}}
+    return {"rows": rows, "examples": {t: len(d[1]) for t, d in data.items()}}
 
 
 def gradient_structure(apply_fn: Callable, base: PyTree, heads: Mapping[str, dict], data: Data,
