@@ -241,6 +241,16 @@ def test_analysis_of_a_tiny_run(fake_cache, tmp_path):
     assert len(summary["trajectory"]["points"]) == 1 + 4 + 3 * 3
     gap = {(r["task"], r["epochs"]): r for r in summary["theory"]["theorem_3_1"]["rows"]}
     assert gap["sum", 1]["relative_gap"] < 1e-3
+    # Post-hoc ATM from a merged checkpoint given by path (another workdir, no one-shot rows).
+    from atm_jax import recipes
+    posthoc = test_runner._tiny_config()
+    with posthoc.unlocked():
+        posthoc.tasks = config.tasks
+        posthoc.references = ()
+        posthoc.methods = {"ph": recipes.method("atm", iterations=2, split="validation",
+                                                start=str(workdir / "params" / "ties.msgpack"))}
+    again = runner.run_experiment(posthoc, tmp_path / "posthoc", log=lambda *_: None)
+    assert again["curves"]["ph"][0]["accuracy"] == rows["ties"]["accuracy"]
     tags = _event_tags(workdir / "tensorboard")
     assert {"average_accuracy/atm", "mean_abs_cos/atm", "cosine/atm",
             f"accuracy/atm/{config.tasks[0]}", "joint_loss/ph_atm"} <= tags
