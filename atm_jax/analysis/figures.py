@@ -104,6 +104,9 @@ def _trajectory(summary, folder, written):
     if not traj["points"]:
         return
     fig, ax = plt.subplots(figsize=(6.5, 5))
+    palette = plt.get_cmap("tab20").colors
+    names = list(dict.fromkeys(p["method"] for p in traj["points"] if p["kind"] != "pretrained"))
+    color = {m: palette[i % len(palette)] for i, m in enumerate(names)}
     atm = {}
     for p in traj["points"]:
         if p["kind"] == "atm":
@@ -111,11 +114,13 @@ def _trajectory(summary, folder, written):
         elif p["kind"] == "pretrained":
             ax.scatter(*p["pc"][:2], marker="*", s=160, color="black", label="pretrained", zorder=3)
         else:
-            ax.scatter(*p["pc"][:2], marker="s", s=30, label=p["method"], zorder=3)
+            ax.scatter(*p["pc"][:2], marker="^" if "tuned" in p["method"] else "s", s=30,
+                       color=color[p["method"]], label=p["method"], zorder=3)
     for method, points in atm.items():
         points = sorted(points, key=lambda p: p["iteration"])
         xy = np.array([p["pc"][:2] for p in points])
-        ax.plot(xy[:, 0], xy[:, 1], marker="o", ms=3, label=f"{method} (iterations)")
+        ax.plot(xy[:, 0], xy[:, 1], marker="o", ms=3, color=color[method],
+                label=f"{method} (iterations)")
     ratio = traj["explained_variance_ratio"]
     ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f} %)" if ratio else "PC1")
     ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f} %)" if len(ratio) > 1 else "PC2")
