@@ -43,6 +43,7 @@ EXPERIMENTS = {
     "matplotlib": "matplotlib",
     "PIL": "pillow",
     "tqdm": "tqdm",
+    "tensorboardX": "tensorboardX",
 }
 
 

@@ -21,8 +21,8 @@ from atm_jax import extras
 with extras.needed("atm_jax.recipes"):
     import ml_collections
 
-__all__ = ["PAPER", "BUILDERS", "SHRINKS", "method", "mesh", "mini", "tiny", "paper_config", "runlocal",
-           "apply_arg"]
+__all__ = ["PAPER", "BUILDERS", "SHRINKS", "ALPHA_GRID", "method", "mesh", "analysis_methods",
+           "mini", "tiny", "paper_config", "runlocal", "apply_arg"]
 
 VISION_TASKS = ("cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn")
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
@@ -52,12 +52,22 @@ RUNLOCAL_TASKS = {"clip": ("glyph_digits", "glyph_upper", "glyph_lower"),
 
 
 def method(kind: str, merge: str = "mean", kwargs: dict | None = None, *, alpha: float = 1.0,
-           iterations: int | None = None, split: str = "train") -> ml_collections.ConfigDict:
+           iterations: int | None = None, split: str = "train", tune_alpha: bool = False,
+           start: str = "") -> ml_collections.ConfigDict:
     """One entry of ``config.methods``: a one-shot merge, or an ATM variant
-    (``iterations`` × budget/iterations epochs on ``split``)."""
+    (``iterations`` × budget/iterations epochs on ``split``).
+
+    ``tune_alpha`` (one-shot): α is chosen from ``config.alpha_grid`` on the
+    validation split (the row reports the chosen α). ``start`` (ATM): the model the
+    iterations start from instead of the pretrained base: a one-shot method of the
+    same run (post-hoc ATM, e.g. ``"ties"``) or a ``.msgpack`` params file."""
     spec = {"kind": kind, "merge": merge, "merge_kwargs": dict(kwargs or {}), "alpha": alpha}
     if kind == "atm":
         spec.update(iterations=iterations, split=split)
+    if tune_alpha:
+        spec["tune_alpha"] = True
+    if start:
+        spec["start"] = start
     return ml_collections.ConfigDict(spec)
 
 
@@ -66,6 +76,40 @@ def mesh() -> ml_collections.ConfigDict:
     all devices left), ``task`` device groups finetune different tasks at the same
     time, ``params`` "replicated" or "fsdp" (big kernels split over the data axis)."""
     return ml_collections.ConfigDict({"task": 1, "data": -1, "params": "replicated"})
+
+
+# α grid for the fair baselines (tune_alpha): mean aggregation over T tasks needs
+# α up to T to reach the sum; sum aggregation needs α < 1.
+ALPHA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+
+
+def analysis_methods(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds, in place, the rows of issue 14 beside the paper-protocol ones: α-tuned
+    one-shot baselines (``<name>_tuned``), TIES/DARE with sum aggregation (α = 1 and
+    tuned), post-hoc ATM from TIES (``ph_atm``) and valFT ATM as the authors' final
+    code ran it (``valft_atm_authors``: task arithmetic, then iterations on the
+    validation split); and turns ``config.analysis`` on."""
+    config.analysis = True
+    methods = config.methods
+    one_shot = [n for n in methods if methods[n].kind == "one_shot"]
+    for name in one_shot:
+        spec = methods[name]
+        methods[f"{name}_tuned"] = method("one_shot", spec.merge, spec.merge_kwargs.to_dict(),
+                                          tune_alpha=True)
+    for name in ("ties", "dare"):
+        if name in one_shot:
+            kwargs = dict(methods[name].merge_kwargs.to_dict(), aggregate="sum")
+            methods[f"{name}_sum"] = method("one_shot", methods[name].merge, kwargs)
+            methods[f"{name}_sum_tuned"] = method("one_shot", methods[name].merge, kwargs,
+                                                  tune_alpha=True)
+    atm_runs = [n for n in methods if methods[n].kind == "atm"]
+    iterations = methods[atm_runs[0]].iterations if atm_runs else config.budget
+    if "ties" in one_shot:
+        methods.ph_atm = method("atm", iterations=iterations, split="validation", start="ties")
+    if "task_arithmetic" in one_shot:
+        methods.valft_atm_authors = method("atm", iterations=iterations, split="validation",
+                                           start="task_arithmetic")
+    return config
 
 
 def mini() -> ml_collections.ConfigDict:
@@ -110,7 +154,14 @@ def mini() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
     config.mesh = mesh()
+    _analysis_fields(config)
     return config
+
+
+def _analysis_fields(config: ml_collections.ConfigDict) -> None:
+    # <workdir>/analysis/: cosines, losses, bases per iteration, figures (atm_jax.analysis).
+    config.analysis = False
+    config.alpha_grid = ALPHA_GRID  # tune_alpha methods choose α from here on validation
 
 
 def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -183,6 +234,7 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.save_params = True
     config.export_hf = True  # <workdir>/hf/<method>/: loadable by transformers
     config.mesh = mesh()
+    _analysis_fields(config)
     return config
 
 
@@ -218,14 +270,18 @@ SHRINKS = {"mini": {"tiny": tiny}, "paper": {"runlocal": runlocal}}
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None, path: str
               ) -> ml_collections.ConfigDict:
     """A config file's argument: none for the full recipe, else a shrink of its suite
-    (``tiny`` for mini, ``runlocal`` for the paper setups)."""
+    (``tiny`` for mini, ``runlocal`` for the paper setups) and/or ``analysis``
+    (`analysis_methods`), comma-separated: ``"tiny,analysis"``."""
     if arg in (None, ""):
         return config
-    shrinks = SHRINKS.get(config.suite, {})
-    if arg not in shrinks:
-        named = " / ".join(repr(k) for k in shrinks)
-        raise ValueError(f"{path} takes no argument or {named}, got {arg!r}.")
-    return shrinks[arg](config)
+    shrinks = {**SHRINKS.get(config.suite, {}), "analysis": analysis_methods}
+    for part in arg.split(","):
+        if part not in shrinks:
+            named = " / ".join(repr(k) for k in shrinks)
+            raise ValueError(f"{path} takes no argument or {named} (comma-separated), got {arg!r}.")
+    for part in sorted(arg.split(","), key=lambda p: p == "analysis"):  # shrink first
+        config = shrinks[part](config)
+    return config
 
 
 # -- the mini_text suite (configs/mini_text.py, issue 13) -------------------------------

@@ -39,7 +39,9 @@ def write_results(config, workdir, setup: Setup, *, rows: Sequence[dict],
                                          if "merge" in hist[-1]}}
     workdir = files.as_path(workdir)
     writers.write_json(workdir / "results.json", results)
-    labelled = [dict(r, method=schema.REFERENCE_LABELS.get(r["method"], r["method"])) for r in rows]
+    labelled = [dict(r, method=schema.REFERENCE_LABELS.get(r["method"], r["method"])
+                     + (f" (α = {r['alpha']:g} on validation)" if "alpha" in r else ""))
+                for r in rows]
     table = writers.results_markdown(labelled, tasks, title=f"{config.suite}: test accuracy (%)",
                                      notes=lines)
     writers.write_text(workdir / "results.md", table)
@@ -63,7 +65,15 @@ def notes(config, setup: Setup, seconds: float) -> list[str]:
     ]
     for name in schema.method_order(config):
         spec = config.methods[name]
-        if spec.kind == "atm" and spec.split == "validation":
+        start = spec.get("start", "") if spec.kind == "atm" else ""
+        if start:
+            origin = f"the {start} one-shot merge of this run" if start in config.methods \
+                else f"the params file {start}"
+            out.append(f"{name}: post-hoc ATM: {spec.iterations} iterations × "
+                       f"{config.budget // spec.iterations} epoch(s) on the {spec.split} split, "
+                       f"starting from {origin} (so its tasks were first finetuned {config.budget} "
+                       "epochs on the training split); iteration 0 of its curve is that model.")
+        elif spec.kind == "atm" and spec.split == "validation":
             sizes = ", ".join(f"{t} {len(task.validation[1])}" for t, task in setup.tasks.items())
             out.append(
                 f"{name}: trains only on the validation split ({sizes} examples) from the "
@@ -72,6 +82,10 @@ def notes(config, setup: Setup, seconds: float) -> list[str]:
                 "authors' final code instead starts valFT from task arithmetic).")
     out += [
         "Normalized = accuracy ÷ the individually finetuned model's accuracy, averaged over tasks.",
+        *([f"Rows marked 'α on validation' chose α from {tuple(config.alpha_grid)} by average "
+           "validation accuracy (one merge per α, test evaluated at the chosen α only); the "
+           "other rows use the paper's protocol (α as configured, 1 by default)."]
+          if any(config.methods[n].get("tune_alpha", False) for n in config.methods) else []),
         f"Seed {config.seed}; wall time {seconds:.0f}s.",
     ]
     return out

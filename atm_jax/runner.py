@@ -34,6 +34,9 @@ from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
 from atm_jax import distributed, files, parallel, results, schema, sharding, suites, writers
 from atm_jax import workdir as workdir_lib
+from atm_jax.analysis import recorder as recorder_lib
+from atm_jax.analysis import report as report_lib
+from atm_jax.analysis import tuning
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
 
@@ -110,10 +113,13 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
         runner.execute()
     finally:
         ckpt.close()
-    return results.write_results(
+    out = results.write_results(
         config, workdir, setup, rows=runner.rows, curves=runner.curves,
         individual=runner.individual, timings=runner.timings,
         seconds=time.perf_counter() - started, log=log)
+    if config.get("analysis", False):  # figures + analysis.json from <workdir>/analysis
+        report_lib.build(workdir, log=log)
+    return out
 
 
 class Runner:
@@ -154,6 +160,10 @@ class Runner:
         self.position: dict = {}
         self.arrays: dict = {}
         self.items: dict = {}
+        self.recorder = recorder_lib.Recorder(workdir, setup, batch_size=config.eval_batch_size) \
+            if config.get("analysis", False) else None
+        if self.recorder is not None:
+            self.recorder.pretrained(setup.base)
         if restored is not None:
             if not np.array_equal(np.asarray(restored.state["key"]), self.key_data):
                 raise ConfigError("the checkpoint was made with another config.seed (its PRNG key "
@@ -290,29 +300,105 @@ class Runner:
     def one_shot(self) -> None:
         config, budget = self.config, self.config.budget
         names = [n for n in schema.method_order(config) if config.methods[n].kind == "one_shot"]
-        merges = {n: schema.merge_spec(config, config.methods[n]) for n in names}
+        fixed = [n for n in names if not config.methods[n].get("tune_alpha", False)]
+        merges = {n: schema.merge_spec(config, config.methods[n]) for n in fixed}
+        last = {"state": self.restored_state("one_shot")}
+        saver = self.state_saver("one_shot", with_base=False)
+
+        def on_progress(state: atm_lib.State) -> None:
+            last["state"] = state
+            saver(state)
+
         out = atm_lib.one_shot(
             self.setup.base, self.setup.heads, finetune=self.make_finetune("train"),
             evaluate=self.evaluate, epochs=budget, merges=merges, key=self.key,
-            callback=self.metrics, log=self.log, start=self.restored_state("one_shot"),
-            on_progress=self.state_saver("one_shot", with_base=False), **self.parallel("train"))
+            callback=self.metrics, log=self.log, start=last["state"], on_progress=on_progress,
+            **self.parallel("train"))
         self.individual = out["individual"]
         if "individual" in config.references:
             self.add_row("individual", self.individual, budget, "reference")
+        tuned = self.tuned_one_shot([n for n in names if n not in fixed], last["state"])
         for n in names:
-            self.add_row(n, out["merged"][n], budget, "one_shot")
+            if n in tuned:
+                self.add_row(n, tuned[n]["accuracy"], budget, "one_shot")
+                self.rows[-1]["alpha"] = tuned[n]["alpha"]
+                out["params"][n] = tuned[n]["params"]
+            else:
+                self.add_row(n, out["merged"][n], budget, "one_shot")
+        if self.recorder is not None:
+            for n in fixed:
+                self.recorder.one_shot(n, out["params"][n], out["merge"][n],
+                                       alpha=merges[n].alpha)
         self.finish_unit("one_shot", out["params"] if config.save_params else None)
 
     def atm(self, name: str) -> None:
         config, spec = self.config, self.config.methods[name]
+        on_progress = self.state_saver(name, with_base=True)
+        if self.recorder is not None:
+            on_progress = self.with_recorder(name, spec, on_progress)
         base, _, history = atm_lib.run(
-            self.setup.base, self.setup.heads, finetune=self.make_finetune(spec.split),
+            self.start_base(spec), self.setup.heads, finetune=self.make_finetune(spec.split),
             evaluate=self.evaluate, iterations=spec.iterations,
             epochs_per_iteration=config.budget // spec.iterations,
             merge=schema.merge_spec(config, spec), key=self.key,
             carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,
-            name=name, start=self.restored_state(name),
-            on_progress=self.state_saver(name, with_base=True), **self.parallel(spec.split))
+            name=name, start=self.restored_state(name), on_progress=on_progress,
+            **self.parallel(spec.split))
         self.curves[name] = history
         self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
         self.finish_unit(name, {name: base} if config.save_params else None)
+
+    # -- issue 14: α-tuned baselines, post-hoc ATM starts, the analysis recorder ----------
+    def tuned_one_shot(self, names: list[str], state: atm_lib.State | None) -> dict:
+        """The ``tune_alpha`` one-shot rows: α from ``config.alpha_grid`` by validation
+        accuracy (`atm_jax.analysis.tuning`), test accuracy at that α only."""
+        out = {}
+        if not names:
+            return out
+        heads = state.finetuned_heads
+
+        def validate(params):
+            return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h,
+                                             *self.setup.tasks[t].validation,
+                                             batch_size=self.config.eval_batch_size)
+                    for t, h in heads.items()}
+
+        grid = [float(a) for a in self.config.alpha_grid]
+        for n in names:
+            spec = schema.merge_spec(self.config, self.config.methods[n])
+            chosen = tuning.tuned_merge(state.base, state.finetuned, spec, grid,
+                                        key=atm_lib.merge_key(self.key, 0), validate=validate)
+            acc = self.evaluate(chosen["params"], heads)
+            out[n] = {"accuracy": acc, "alpha": chosen["alpha"], "params": chosen["params"]}
+            self.metrics({"method": n, "iteration": 1, "epochs_per_task": self.config.budget,
+                          "accuracy": acc, "merge": chosen["diagnostics"]})
+            self.log(f"[{n}] α = {chosen['alpha']} chosen on validation from {grid}: average "
+                     f"test accuracy {evaluate_lib.average(acc):.4f}")
+            if self.recorder is not None:
+                self.recorder.one_shot(n, chosen["params"], chosen["diagnostics"],
+                                       alpha=chosen["alpha"], alpha_validation=chosen["validation"])
+        return out
+
+    def start_base(self, spec):
+        """Where an ATM method starts: the pretrained base, or (post-hoc ATM) a one-shot
+        row's merged params of this run or a ``.msgpack`` params file."""
+        start = spec.get("start", "")
+        if not start:
+            return self.setup.base
+        path = files.as_path(start) if start.endswith(".msgpack") else \
+            self.workdir / "params" / f"{start}.msgpack"
+        try:
+            return flax.serialization.from_bytes(self.setup.base, path.read_bytes())
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise ConfigError(f"ATM start={start!r}: cannot read {path} as this backbone's params "
+                              f"({type(e).__name__}: {e}); give params/<method>.msgpack of a run "
+                              "of the same model.") from None
+
+    def with_recorder(self, name: str, spec, on_progress):
+        record = self.recorder.atm_progress(name, spec.split, start=spec.get("start", "") or
+                                            "pretrained")
+
+        def both(state: atm_lib.State) -> None:
+            record(state)
+            on_progress(state)
+        return both

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from atm_jax import atm as atm_lib
-from atm_jax import recipes, sharding
+from atm_jax import files, recipes, sharding
 from atm_jax import tree as tree_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import OptimizerConfig
@@ -36,7 +36,11 @@ TASK_PLACEMENTS = ("all", "per_process")  # atm_jax.distributed.PLACEMENTS
 # The suites whose build loads only this process's tasks (PA-ATM).
 PER_PROCESS_SUITES = ("mini",)
 DISPLAY_ORDER = ("task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
-                 "ties_atm_code", "breadcrumbs_atm_code", "valft_atm", "atm")
+                 "ties_atm_code", "breadcrumbs_atm_code",
+                 # issue 14: fair baselines (α tuned on validation, sum aggregation)
+                 "task_arithmetic_tuned", "ties_tuned", "breadcrumbs_tuned", "dare_tuned",
+                 "ties_sum", "ties_sum_tuned", "dare_sum", "dare_sum_tuned",
+                 "valft_atm", "valft_atm_authors", "ph_atm", "atm")
 REFERENCE_LABELS = {"pretrained": "pretrained base (no finetuning)",
                     "linear_probe": "linear probe (frozen base)",
                     "individual": "individual finetuned (not merged)"}
@@ -154,6 +158,7 @@ def validate_common(config) -> None:
         raise ConfigError(f"config.optimizer: {e}") from None
     _validate_methods(config, budget)
     check_mesh(config)
+    _validate_analysis(config)
     try:
         tree_lib.path_filter(tuple(config.merge_include) or None,
                              tuple(config.merge_exclude) or None)
@@ -164,7 +169,7 @@ def validate_common(config) -> None:
 def _validate_methods(config, budget: int) -> None:
     if not config.methods:
         raise ConfigError("config.methods is empty: add at least one method.")
-    method_keys = set(recipes.method("atm", iterations=1).keys())
+    method_keys = set(recipes.method("atm", iterations=1, tune_alpha=True, start="x").keys())
     for name in config.methods:
         spec = config.methods[name]
         where = f"methods.{name}"
@@ -209,6 +214,46 @@ def check_mesh(config) -> None:
         sharding.check_mesh(dict(mesh.items()), jax.device_count())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _validate_analysis(config) -> None:
+    """``analysis``, ``alpha_grid`` and the methods' ``tune_alpha`` / ``start`` (issue 14)."""
+    if "analysis" in config:
+        flag(config, "analysis")
+    grid = tuple(config.get("alpha_grid", ()) or ())
+    bad = [a for a in grid if isinstance(a, bool) or not isinstance(a, (int, float))
+           or not (np.isfinite(a) and a > 0)]
+    if bad:
+        raise ConfigError(f"config.alpha_grid has {bad[0]!r}; every α must be a number > 0, "
+                          f"e.g. {recipes.ALPHA_GRID}.")
+    for name in config.methods:
+        spec = config.methods[name]
+        where = f"config.methods.{name}"
+        if spec.get("tune_alpha", False):
+            if not isinstance(spec.tune_alpha, bool) or spec.kind != "one_shot":
+                raise ConfigError(f"{where}.tune_alpha={spec.tune_alpha!r}: only a one_shot method "
+                                  "can tune α, and the value is True or False.")
+            if not grid:
+                raise ConfigError(f"{where}.tune_alpha needs a non-empty config.alpha_grid, e.g. "
+                                  f"{recipes.ALPHA_GRID}.")
+        start = spec.get("start", "")
+        if not start:
+            continue
+        if spec.kind != "atm" or not isinstance(start, str):
+            raise ConfigError(f"{where}.start={start!r}: only an ATM method has a start (a one_shot "
+                              "method name of this config or a .msgpack params file).")
+        if start.endswith(".msgpack"):
+            if not files.as_path(start).exists():
+                raise ConfigError(f"{where}.start={start!r}: no such params file; give a "
+                                  "<workdir>/params/<method>.msgpack of the same model.")
+            continue
+        if start not in config.methods or config.methods[start].kind != "one_shot":
+            one_shot = [n for n in config.methods if config.methods[n].kind == "one_shot"]
+            raise ConfigError(f"{where}.start={start!r} must name a one_shot method of this config "
+                              f"({one_shot}) or a .msgpack params file.")
+        if not config.save_params:
+            raise ConfigError(f"{where}.start={start!r} reads params/{start}.msgpack: set "
+                              "config.save_params=True.")
 
 
 def check_batch_sizes(config, train: int | None, validation: int | None) -> None:

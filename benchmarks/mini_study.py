@@ -13,6 +13,9 @@ Run::
   python benchmarks/mini_study.py                      # ≈ 35 min on 2 CPU cores
   python benchmarks/mini_study.py --seeds 0 --budgets 10 --no-split   # one run
   python benchmarks/mini_study.py --config configs/mini_text.py --budgets 10 --no-split
+  # issue 14: the ':analysis' rows (α-tuned / sum baselines, PH-ATM, the authors' valFT)
+  # and the recorded analysis (mean |cos| per iteration, Theorem 5.1 bookkeeping)
+  python benchmarks/mini_study.py --analysis --budgets 10 --no-split
 """
 
 from __future__ import annotations
@@ -35,13 +38,61 @@ ONE_SHOT = ("task_arithmetic", "ties", "breadcrumbs", "dare")
 
 DEFAULT_CONFIG = "configs/mini.py"
 CONFIG = DEFAULT_CONFIG  # the --config of this run
+ANALYSIS = False  # --analysis: get_config("analysis")
 
 
 def _base_config():
     spec = importlib.util.spec_from_file_location("mini_config", ROOT / CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config("analysis" if ANALYSIS else None)
+
+
+def analysis_section(runs: dict, workdirs: dict, budget: int, seeds: list[int]) -> list[str]:
+    """Issue 14's numbers over seeds: ATM's margin over the paper-protocol and the
+    α-tuned baselines, the chosen α, and mean |cos| per ATM iteration."""
+    from atm_jax.analysis import report
+
+    def rows(seed):
+        return {r["method"]: r for r in runs[budget, seed]["rows"]}
+
+    methods = list(rows(seeds[0]))
+    paper = [m for m in ONE_SHOT if m in methods]
+    tuned = [m for m in methods if rows(seeds[0])[m].get("alpha") is not None]
+    out = [f"### Fair baselines and the recorded analysis (budget {budget}, seeds {seeds})", "",
+           "| comparison | points (mean ± std over seeds) |", "|---|---:|"]
+    atm = [100 * rows(s)["atm"]["average"] for s in seeds]
+    for label, group in (("best paper-protocol one-shot (α = 1, mean)", paper),
+                         ("best α-tuned one-shot (α on validation)", tuned)):
+        if group:
+            best = [max(100 * rows(s)[m]["average"] for m in group) for s in seeds]
+            names = [max(group, key=lambda m: rows(s)[m]["average"]) for s in seeds]
+            out.append(f"| ATM − {label} [{', '.join(names)}] | "
+                       f"{_mean_std([a - b for a, b in zip(atm, best)])} |")
+    for m in ("valft_atm", "valft_atm_authors", "ph_atm"):
+        if m in methods:
+            out.append(f"| {m} − ATM | {_mean_std([100 * rows(s)[m]['average'] - a for s, a in zip(seeds, atm)])} |")
+    out += ["", "| α-tuned row | α chosen per seed | average % |", "|---|---|---:|"]
+    for m in tuned:
+        chosen = ", ".join(f"{rows(s)[m]['alpha']:g}" for s in seeds)
+        out.append(f"| {m} | {chosen} | "
+                   f"{_mean_std([100 * rows(s)[m]['average'] for s in seeds])} |")
+    summaries = []
+    for s in seeds:
+        path = pathlib.Path(workdirs[budget, s]) / "analysis" / "analysis.json"
+        summaries.append(json.loads(path.read_text()) if path.exists()
+                         else report.build(workdirs[budget, s], log=lambda *_: None))
+    out += ["", "| ATM method | mean abs cos per iteration (mean over seeds) | one-shot | joint loss fell |",
+            "|---|---|---:|---:|"]
+    one_shot = [next(iter(x["orthogonality"]["one_shot"].values()))["mean_abs_cos"]
+                for x in summaries if x["orthogonality"]["one_shot"]]
+    for m in summaries[0]["orthogonality"]["atm"]:
+        per = np.array([[r["mean_abs_cos"] for r in x["orthogonality"]["atm"][m]] for x in summaries])
+        fell = [sum(r["joint_decreased"] for r in x["loss_bookkeeping"][m]) for x in summaries]
+        total = [len(x["loss_bookkeeping"][m]) for x in summaries]
+        out.append(f"| {m} | {' → '.join(f'{v:.3f}' for v in per.mean(0))} | "
+                   f"{np.mean(one_shot):.3f} | {sum(fell)} of {sum(total)} |")
+    return out + [""]
 
 
 def _mean_std(values) -> str:
@@ -62,11 +113,15 @@ def main():
     parser.add_argument("--no-split", action="store_true")
     parser.add_argument("--workdir", default="/tmp/atm_mini_study")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--analysis", action="store_true",
+                        help="the config's ':analysis' variant (issue 14 rows + recorded analysis)")
     args = parser.parse_args()
-    global CONFIG
+    global CONFIG, ANALYSIS
     CONFIG = args.config
+    ANALYSIS = args.analysis
     study = "mini_study" if CONFIG == DEFAULT_CONFIG else \
         f"mini_study_{pathlib.Path(CONFIG).stem}"
+    study += "_analysis" if ANALYSIS else ""
 
     from atm_jax import runner, schema
 
@@ -75,6 +130,7 @@ def main():
     quiet = lambda *_: None  # noqa: E731
     started = time.perf_counter()
     runs = {}  # (budget, seed) -> results
+    workdirs = {}
     for budget in budgets:
         for seed in seeds:
             config = _base_config()
@@ -82,9 +138,13 @@ def main():
             config.budget = budget
             config.methods.atm.iterations = budget
             config.methods.valft_atm.iterations = budget
+            if ANALYSIS:
+                for name in config.methods:
+                    if config.methods[name].kind == "atm":
+                        config.methods[name].iterations = budget
             t0 = time.perf_counter()
-            runs[budget, seed] = runner.run_experiment(
-                config, pathlib.Path(args.workdir) / f"b{budget}_s{seed}", log=quiet)
+            workdirs[budget, seed] = pathlib.Path(args.workdir) / f"b{budget}_s{seed}"
+            runs[budget, seed] = runner.run_experiment(config, workdirs[budget, seed], log=quiet)
             row = {r["method"]: r["average"] for r in runs[budget, seed]["rows"]}
             print(f"budget {budget} seed {seed}: ATM {100 * row['atm']:.1f}, "
                   f"best one-shot {100 * max(row[m] for m in ONE_SHOT):.1f} "
@@ -138,6 +198,8 @@ def main():
                for s in seeds]
         out += ["", f"ATM − best one-shot baseline: "
                 f"{_mean_std([100 * (a - b) for a, b in zip(atm, best)])} points.", ""]
+        if ANALYSIS:
+            out += analysis_section(runs, workdirs, budget, seeds)
     if split:
         out += ["### Budget split (paper Fig. 5): 10 epochs = K iterations × 10/K epochs", "",
                 "| K × epochs | average accuracy % | normalized |", "|---|---:|---:|"]
