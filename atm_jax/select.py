@@ -301,7 +301,7 @@ def _callback(leaves, ranks: np.ndarray, joint: bool):
     dtype = leaves[0].dtype
     num_tasks, rank_rows = leaves[0].shape[0], ranks.tolist()
 
-    def select_on_host(arrays):
+    def select_on_host(*arrays):
         if joint:
             groups = [[a[t] for a in arrays for t in range(num_tasks)]]
         else:
@@ -310,7 +310,7 @@ def _callback(leaves, ranks: np.ndarray, joint: bool):
         return values.astype(dtype), largest.astype(dtype)
 
     shapes = (jax.ShapeDtypeStruct(ranks.shape, dtype), jax.ShapeDtypeStruct(ranks.shape[:1], dtype))
-    return on_host(lambda *arrays: select_on_host(arrays), shapes, *leaves)
+    return on_host(select_on_host, shapes, *leaves)
 
 
 def host_callback_available() -> bool:

@@ -31,7 +31,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_config(spec: str):
-    from ml_collections import config_flags  # noqa: F401  (the experiments extra)
     import importlib.util
 
     path, _, arg = spec.partition(":")
@@ -50,7 +49,7 @@ def main() -> None:
 
     import jax
 
-    from atm_jax import atm, checkpoint, evaluate, finetune, runner, writers
+    from atm_jax import atm, checkpoint, finetune, runner, writers
 
     config = _load_config(args.config)
     if args.method not in config.methods or config.methods[args.method].kind != "atm":
@@ -84,7 +83,6 @@ def main() -> None:
                (writers.MetricsWriter, "__call__", "metrics line")]
     for owner, attr, part in patches:
         setattr(owner, attr, timed(part, getattr(owner, attr)))
-    del evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         lines: list[str] = []
