@@ -93,6 +93,28 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def runlocal_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("runlocal")
+
+
+@pytest.fixture
+def runlocal(runlocal_root, monkeypatch):
+    """``main`` on ``configs/<name>.py:runlocal``, once per name for this module (the
+    export test reads the BERT run's folder instead of finetuning BERT again); returns
+    the workdir, with the run's offline cache set for the test."""
+    monkeypatch.setenv(sources.CACHE_ENV, str(runlocal_root / "cache"))
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+
+    def run(name: str) -> pathlib.Path:
+        workdir = runlocal_root / name
+        if not (workdir / "results.json").exists():
+            _main(f"{ROOT / 'configs' / name}.py:runlocal", workdir)
+        return workdir
+
+    return run
+
+
 def _main(config_arg: str, workdir: pathlib.Path) -> None:
     from absl import flags
 
@@ -107,11 +129,10 @@ def _main(config_arg: str, workdir: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["vit", "roberta", "bert"])
-def test_runlocal_runs_main_end_to_end(name, cache):
+def test_runlocal_runs_main_end_to_end(name, runlocal):
     from atm_jax.models import hf
 
-    workdir = cache / "work"
-    _main(f"{ROOT / 'configs' / name}.py:runlocal", workdir)
+    workdir = runlocal(name)
     config = load(name, "runlocal")
     results = json.loads((workdir / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
@@ -140,18 +161,14 @@ def test_runlocal_runs_main_end_to_end(name, cache):
         assert (workdir / "results.md").read_text().split("- Seed")[0] == before
 
 
-def test_exported_runlocal_bert_loads_in_transformers(cache):
+def test_exported_runlocal_bert_loads_in_transformers(runlocal):
     torch = pytest.importorskip("torch")
     import transformers
 
     from atm_jax.suites import paper as paper_suite
 
     config = load("bert", "runlocal")
-    with config.unlocked():
-        config.methods = {"atm": config.methods.atm}
-        config.references = ()
-    workdir = cache / "work"
-    runner.run_experiment(config, workdir, log=lambda *_: None)
+    workdir = runlocal("bert")
     model = transformers.AutoModel.from_pretrained(workdir / "hf" / "atm").eval()
     s = paper_suite.build(config, lambda *_: None)
     tokens = s.tasks["keyword_pair"].test[0][:4]

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import ml_collections
 import pytest
@@ -170,18 +171,6 @@ def test_main_end_to_end_on_tiny_data(fake_cache, tmp_path):
     assert saved["data"]["train_size"] == 48
 
 
-def test_same_config_same_numbers(fake_cache, tmp_path):
-    config = _tiny_config()
-    with config.unlocked():
-        config.methods = {"atm": config.methods.atm}
-        config.references = ()
-    quiet = lambda *_: None  # noqa: E731
-    first = runner.run_experiment(config, tmp_path / "a", log=quiet)
-    second = runner.run_experiment(config, tmp_path / "b", log=quiet)
-    assert first["rows"] == second["rows"]
-    assert first["curves"] == second["curves"]
-
-
 def _atm_only(config, **fields):
     with config.unlocked():
         config.methods = {"atm": config.methods.atm}
@@ -189,6 +178,32 @@ def _atm_only(config, **fields):
         for name, value in fields.items():
             config[name] = value
     return config
+
+
+_ATM_ONLY = {}  # the tiny ATM-only run, made once for this module
+
+
+@pytest.fixture(scope="module")
+def atm_only_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("atm_only")
+
+
+@pytest.fixture
+def atm_only_run(fake_cache, atm_only_root):
+    """``(results, workdir)`` of the tiny ATM-only run (frozen heads), run once for the
+    tests here that only read it; a test that writes into it copies the workdir."""
+    if not _ATM_ONLY:
+        workdir = atm_only_root / "work"
+        _ATM_ONLY["run"] = (runner.run_experiment(_atm_only(_tiny_config()), workdir,
+                                                  log=lambda *_: None), workdir)
+    return _ATM_ONLY["run"]
+
+
+def test_same_config_same_numbers(atm_only_run, tmp_path):
+    first, _ = atm_only_run
+    second = runner.run_experiment(_atm_only(_tiny_config()), tmp_path / "b", log=lambda *_: None)
+    assert first["rows"] == second["rows"]
+    assert first["curves"] == second["curves"]
 
 
 def test_valft_trains_on_the_validation_split_and_save_params_off_writes_none(
@@ -216,7 +231,7 @@ def test_valft_trains_on_the_validation_split_and_save_params_off_writes_none(
     assert not (tmp_path / "work" / "params").exists()
 
 
-def test_trainable_heads_are_checkpointed_and_resumed_exactly(fake_cache, tmp_path, monkeypatch):
+def test_trainable_heads_are_checkpointed_and_resumed_exactly(atm_only_run, tmp_path, monkeypatch):
     from atm_jax import atm
 
     config = _atm_only(_tiny_config(), heads="trainable")
@@ -245,13 +260,13 @@ def test_trainable_heads_are_checkpointed_and_resumed_exactly(fake_cache, tmp_pa
     assert (tmp_path / "split" / "params" / "atm.msgpack").read_bytes() == \
         (tmp_path / "whole" / "params" / "atm.msgpack").read_bytes()
     # The heads really trained and were carried: the carried run differs from frozen heads.
-    frozen = runner.run_experiment(_atm_only(_tiny_config()), tmp_path / "frozen", log=quiet)
+    frozen, _ = atm_only_run
     assert frozen["curves"]["atm"][-1]["accuracy"] != whole["curves"]["atm"][-1]["accuracy"]
 
 
-def test_resume_refuses_a_seed_change_even_when_forced(fake_cache, tmp_path):
+def test_resume_refuses_a_seed_change_even_when_forced(atm_only_run, tmp_path):
     config = _atm_only(_tiny_config())
-    runner.run_experiment(config, tmp_path / "work", log=lambda *_: None)
+    shutil.copytree(atm_only_run[1], tmp_path / "work")
     with config.unlocked():
         config.seed = 1
         config.resume = "force"
