@@ -14,6 +14,7 @@ device) would put every runner test on an 8-way mesh of 2 shared cores, measured
 
 import atexit
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -29,6 +30,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     atexit.register(shutil.rmtree, _XLA_CACHE, True)
+# Likewise one folder of pretrained tiny bases for the session (`shared_bases`).
+if "ATM_JAX_TEST_BASES" not in os.environ:
+    _BASES = tempfile.mkdtemp(prefix="atm_jax_tests_bases_")
+    os.environ["ATM_JAX_TEST_BASES"] = _BASES
+    atexit.register(shutil.rmtree, _BASES, True)
 _USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 if "xla_force_host_platform_device_count" not in (_USER_XLA_FLAGS or ""):
     os.environ["XLA_FLAGS"] = ((_USER_XLA_FLAGS or "") + " --xla_force_host_platform_"
@@ -66,11 +72,13 @@ def one_device_default_mesh():
 
 
 @pytest.fixture(scope="session")
-def shared_bases(tmp_path_factory):
-    """One folder of pretrained tiny bases for the whole session: a base is keyed by
-    the SHA-256 of its config, so every test asking for the same tiny base trains it
-    once (test_pretrain checks training and caching on their own caches)."""
-    return tmp_path_factory.mktemp("bases")
+def shared_bases():
+    """One folder of pretrained tiny bases for the whole session, shared by both xdist
+    workers and the subprocess tests (test_resume, test_multihost link it into their
+    caches): a base is keyed by the SHA-256 of its config and written atomically, so
+    every test asking for the same tiny base trains it once, or twice when two
+    workers race (test_pretrain checks training and caching on their own caches)."""
+    return pathlib.Path(os.environ["ATM_JAX_TEST_BASES"])
 
 
 @pytest.fixture

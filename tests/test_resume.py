@@ -22,16 +22,19 @@ OUTPUTS = ("metrics.jsonl", "params/ties.msgpack", "params/dare.msgpack", "param
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A fake-data cache shared by every subprocess (the tiny base is pretrained once)."""
-    return tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory, shared_bases):
+    """A fake-data cache shared by every subprocess, with the session's tiny bases."""
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "bases").symlink_to(shared_bases, target_is_directory=True)
+    return cache
 
 
 def drive(cache, workdir, calls, fault=None) -> subprocess.CompletedProcess:
-    # The subprocesses share JAX's persistent compilation cache: each compiles the same
-    # tiny programs, so only the first pays for XLA.
+    # The subprocesses share JAX's persistent compilation cache (the session's, see
+    # conftest.py): each compiles the same tiny programs, so only the first pays for XLA.
+    xla = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache / "xla"))
     env = dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(cache / "xla"),
+               JAX_COMPILATION_CACHE_DIR=xla,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     command = [sys.executable, str(HERE / "fault_driver.py"), str(workdir), str(calls)]
