@@ -157,8 +157,18 @@ def _tqdm():
     return tqdm
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _cast_floats(tree: PyTree, dtype) -> PyTree:
+    """Floating leaves of ``tree`` cast to ``dtype``; integer leaves (token ids) kept."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
-                    train_head: bool, augment: Augment | None = None
+                    train_head: bool, augment: Augment | None = None,
+                    precision: str = "float32", remat: bool = False
                     ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Builds the (unjitted) train step: masked cross-entropy, one optimizer update.
 
@@ -168,6 +178,12 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
         train_head: whether the head gets gradients and optimizer state.
         augment: optional `augment(images, key) -> images`, applied to every
             training batch with the batch's own key (`batch["key"]`).
+        precision: "float32", or "bfloat16": the backbone's forward and backward run
+            on a bfloat16 copy of its params and inputs (mixed precision for
+            accelerators; the params, the gradients the optimizer sees, the optimizer
+            state, the head and the loss stay float32).
+        remat: recompute the backbone's activations in the backward pass
+            (`jax.checkpoint`) instead of keeping them: less memory, more compute.
 
     Returns:
         `step(state, batch) -> (state, metrics)` with state
@@ -178,13 +194,24 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
         "grad_norm" (before clipping).
     """
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}.")
+
+    def forward(backbone, images):
+        if precision == "bfloat16":
+            backbone, images = _cast_floats((backbone, images), jnp.bfloat16)
+        return apply_fn(backbone, images, True).astype(jnp.float32)
+
+    if remat:
+        forward = jax.checkpoint(forward)
+
     def step(state, batch):
         mask = batch["mask"]
 
         def loss_fn(trainable):
             head = trainable["head"] if train_head else state["head"]
             images = batch["images"] if augment is None else augment(batch["images"], batch["key"])
-            features = apply_fn(trainable["backbone"], images, True)
+            features = forward(trainable["backbone"], images)
             logits = apply_head(head, features).astype(jnp.float32)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
             count = mask.sum()
@@ -272,11 +299,14 @@ class Finetuner:
             per mesh.
         placement: the default mesh of `finetune` (`atm_jax.sharding.Placement`;
             None = one device, exactly the single-device program).
+        precision, remat: the step's compute dtype and activation recomputation
+            (see `make_train_step`); the defaults are the exact float32 step.
     """
 
     def __init__(self, apply_fn: ApplyFn, opt: OptimizerConfig, *, train_head: bool,
                  progress: bool = False, augment: Augment | None = None,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, precision: str = "float32",
+                 remat: bool = False):
         self.apply_fn = apply_fn
         self.placement = placement
         self.augment = augment
@@ -285,7 +315,8 @@ class Finetuner:
         self.progress = progress
         self.tx = make_optimizer(opt)
         self.train_step = jax.jit(make_train_step(apply_fn, self.tx, train_head=train_head,
-                                                  augment=augment), donate_argnums=0)
+                                                  augment=augment, precision=precision,
+                                                  remat=remat), donate_argnums=0)
         self._init_state = jax.jit(make_init_state(self.tx, train_head=train_head))
 
     def init_state(self, backbone: PyTree, head: dict) -> dict:

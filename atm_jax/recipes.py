@@ -154,8 +154,17 @@ def mini() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
     config.mesh = mesh()
+    _compute_fields(config)
     _analysis_fields(config)
     return config
+
+
+def _compute_fields(config: ml_collections.ConfigDict) -> None:
+    # The finetuning step's compute: "bfloat16" runs the backbone on a bfloat16 copy of
+    # its params (params, optimizer and loss stay float32); remat recomputes activations
+    # in the backward pass. Options for accelerators; on a CPU both only cost time.
+    config.precision = "float32"
+    config.remat = False
 
 
 def _analysis_fields(config: ml_collections.ConfigDict) -> None:
@@ -234,6 +243,7 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.save_params = True
     config.export_hf = True  # <workdir>/hf/<method>/: loadable by transformers
     config.mesh = mesh()
+    _compute_fields(config)
     _analysis_fields(config)
     return config
 

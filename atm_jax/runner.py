@@ -151,7 +151,9 @@ class Runner:
         # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.
         self.finetuner = Finetuner(setup.apply_fn, self.opt, train_head=config.heads == "trainable",
                                    progress=bool(config.progress) or sys.stderr.isatty(),
-                                   augment=setup.augment, placement=self.placement)
+                                   augment=setup.augment, placement=self.placement,
+                                   precision=config.get("precision", "float32"),
+                                   remat=bool(config.get("remat", False)))
         self.task_names = list(setup.heads)  # config order; PA-ATM loads only its own tasks
         self.owners = {t: distributed.owner(i) for i, t in enumerate(self.task_names)}
         self.step, self.done, self.rows, self.curves = 0, [], [], {}

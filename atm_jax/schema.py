@@ -19,7 +19,7 @@ from atm_jax import atm as atm_lib
 from atm_jax import files, recipes, sharding
 from atm_jax import tree as tree_lib
 from atm_jax.errors import ConfigError
-from atm_jax.finetune import OptimizerConfig
+from atm_jax.finetune import PRECISIONS, OptimizerConfig
 
 __all__ = ["HEAD_MODES", "REFERENCES", "SPLITS", "KINDS", "RESUME_MODES", "TASK_PLACEMENTS",
            "PER_PROCESS_SUITES", "DISPLAY_ORDER",
@@ -122,6 +122,11 @@ def validate_common(config) -> None:
     integer(config, "head_seed")
     flag(config, "progress")
     flag(config, "save_params")
+    flag(config, "remat")
+    if field(config, "precision") not in PRECISIONS:
+        raise ConfigError(f"config.precision={config.precision!r} must be one of {PRECISIONS}: "
+                          "'bfloat16' computes the finetuning step's forward and backward in "
+                          "bfloat16 on accelerators (params and optimizer stay float32).")
     if field(config, "resume") not in RESUME_MODES:
         raise ConfigError(f"config.resume={config.resume!r} must be one of {RESUME_MODES}: 'auto' "
                           "continues a run found in the workdir when its config is the same, "

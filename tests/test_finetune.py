@@ -406,3 +406,66 @@ def test_normalized_accuracy_errors():
         evaluate.normalized_average({"mnist": 0.9}, {"mnist": 0.0})
     with pytest.raises(ValueError, match="no tasks"):
         evaluate.average({})
+
+
+# -- precision and remat (config.precision / config.remat) ---------------------------------
+
+def _tiny_vit_problem(n=64, classes=4):
+    """configs/mini.py:tiny's ViT (random init) on random 28x28 images."""
+    from atm_jax import recipes
+    from atm_jax.models.heads import init_head
+    from atm_jax.models.vit_tiny import vit_from_config
+
+    model = vit_from_config(recipes.tiny(recipes.mini()).model)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (n, 28, 28, 1)).astype(np.float32)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    backbone = model.init(jax.random.key(0), images[:1])["params"]
+    head = init_head(jax.random.key(1), model.width, classes)
+    return (lambda p, x, train: model.apply({"params": p}, x, train=train)), backbone, head, images, labels
+
+
+def _tiny_finetune(precision="float32", remat=False, epochs=3):
+    apply_fn, backbone, head, images, labels = _tiny_vit_problem()
+    tuner = Finetuner(apply_fn, OptimizerConfig(learning_rate=1e-3, batch_size=16),
+                      train_head=True, precision=precision, remat=remat)
+    return tuner, tuner.finetune(backbone, head, images, labels, epochs=epochs,
+                                 key=jax.random.key(2))
+
+
+def _step_program(tuner):
+    _, backbone, head, images, labels = _tiny_vit_problem()
+    batch = {"images": images[:16], "labels": labels[:16], "mask": np.ones(16, np.float32)}
+    return str(jax.make_jaxpr(tuner.train_step)(tuner.init_state(backbone, head), batch))
+
+
+def test_remat_trains_exactly_like_keeping_the_activations():
+    tuner0, (b0, h0, m0) = _tiny_finetune()
+    tuner1, (b1, h1, m1) = _tiny_finetune(remat=True)
+    # The backbone's forward is rematerialized (a jax.checkpoint in the step's program).
+    assert "remat2[" in _step_program(tuner1) and "remat2[" not in _step_program(tuner0)
+    # Recomputation reruns the same forward ops: measured bitwise equal on this CPU.
+    assert m1["loss"] == m0["loss"]
+    for x, y in zip(jax.tree.leaves((b0, h0)), jax.tree.leaves((b1, h1)), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_loss():
+    _, (b0, h0, m0) = _tiny_finetune()
+    tuner, (b1, h1, m1) = _tiny_finetune(precision="bfloat16")
+    # The params (and so the optimizer's view of them) stay float32.
+    assert {x.dtype for x in jax.tree.leaves((b1, h1))} == {jnp.dtype(jnp.float32)}
+    # The step really computes in bfloat16 (a dropped cast would still pass the
+    # tolerance below): its program holds bfloat16 values, the float32 one none.
+    assert "bf16" in _step_program(tuner)
+    assert "bf16" not in _step_program(_tiny_finetune(epochs=1)[0])
+    # Per-epoch mean loss within 0.5 % of float32's (bfloat16 keeps 8 mantissa bits;
+    # measured 0.20 %, 0.055 %, 0.010 % over these 3 epochs), and not bitwise the same.
+    assert m1["loss"] != m0["loss"]
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=5e-3)
+
+
+def test_unknown_precision_is_refused():
+    apply_fn, *_ = _tiny_vit_problem(n=2)
+    with pytest.raises(ValueError, match="precision='float16' must be one of"):
+        Finetuner(apply_fn, OptimizerConfig(), train_head=False, precision="float16")

@@ -74,6 +74,8 @@ def test_paper_protocol_fields_of_mini():
     (lambda c: setattr(c, "tasks", ("mnist", "mnist")), r"config.tasks=\('mnist', 'mnist'\) names a task twice"),
     (lambda c: setattr(c, "progress", "yes"), "config.progress='yes' must be True or False"),
     (lambda c: setattr(c, "save_params", 1), "config.save_params=1 must be True or False"),
+    (lambda c: setattr(c, "remat", "no"), "config.remat='no' must be True or False"),
+    (lambda c: setattr(c, "precision", "float16"), "config.precision='float16' must be one of"),
     (lambda c: setattr(c, "methods", {"atm": c.methods.atm}),
      "config.references has 'individual' but no one_shot method"),
     (lambda c: setattr(c, "methods", {}), "config.methods is empty"),
@@ -262,6 +264,26 @@ def test_trainable_heads_are_checkpointed_and_resumed_exactly(atm_only_run, tmp_
     # The heads really trained and were carried: the carried run differs from frozen heads.
     frozen, _ = atm_only_run
     assert frozen["curves"]["atm"][-1]["accuracy"] != whole["curves"]["atm"][-1]["accuracy"]
+
+
+def test_precision_and_remat_reach_the_finetuner(fake_cache, tmp_path, monkeypatch):
+    from atm_jax import finetune
+
+    seen = []
+    original = finetune.Finetuner.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if "precision" in kwargs:  # the experiment's (pretraining builds its own)
+            seen.append((kwargs["precision"], kwargs["remat"]))
+            raise KeyboardInterrupt("built")
+
+    monkeypatch.setattr(finetune.Finetuner, "__init__", spy)
+    for precision, remat in (("bfloat16", True), ("float32", False)):
+        config = _atm_only(_tiny_config(), precision=precision, remat=remat)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_experiment(config, tmp_path / precision, log=lambda *_: None)
+    assert seen == [("bfloat16", True), ("float32", False)]
 
 
 def test_resume_refuses_a_seed_change_even_when_forced(atm_only_run, tmp_path):
