@@ -137,17 +137,17 @@ HF_MUTATIONS = [
 ]
 
 FINETUNE_MUTATIONS = [
-    Mutation("adamw-no-decay", "atm_jax/finetune.py",
+    Mutation("adamw-no-decay", "atm_jax/optim.py",
              "optax.adamw(lr, weight_decay=cfg.weight_decay)", "optax.adamw(lr, weight_decay=0.0)",
              (FT + "test_weight_decay_one_step_by_hand[adamw]",
               FT + "test_weight_decay_shrinks_untouched_weights_and_spares_a_frozen_head"),
              "AdamW's decay dropped"),
-    Mutation("l2-decay-off", "atm_jax/finetune.py",
+    Mutation("l2-decay-off", "atm_jax/optim.py",
              "if cfg.weight_decay > 0:", "if False:",
              (FT + "test_weight_decay_one_step_by_hand[adam]",
               FT + "test_weight_decay_one_step_by_hand[sgd]"),
              "Adam/SGD L2 decay dropped"),
-    Mutation("adamw-decay-coupled", "atm_jax/finetune.py",
+    Mutation("adamw-decay-coupled", "atm_jax/optim.py",
              'if cfg.name == "adamw":', 'if False:',
              (FT + "test_weight_decay_one_step_by_hand[adamw]",),
              "AdamW's decay applied as L2 on the gradient (Adam + L2)"),
