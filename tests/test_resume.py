@@ -30,11 +30,9 @@ def cache(tmp_path_factory, shared_bases):
 
 
 def drive(cache, workdir, calls, fault=None) -> subprocess.CompletedProcess:
-    # The subprocesses share JAX's persistent compilation cache (the session's, see
-    # conftest.py): each compiles the same tiny programs, so only the first pays for XLA.
-    xla = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache / "xla"))
+    # The subprocesses inherit the session's persistent compilation cache (conftest.py):
+    # each compiles the same tiny programs, so only the first pays for XLA.
     env = dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=xla,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     command = [sys.executable, str(HERE / "fault_driver.py"), str(workdir), str(calls)]
