@@ -4,7 +4,8 @@ XLA reads ``--xla_force_host_platform_device_count`` once, when JAX starts its C
 backend, so it is set here and the backend started before any test module runs;
 the user's own ``XLA_FLAGS`` are kept (a count they set wins) and restored right
 after, so subprocesses the tests start see what the user set (one CPU device by
-default; a test that wants fake devices there sets XLA_FLAGS itself).
+default; a test that wants fake devices there adds the count to XLA_FLAGS itself),
+plus the tests' own `TEST_XLA_FLAGS`.
 
 Code not given a mesh runs on device 0 alone. Configs built in the tests default to
 ``config.mesh.data = 1`` (`one_device_default_mesh`): the real default (−1, every
@@ -35,17 +36,23 @@ if "ATM_JAX_TEST_BASES" not in os.environ:
     _BASES = tempfile.mkdtemp(prefix="atm_jax_tests_bases_")
     os.environ["ATM_JAX_TEST_BASES"] = _BASES
     atexit.register(shutil.rmtree, _BASES, True)
-_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-if "xla_force_host_platform_device_count" not in (_USER_XLA_FLAGS or ""):
-    os.environ["XLA_FLAGS"] = ((_USER_XLA_FLAGS or "") + " --xla_force_host_platform_"
+# The tests' programs are tiny, so the suite's time is XLA compilation, most of it in
+# LLVM's code generation: the tests (and the subprocesses they start) compile with
+# LLVM's optimizations off. The HLO passes, and so the numerics, are those of a user's
+# run; only the machine code is less tuned. Measured on this machine (2 cores,
+# 2026-12-01): the whole suite 593 s -> 469 s, every test passing both ways. An
+# optimization level the user set wins.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
+_USER_XLA_FLAGS = os.environ["XLA_FLAGS"]
+if "xla_force_host_platform_device_count" not in _USER_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = (_USER_XLA_FLAGS + " --xla_force_host_platform_"
                                f"device_count={FAKE_DEVICES}").strip()
     import jax
 
     jax.devices()  # starts the CPU backend with the flag
-    if _USER_XLA_FLAGS is None:
-        del os.environ["XLA_FLAGS"]
-    else:
-        os.environ["XLA_FLAGS"] = _USER_XLA_FLAGS
+    os.environ["XLA_FLAGS"] = _USER_XLA_FLAGS
 
 import pytest  # noqa: E402
 

@@ -38,7 +38,8 @@ SHRINK = ["--config.data.train_size=48", "--config.data.validation_size=8",
 
 def _env(cache: pathlib.Path, devices: int, **extra) -> dict:
     return dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")  # conftest's TEST_XLA_FLAGS
+                           + f" --xla_force_host_platform_device_count={devices}").strip(),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MULTIHOST_SMALL="1",
                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
