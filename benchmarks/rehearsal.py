@@ -419,7 +419,7 @@ def main() -> None:
     if not models:
         parser.error("name --model clip|bert (repeatable) or --all")
     base = pathlib.Path(args.root or tempfile.mkdtemp(prefix="atm_rehearsal_"))
-    started = common.utc_now()
+    started, load_before = common.utc_now(), os.getloadavg()[0]
     rows = [rehearse(m, base / m, tiny=args.tiny, test_size=args.test_size,
                      text_layers=args.clip_text_layers) for m in models]
     body = table(rows)
@@ -438,7 +438,9 @@ def main() -> None:
         + (f"; CLIP text tower {args.clip_text_layers} layers, 32-token context (only the "
            "zero-shot heads use it)" if "clip" in models and args.clip_text_layers != 12 else "")
         + (" (TINY shapes: machinery check, not a measurement)" if args.tiny else ""),
-        "measured under contention: 2 cores shared with other agents' jobs, run with nice -n 10",
+        f"{os.cpu_count()} cores; 1-min load average {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (above the core count = shared with other "
+        f"jobs); niceness {os.nice(0)}",
     ], body + "\n" + NOTES + "\n```json\n" + json.dumps(rows, indent=1, default=str) + "\n```\n",
         stamp=started)
     print(f"\nwrote {path.relative_to(common.ROOT)}")
