@@ -15,13 +15,21 @@ is deleted once no kept step names it. So the k-th checkpoint of an iteration
 writes one model, not k.
 
 Orbax writes a step (and an item) into a temporary folder and renames it when
-complete, so a kill during a save leaves the previous step intact. :meth:`Checkpointer.latest`
+complete, so a kill during a save leaves the previous step intact. On one process
+the writes run on a background thread, in the order they were asked for (an item
+before the step that names it), from host copies taken at the call: training goes
+on while a checkpoint is written. A step waits for the previous step to be on disk
+(so at most one step's models are held twice), :meth:`Checkpointer.wait` blocks
+until everything asked for is on disk, and a failed write is raised there or at the
+next save. (Orbax's own async saves commit each checkpointer independently, which
+would let a step land before an item it names.) :meth:`Checkpointer.latest`
 goes from the newest step to the oldest and skips (with a warning) any step that
 cannot be read or whose arrays no longer match their recorded CRCs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
 import shutil
 import time
@@ -40,7 +48,7 @@ with extras.needed("atm_jax.checkpoint"):
 from atm_jax import atm
 from atm_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "Restored", "digest", "savable", "item_name", "state_to_checkpoint",
+__all__ = ["Checkpointer", "Restored", "digest", "savable", "host_copy", "item_name", "state_to_checkpoint",
            "state_from_checkpoint"]
 
 PyTree = Any
@@ -72,6 +80,13 @@ def savable(tree: PyTree) -> PyTree:
     return jax.tree.map(host, tree)
 
 
+def host_copy(tree: PyTree) -> PyTree:
+    """``tree`` with every array copied to a new NumPy array: what a background write
+    reads, unaffected by later updates or donation of the originals."""
+    return jax.tree.map(lambda x: np.array(x, copy=True) if isinstance(x, (jax.Array, np.ndarray))
+                        else x, tree)
+
+
 class Restored:
     """A checkpoint read back: ``step``, ``state`` (NumPy/JAX arrays), ``meta`` and
     the ``items`` it names (``{name: pytree}``)."""
@@ -88,10 +103,13 @@ class Checkpointer:
       keep: how many of the newest steps to keep (at least 2, so a damaged newest
         step still leaves one to fall back to).
       log: a line printer for warnings.
+      background: write on a background thread (see the module docstring); None =
+        when this is the only process (a multi-host save is collective, so it stays
+        in step with the other processes on the calling thread).
     """
 
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, background: bool | None = None):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
             raise ValueError(f"keep={keep!r} must be an integer >= 2: with one checkpoint "
                              "a damaged save would leave nothing to resume from.")
@@ -102,31 +120,78 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
         self._items = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         self._item_refs: dict[int, dict[str, dict]] = {}  # step -> the items it names
+        if background is None:
+            background = jax.process_count() == 1
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="atm_jax-checkpoint") if background else None
+        self._queued: list[concurrent.futures.Future] = []  # FIFO: done in this order
+        self._last_step: concurrent.futures.Future | None = None
+        self._failed: BaseException | None = None  # no write runs after a failed one
 
     @property
     def items_directory(self) -> pathlib.Path:
         return self.directory / "items"
 
+    def _run(self, write: Callable[[], None]) -> concurrent.futures.Future | None:
+        if self._writer is None:
+            write()
+            return None
+
+        def in_order():
+            if self._failed is not None:  # a step must not land without its items
+                raise RuntimeError(f"checkpoint write skipped: an earlier one failed "
+                                   f"({type(self._failed).__name__}: {self._failed})")
+            try:
+                write()
+            except BaseException as e:
+                self._failed = e
+                raise
+        for future in [f for f in self._queued if f.done()]:
+            future.result()  # a failed write is raised at the next call
+            self._queued.remove(future)  # and a finished one's host copy released
+        self._queued.append(self._writer.submit(in_order))
+        return self._queued[-1]
+
+    def wait(self) -> None:
+        """Blocks until every write asked for so far is on disk; raises the first
+        failed one (the later ones, which ran after it, are dropped with it)."""
+        queued, self._queued, self._last_step = self._queued, [], None
+        for future in queued:
+            future.result()
+
     def save_item(self, name: str, tree: PyTree) -> dict[str, int]:
         """Writes ``tree`` as item ``name`` (atomic; replaces an older one of that
         name) and returns its CRCs, to pass to :meth:`save` in ``items``."""
-        self._items.save((self.items_directory / name).absolute(),
-                         args=ocp.args.StandardSave(savable(tree)), force=True)
+        tree = host_copy(tree) if self._writer else savable(tree)
+        self._run(lambda: self._items.save((self.items_directory / name).absolute(),
+                                           args=ocp.args.StandardSave(tree), force=True))
         return digest(tree)
+
     def steps(self) -> list[int]:
-        """The complete steps on disk, oldest first."""
+        """The complete steps on disk, oldest first (after the pending writes)."""
+        self.wait()
+        return self._steps()
+
+    def _steps(self) -> list[int]:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Mapping[str, PyTree], meta: Mapping[str, Any],
              items: Mapping[str, dict[str, int]] | None = None) -> None:
-        """Writes step ``step`` (blocking; atomic) naming ``items`` ({name: CRCs from
-        :meth:`save_item`}); drops steps beyond ``keep`` and items no kept step names."""
+        """Writes step ``step`` (atomic) naming ``items`` ({name: CRCs from
+        :meth:`save_item`}); drops steps beyond ``keep`` and items no kept step names.
+        In the background: returns once the previous step is on disk."""
+        if self._last_step is not None:
+            self._last_step.result()  # raises a failed earlier write here
         items = dict(items or {})
+        state = host_copy(dict(state)) if self._writer else savable(dict(state))
         meta = dict(meta, step=step, format=FORMAT_VERSION, digest=digest(state), items=items)
+
+        self._last_step = self._run(lambda: self._write_step(step, state, meta, items))
+
+    def _write_step(self, step: int, state: dict, meta: dict, items: dict) -> None:
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(savable(dict(state))), meta=ocp.args.JsonSave(meta)),
-            force=True)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
         self._item_refs[step] = items
         self._collect_items()
@@ -148,7 +213,7 @@ class Checkpointer:
         if not self.items_directory.is_dir():
             return
         kept = set()
-        for step in self.steps():
+        for step in self._steps():
             kept |= set(self._refs(step))
         if jax.process_index() != 0:
             return
@@ -162,7 +227,7 @@ class Checkpointer:
         Damaged steps are skipped with a warning naming the step and the reason.
         """
         damaged = []
-        for step in reversed(self.steps()):
+        for step in reversed(self.steps()):  # after the pending writes
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
@@ -219,7 +284,13 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self) -> None:
-        self._manager.close()
+        """Waits for the pending writes (raising a failed one), then releases orbax."""
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+            self._manager.close()
 
 
 # -- an atm.State as checkpoint content ---------------------------------------------------

@@ -9,7 +9,7 @@ FAULT is ``<point>:<n>``: die at the n-th (1-based) occurrence of ``point``:
   step         inside a finetune, before its n-th train step runs (mid-finetune)
   merge        inside merge_step, after merging, before the new base is used (mid-merge)
   save         inside a checkpoint save, after orbax opened its temporary folder (mid-save)
-  saved        right after the n-th checkpoint save completed
+  saved        right after the n-th checkpoint step is on disk (the run waits for it)
   metrics      right after the n-th metrics record reached metrics.jsonl, before its checkpoint
   eval         inside the n-th accuracy evaluation
   params       while the n-th final-params file is being written
@@ -115,8 +115,15 @@ def install_fault(point: str, n: int) -> None:
             return original(self, directory, *args, **kwargs)
 
         handlers.StandardCheckpointHandler.async_save = async_save
-    elif point == "saved":
-        wrap(checkpoint.Checkpointer, "save")
+    elif point == "saved":  # the n-th step on disk; the run does not go on before it
+        save = checkpoint.Checkpointer.save
+
+        def saved(self, *args, **kwargs):
+            save(self, *args, **kwargs)
+            self.wait()
+            hit()
+
+        checkpoint.Checkpointer.save = saved
     elif point == "metrics":
         wrap(writers.MetricsWriter, "__call__")
     elif point == "eval":

@@ -206,8 +206,10 @@ def test_items_are_written_once_verified_and_deleted_when_no_kept_step_names_the
     assert any("checkpoint step 2" in m for m in messages)
     # Steps 3 and 4 name no item: once step 1 is dropped too, "a" and "b" are deleted.
     ckpt.save(3, {"x": np.zeros(2)}, {"n": 3})
+    ckpt.wait()
     assert sorted(p.name for p in (tmp_path / "c" / "items").iterdir()) == ["a"]
     ckpt.save(4, {"x": np.zeros(2)}, {"n": 4})
+    ckpt.wait()
     assert list((tmp_path / "c" / "items").iterdir()) == []
     ckpt.close()
 
@@ -218,12 +220,68 @@ def test_a_step_whose_item_folder_is_gone_is_skipped_for_the_older_one(tmp_path)
     ckpt.save(1, {"x": np.zeros(2)}, {"n": 1})
     crcs = {"a": ckpt.save_item("a", {"w": np.ones(4, np.float32)})}
     ckpt.save(2, {"x": np.ones(2)}, {"n": 2}, crcs)
+    ckpt.wait()
     import shutil
 
     shutil.rmtree(tmp_path / "c" / "items" / "a")
     restored = ckpt.latest()
     assert restored.step == 1 and restored.items == {}
     assert any("checkpoint step 2" in m and "damaged or incomplete" in m for m in messages)
+    ckpt.close()
+
+
+def _gate(monkeypatch, owner, name):
+    """Makes ``owner.name`` block until the returned event is set (a slow disk)."""
+    import threading
+
+    gate, original = threading.Event(), getattr(owner, name)
+
+    def gated(*args, **kwargs):
+        assert gate.wait(timeout=60), "the test never opened the gate"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, gated)
+    return gate
+
+
+def test_background_writes_return_at_once_keep_their_order_and_the_values_of_the_call(
+        tmp_path, monkeypatch):
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", keep=2, log=quiet)
+    gate = _gate(monkeypatch, ckpt._items, "save")  # the item write waits on the gate
+    model = {"w": np.arange(1000, dtype=np.float32)}
+    x = np.zeros(4, np.float32)
+    crcs = {"a": ckpt.save_item("a", model)}
+    ckpt.save(1, {"x": x}, {"n": 1}, crcs)  # returns with both writes still to do
+    model["w"][:] = -1  # the caller goes on updating its arrays in place
+    x[:] = 7
+    assert not (tmp_path / "c" / "1").exists()  # the step waits behind its item
+    gate.set()
+    ckpt.wait()
+    restored = ckpt.latest()
+    assert restored.step == 1 and set(restored.items) == {"a"}
+    np.testing.assert_array_equal(restored.items["a"]["w"], np.arange(1000, dtype=np.float32))
+    np.testing.assert_array_equal(restored.state["x"], np.zeros(4, np.float32))
+    ckpt.close()
+
+
+def test_a_failed_background_write_is_raised_and_no_later_write_lands(tmp_path, monkeypatch):
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", keep=2, log=quiet)
+    ckpt.save(1, {"x": np.zeros(2)}, {"n": 1})
+    ckpt.wait()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt._items, "save", full_disk)
+    crcs = {"a": ckpt.save_item("a", {"w": np.ones(4, np.float32)})}
+    ckpt.save(2, {"x": np.ones(2)}, {"n": 2}, crcs)  # names the item that failed
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.wait()
+    assert ckpt.steps() == [1]  # step 2 was never written without its item
+    with pytest.raises(RuntimeError, match="skipped: an earlier one failed .*No space left"):
+        ckpt.save(3, {"x": np.ones(2)}, {"n": 3})
+        ckpt.wait()
+    assert ckpt.latest().step == 1
     ckpt.close()
 
 
