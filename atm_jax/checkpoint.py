@@ -127,6 +127,7 @@ class Checkpointer:
         self._queued: list[concurrent.futures.Future] = []  # FIFO: done in this order
         self._last_step: concurrent.futures.Future | None = None
         self._failed: BaseException | None = None  # no write runs after a failed one
+        self._reported = False  # whether that failure reached the caller
 
     @property
     def items_directory(self) -> pathlib.Path:
@@ -139,29 +140,38 @@ class Checkpointer:
 
         def in_order():
             if self._failed is not None:  # a step must not land without its items
-                raise RuntimeError(f"checkpoint write skipped: an earlier one failed "
-                                   f"({type(self._failed).__name__}: {self._failed})")
+                return
             try:
                 write()
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - handed to the caller by _check
                 self._failed = e
-                raise
-        for future in [f for f in self._queued if f.done()]:
-            future.result()  # a failed write is raised at the next call
-            self._queued.remove(future)  # and a finished one's host copy released
+        self._queued = [f for f in self._queued if not f.done()]  # release host copies
         self._queued.append(self._writer.submit(in_order))
         return self._queued[-1]
 
+    def _check(self, *, again: bool) -> None:
+        """Raises a failed background write once; ``again``: later calls too."""
+        if self._failed is None:
+            return
+        if not self._reported:
+            self._reported = True
+            raise self._failed
+        if again:
+            raise RuntimeError(f"checkpoint write skipped: an earlier one failed "
+                               f"({type(self._failed).__name__}: {self._failed})")
+
     def wait(self) -> None:
-        """Blocks until every write asked for so far is on disk; raises the first
-        failed one (the later ones, which ran after it, are dropped with it)."""
+        """Blocks until every write asked for so far is on disk (or skipped after a
+        failed one); raises that failure if it was not raised yet."""
         queued, self._queued, self._last_step = self._queued, [], None
         for future in queued:
             future.result()
+        self._check(again=False)
 
     def save_item(self, name: str, tree: PyTree) -> dict[str, int]:
         """Writes ``tree`` as item ``name`` (atomic; replaces an older one of that
         name) and returns its CRCs, to pass to :meth:`save` in ``items``."""
+        self._check(again=True)
         tree = host_copy(tree) if self._writer else savable(tree)
         self._run(lambda: self._items.save((self.items_directory / name).absolute(),
                                            args=ocp.args.StandardSave(tree), force=True))
@@ -182,11 +192,11 @@ class Checkpointer:
         :meth:`save_item`}); drops steps beyond ``keep`` and items no kept step names.
         In the background: returns once the previous step is on disk."""
         if self._last_step is not None:
-            self._last_step.result()  # raises a failed earlier write here
+            self._last_step.result()
+        self._check(again=True)  # a failed earlier write stops the run here
         items = dict(items or {})
         state = host_copy(dict(state)) if self._writer else savable(dict(state))
         meta = dict(meta, step=step, format=FORMAT_VERSION, digest=digest(state), items=items)
-
         self._last_step = self._run(lambda: self._write_step(step, state, meta, items))
 
     def _write_step(self, step: int, state: dict, meta: dict, items: dict) -> None:
