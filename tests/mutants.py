@@ -259,6 +259,18 @@ ATM_MUTATIONS = [
              'finetuned_heads=order(arrays.get("finetuned_heads", {})),', "finetuned_heads={},",
              (RUN + "test_trainable_heads_are_checkpointed_and_resumed_exactly",),
              "a resumed iteration forgets the heads its finished tasks trained"),
+    Mutation("checkpoint-without-host-copy", "atm_jax/checkpoint.py",
+             "        state = host_copy(dict(state)) if self._writer else savable(dict(state))",
+             "        state = savable(dict(state))",
+             ("tests/test_resume.py::test_background_writes_return_at_once_keep_their_order_"
+              "and_the_values_of_the_call",),
+             "a background checkpoint writes arrays the run changed after asking for it"),
+    Mutation("checkpoint-writes-after-failure", "atm_jax/checkpoint.py",
+             "            if self._failed is not None:  # a step must not land without its items",
+             "            if False:",
+             ("tests/test_resume.py::test_a_failed_background_write_is_raised_and_no_later_"
+              "write_lands",),
+             "a step lands on disk naming an item whose write failed"),
     Mutation("seed-change-accepted", "atm_jax/runner.py",
              'if not np.array_equal(np.asarray(restored.state["key"]), self.key_data):',
              "if False:",
