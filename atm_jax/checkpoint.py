@@ -173,9 +173,12 @@ class Checkpointer:
         name) and returns its CRCs, to pass to :meth:`save` in ``items``."""
         self._check(again=True)
         tree = host_copy(tree) if self._writer else savable(tree)
-        self._run(lambda: self._items.save((self.items_directory / name).absolute(),
-                                           args=ocp.args.StandardSave(tree), force=True))
+        self._run(lambda: self._write_item(name, tree))
         return digest(tree)
+
+    def _write_item(self, name: str, tree: PyTree) -> None:
+        self._items.save((self.items_directory / name).absolute(),
+                         args=ocp.args.StandardSave(tree), force=True)
 
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first (after the pending writes)."""

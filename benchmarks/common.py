@@ -67,12 +67,21 @@ def cpu_count() -> int:
 def versions(*modules: str) -> str:
     """``"jax 0.10.2, numpy 2.4.6"`` for the named modules that import (others skipped)."""
     found = [f"python {platform.python_version()}"]
+    import importlib
+    import importlib.metadata
+
     for name in modules:
         try:
-            module = __import__(name)
+            module = importlib.import_module(name)
         except ImportError:
             continue
-        found.append(f"{name} {getattr(module, '__version__', '?')}")
+        version = getattr(module, "__version__", None)
+        if version is None:  # e.g. orbax.checkpoint: ask the distribution (orbax-checkpoint)
+            try:
+                version = importlib.metadata.version(name.replace(".", "-"))
+            except importlib.metadata.PackageNotFoundError:
+                version = "?"
+        found.append(f"{name} {version}")
     return ", ".join(found)
 
 
