@@ -48,8 +48,8 @@ with extras.needed("atm_jax.checkpoint"):
 from atm_jax import atm
 from atm_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "Restored", "digest", "savable", "host_copy", "item_name", "state_to_checkpoint",
-           "state_from_checkpoint"]
+__all__ = ["Checkpointer", "Restored", "digest", "savable", "host_copy", "item_name",
+           "state_to_checkpoint", "state_from_checkpoint"]
 
 PyTree = Any
 FORMAT_VERSION = 2  # 2: finetuned models as items

@@ -13,6 +13,8 @@ commit, machine, versions) so runs stay comparable across machines and commits.
 from __future__ import annotations
 
 import datetime
+import importlib
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -67,9 +69,6 @@ def cpu_count() -> int:
 def versions(*modules: str) -> str:
     """``"jax 0.10.2, numpy 2.4.6"`` for the named modules that import (others skipped)."""
     found = [f"python {platform.python_version()}"]
-    import importlib
-    import importlib.metadata
-
     for name in modules:
         try:
             module = importlib.import_module(name)

@@ -441,8 +441,8 @@ def main() -> None:
         common.versions("jax", "flax", "orbax.checkpoint", "transformers", "torch"),
         " and ".join({"clip": "random-init CLIP ViT-B/16 (configs/vit.py)",
                       "bert": "random-init BERT-base (configs/bert.py)"}[m] for m in models)
-        + " through `python -m atm_jax.main`, the 7 paper tasks as generated stand-ins with their class "
-        f"counts; budget 1, ATM 1 iteration, batch {BATCH}, {TRAIN_SIZE} train / "
+        + " through `python -m atm_jax.main`, the 7 paper tasks as generated stand-ins with "
+        f"their class counts; budget 1, ATM 1 iteration, batch {BATCH}, {TRAIN_SIZE} train / "
         f"{VALIDATION_CAP} validation / {args.test_size} test examples per task"
         + (f"; CLIP text tower {args.clip_text_layers} layers, 32-token context (only the "
            "zero-shot heads use it)" if "clip" in models and args.clip_text_layers != 12 else "")
