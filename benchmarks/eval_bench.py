@@ -39,12 +39,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    import jax
     import ml_collections
     from flax import serialization
 
-    from atm_jax import evaluate
-    from atm_jax import suites
+    from atm_jax import evaluate, suites
 
     workdir = pathlib.Path(args.workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
@@ -86,18 +84,19 @@ def main() -> None:
               f"{len(differ)} task accuracies differ from batch {sizes[0]}", flush=True)
 
     first = rows[0][1]
-    table = ["| eval batch | s per evaluation | images/s | vs batch "
-             f"{sizes[0]} | task accuracies that differ |", "|---:|---:|---:|---:|---:|"]
+    table = [(f"| eval batch | s per evaluation | images/s | vs batch {sizes[0]} "
+              "| task accuracies that differ |"),
+             "|---:|---:|---:|---:|---:|"]
     table += [f"| {s} | {sec:.2f} | {ips:,.0f} | {first / sec:.2f}× | {d} of "
               f"{len(backbones) * len(tasks)} |" for s, sec, ips, d in rows]
     body = "\n".join(table) + "\n"
     if mismatches:
         body += "\nDiffering correct counts:\n" + "".join(f"- {m}\n" for m in mismatches)
     header = [common.versions("jax", "flax"),
-              f"config: {workdir / 'config.json'} (suite {config.suite}); {len(tasks)} test "
-              f"splits, {images:,} images; backbones: {', '.join(backbones)}",
-              f"one evaluation = every task's test split once; median of {args.repeats} "
-              "passes per batch size after a warm-up pass (compiles)"]
+              (f"config: {workdir / 'config.json'} (suite {config.suite}); {len(tasks)} test "
+               f"splits, {images:,} images; backbones: {', '.join(backbones)}"),
+              (f"one evaluation = every task's test split once; median of {args.repeats} "
+               "passes per batch size after a warm-up pass (compiles)")]
     print("\n" + body)
     if not args.no_write:
         print(f"wrote {common.write_results('eval_bench', header, body)}")

@@ -19,12 +19,19 @@ each in its own process:
   - ``attn_einsum``: ``jax.nn.dot_product_attention`` replaced by einsum + softmax;
   - ``attn_nomask``: the all-ones attention mask dropped (transformers drops an
     all-ones mask before SDPA; our encoder always applies one);
-  - ``xla:FLAGS``: the baseline step under ``XLA_FLAGS=FLAGS``.
+  - ``xla:FLAGS``: the baseline step under ``XLA_FLAGS=FLAGS``;
+
+* with ``--ops``: where the baseline step's time goes inside XLA, from a
+  ``jax.profiler`` trace of a few steps: the run time of every executed op (thunk)
+  summed per op kind (``ynn_fusion.132`` → ``ynn_fusion``: matrix products run by
+  YNNPACK; ``copy_bitcast_fusion``: layout copies; ...), per step, against the step's
+  wall time × threads.
 
 Run::
 
   python benchmarks/train_profile.py --rows minilm_s64            # prints a table
   python benchmarks/train_profile.py --rows clip_b16 --variants baseline,ln_fast --no-parts
+  python benchmarks/train_profile.py --rows minilm_s64 --ops --no-parts --variants ''
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import pathlib
 import sys
 import time
 
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -161,6 +169,59 @@ def jax_parts_worker(row, batch, windows, window_s) -> dict:
     return out
 
 
+# Events of a CPU trace that wrap or wait for ops rather than run one.
+_NOT_OPS = ("ThunkExecutor", "Await", "end: ")
+
+
+def jax_ops_worker(row, batch, steps: int) -> dict:
+    """Traces `steps` baseline steps; per-op-kind thread seconds per step."""
+    import collections
+    import re
+    import tempfile
+
+    import jax
+
+    from atm_jax import finetune
+    from atm_jax.models import heads
+
+    apply_fn, backbone, width, _ = train_bench.jax_model(row)
+    head = heads.init_head(jax.random.key(1), width, train_bench.NUM_CLASSES)
+    opt = finetune.OptimizerConfig(learning_rate=train_bench.LEARNING_RATE,
+                                   grad_clip=train_bench.GRAD_CLIP, batch_size=batch, name="adam")
+    finetuner = finetune.Finetuner(apply_fn, opt, train_head=False)
+    state = finetuner.init_state(backbone, head)
+    del backbone
+    batches = [{"images": b["inputs"], "labels": b["labels"], "mask": np.ones(batch, np.float32)}
+               for b in train_bench.make_batches(row, batch)]
+    for i in range(2):  # compile, warm up
+        state, metrics = finetuner.train_step(state, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        start = time.perf_counter()
+        for i in range(steps):
+            state, metrics = finetuner.train_step(state, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
+        wall = (time.perf_counter() - start) / steps
+        jax.profiler.stop_trace()
+        traces = list(pathlib.Path(folder).rglob("*.xplane.pb"))
+        data = jax.profiler.ProfileData.from_file(str(traces[0]))
+    seconds, counts, threads = collections.Counter(), collections.Counter(), set()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for event in line.events:
+                if any(word in event.name for word in _NOT_OPS):
+                    continue
+                kind = re.sub(r"\.\d+$", "", event.name)
+                seconds[kind] += event.duration_ns / 1e9 / steps
+                counts[kind] += 1 / steps
+                threads.add(line.name)
+    return {"wall_s": wall, "threads": len(threads), "seconds": dict(seconds),
+            "counts": dict(counts)}
+
+
 def torch_parts_worker(row, batch, windows, window_s) -> dict:
     import torch
     from torch.nn import functional as F
@@ -198,6 +259,24 @@ def torch_parts_worker(row, batch, windows, window_s) -> dict:
     return out
 
 
+def _ops_table(ops: dict, top: int = 12) -> list[str]:
+    """Markdown lines: the op kinds taking most thread time per traced step."""
+    wall, threads = ops["wall_s"], ops["threads"]
+    total = sum(ops["seconds"].values())
+    lines = [(f"Traced step: {1000 * wall:.0f} ms wall; ops ran on {threads} threads for "
+              f"{1000 * total:.0f} ms of thread time in all ({total / (wall * threads):.0%} of "
+              "wall × threads; the rest is the executor's scheduling, waits and idle time)."), "",
+             "| op kind | ms per step (thread time) | ops per step | share of op time |",
+             "|---|---:|---:|---:|"]
+    ranked = sorted(ops["seconds"].items(), key=lambda kv: -kv[1])
+    for kind, sec in ranked[:top]:
+        lines.append(f"| {kind} | {1000 * sec:.1f} | {ops['counts'][kind]:.0f} | "
+                     f"{sec / total:.1%} |")
+    rest = sum(sec for _, sec in ranked[top:])
+    lines += [f"| {len(ranked) - top} other kinds | {1000 * rest:.1f} | | {rest / total:.1%} |", ""]
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,6 +287,9 @@ def main():
     parser.add_argument("--window-s", type=float, default=2.0)
     parser.add_argument("--no-parts", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--ops", action="store_true",
+                        help="also trace the baseline step and sum its XLA ops' time by kind")
+    parser.add_argument("--trace-steps", type=int, default=3, help="steps traced for --ops")
     parser.add_argument("--out", help="also write the table and raw numbers here (.md, .json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -218,6 +300,8 @@ def main():
         row = train_bench.ROWS[args.rows]
         if args.worker == "step":
             out = jax_step_worker(row, args.batch, args.windows, args.window_s, args.variant)
+        elif args.worker == "ops":
+            out = jax_ops_worker(row, args.batch, args.trace_steps)
         elif args.worker == "jax-parts":
             out = jax_parts_worker(row, args.batch, args.windows, args.window_s)
         else:
@@ -244,6 +328,13 @@ def main():
                 b = 1000 * common.median(theirs[part]) if theirs else None
                 report.append(f"| {part} | {a:.1f} | " + (f"{b:.1f} | {a / b:.2f} |" if b else "– | – |"))
             report.append("")
+        if args.ops:
+            ops = common.run_worker(__file__, ["--worker", "ops", "--trace-steps",
+                                               str(args.trace_steps), *common_args])
+            raw[f"{name}/ops"] = ops
+            report += _ops_table(ops) if ops else ["(the traced step failed)", ""]
+        if not args.variants:
+            continue
         report += ["| variant of our step | ms/step | ex/s | vs baseline | windows ms |",
                    "|---|---:|---:|---:|---:|"]
         base = None
