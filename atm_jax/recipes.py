@@ -146,6 +146,9 @@ def mini() -> ml_collections.ConfigDict:
     # Test forward batch: 64 evaluates the mini suite 1.7x faster than 500 on a 2-core CPU
     # with the same correct counts (benchmarks/eval_bench.py).
     config.eval_batch_size = 64
+    # Evaluate ATM's base on the test splits every this many iterations (and always
+    # after the last): 1 draws the full curve; larger cuts evaluation's share of a run.
+    config.eval_every = 1
     config.progress = False  # True forces step progress bars; a terminal gets them anyway
     # Checkpoints after every finetune and merge; a run found in the workdir resumes
     # ("auto": only with the same config; "force": even with a different one).
@@ -236,6 +239,7 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
         config.methods[name] = method("atm", iterations=ITERATIONS,
                                       split="validation" if name == "valft_atm" else "train")
     config.eval_batch_size = 256
+    config.eval_every = 1  # test evaluation every this many ATM iterations (and the last)
     config.progress = False
     config.resume = "auto"
     # Multi-host: "all" = every process sees every task; "per_process" = PA-ATM (paper

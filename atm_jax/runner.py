@@ -340,7 +340,7 @@ class Runner:
             on_progress = self.with_recorder(name, spec, on_progress)
         base, _, history = atm_lib.run(
             self.start_base(spec), self.setup.heads, finetune=self.make_finetune(spec.split),
-            evaluate=self.evaluate, iterations=spec.iterations,
+            evaluate=self.evaluate, eval_every=config.eval_every, iterations=spec.iterations,
             epochs_per_iteration=config.budget // spec.iterations,
             merge=schema.merge_spec(config, spec), key=self.key,
             carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,

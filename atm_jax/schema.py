@@ -154,6 +154,7 @@ def validate_common(config) -> None:
         raise ConfigError(f"config.tasks={tasks!r} names a task twice.")
     budget = positive_int(config, "budget")
     positive_int(config, "eval_batch_size")
+    positive_int(config, "eval_every")
     for ref in config.references:
         if ref not in REFERENCES:
             raise ConfigError(f"config.references has unknown entry {ref!r}; allowed: {REFERENCES}.")

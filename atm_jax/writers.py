@@ -146,6 +146,7 @@ def plot_results(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     def draw(ax, value_of, ylabel):
         max_it = max((h[-1]["iteration"] for h in curves.values() if h), default=1)
         for method, history in curves.items():
+            history = [h for h in history if "accuracy" in h]  # eval_every > 1 skips some
             its = [h["iteration"] for h in history]
             ax.plot(its, [100 * value_of(h) for h in history], marker="o", ms=3, lw=2,
                     color=color[method], label=method)

@@ -127,6 +127,29 @@ def test_budget_accounting_and_history():
     assert calls == [(t, 8) for t in TASKS]  # the same 8 epochs per task, in one go
 
 
+def test_eval_every_evaluates_only_those_iterations_and_changes_nothing_else():
+    finetune, evaluate, _, _ = _setup()
+    evaluated = []
+
+    def counting(params, heads):
+        evaluated.append(params)
+        return evaluate(params, heads)
+
+    kw = dict(finetune=finetune, iterations=5, epochs_per_iteration=1, key=jax.random.key(0))
+    base_all, _, every = atm.run(_base(), _heads(), evaluate=evaluate, **kw)
+    base_some, _, some = atm.run(_base(), _heads(), evaluate=counting, eval_every=2, **kw)
+    # the start, iterations 2 and 4, and always the last (5)
+    assert [h["iteration"] for h in some if "accuracy" in h] == [0, 2, 4, 5]
+    assert len(evaluated) == 4
+    assert [h["iteration"] for h in some] == [0, 1, 2, 3, 4, 5]
+    for a, b in zip(every, some, strict=True):
+        if "accuracy" in b:
+            assert a["accuracy"] == b["accuracy"]
+    for a, b in zip(every[1:], some[1:], strict=True):  # the same finetunes and merges
+        assert a["merge"]["task_vector_norm"] == b["merge"]["task_vector_norm"]
+    _assert_trees_equal(base_all, base_some)
+
+
 def test_frozen_heads_stay_and_trainable_heads_are_carried():
     finetune, evaluate, _, _ = _setup(train_head=False)
     heads = _heads()
@@ -178,6 +201,7 @@ def test_mergespec_errors_name_the_problem():
     ("iterations", dict(iterations=0, epochs_per_iteration=1)),
     ("epochs_per_iteration", dict(iterations=1, epochs_per_iteration=-1)),
     ("iterations", dict(iterations=1.5, epochs_per_iteration=1)),
+    ("eval_every", dict(iterations=2, epochs_per_iteration=1, eval_every=0)),
 ])
 def test_run_rejects_non_positive_counts(field, kwargs):
     finetune, _, calls, _ = _setup()

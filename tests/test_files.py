@@ -107,3 +107,24 @@ def test_metrics_on_a_bucket_are_rewritten_whole(bucket):
     metrics(dict(record, iteration=2))
     lines = (bucket / "w" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
+
+
+def test_curves_plot_only_the_evaluated_iterations(tmp_path, monkeypatch):
+    # eval_every > 1: records of skipped iterations carry no accuracy.
+    import matplotlib.axes
+
+    plotted = []
+    original = matplotlib.axes.Axes.plot
+
+    def recording(self, x, y, *args, **kwargs):
+        plotted.append((list(x), list(y)))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    history = [{"iteration": k, "accuracy": {"a": k / 10}, "average_accuracy": k / 10}
+               if k in (0, 2, 3) else {"iteration": k} for k in range(4)]
+    rows = [{"method": "atm", "accuracy": {"a": 0.3}, "average": 0.3}]
+    written = writers.plot_results(tmp_path, rows, {"atm": history}, ["a"])
+    assert len(written) == 3 and all(pathlib.Path(p).stat().st_size > 0 for p in written)
+    # average and per-task curves: iterations 0, 2, 3 at 0 %, 20 %, 30 %
+    assert plotted == [([0, 2, 3], [0.0, 20.0, 30.0])] * 2

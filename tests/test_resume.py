@@ -417,6 +417,7 @@ def test_full_disk_fails_before_training(fake_cache, tmp_path, monkeypatch):
     (lambda c: setattr(c.optimizer, "batch_size", 0), r"batch_size=0"),
     (lambda c: setattr(c, "budget", -2), r"config.budget=-2 must be a positive integer"),
     (lambda c: setattr(c, "eval_batch_size", 0), r"config.eval_batch_size=0"),
+    (lambda c: setattr(c, "eval_every", 0), r"config.eval_every=0 must be a positive integer"),
     (lambda c: setattr(c.methods.atm, "alpha", 0.0), r"alpha=0.0 must be a positive number"),
     (lambda c: setattr(c.methods.atm, "iterations", -1), r"config.methods.atm.iterations=-1"),
     (lambda c: setattr(c.methods.atm, "merge", "average"), r"Unknown merge 'average'"),
