@@ -34,7 +34,8 @@ def write_results(config, workdir, setup: Setup, *, rows: Sequence[dict],
                "total_seconds": round(seconds, 1), "base": dict(setup.base_info),
                "heads": config.heads, "budget_epochs": config.budget, "notes": lines,
                "curves": {n: [{k: h[k] for k in ("iteration", "accuracy", "average_accuracy")}
-                              for h in hist] for n, hist in curves.items()},
+                              for h in hist if "accuracy" in h]  # eval_every skips some
+                          for n, hist in curves.items()},
                "cosine_last_iteration": {n: hist[-1]["merge"]["cosine"] for n, hist in curves.items()
                                          if "merge" in hist[-1]}}
     workdir = files.as_path(workdir)
@@ -86,6 +87,9 @@ def notes(config, setup: Setup, seconds: float) -> list[str]:
            "validation accuracy (one merge per α, test evaluated at the chosen α only); the "
            "other rows use the paper's protocol (α as configured, 1 by default)."]
           if any(config.methods[n].get("tune_alpha", False) for n in config.methods) else []),
+        *([f"ATM methods' test accuracy was evaluated every {config.eval_every} iterations "
+           "and after the last (config.eval_every); the curves show those iterations."]
+          if config.get("eval_every", 1) > 1 else []),
         f"Seed {config.seed}; wall time {seconds:.0f}s.",
     ]
     return out

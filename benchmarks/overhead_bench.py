@@ -12,6 +12,7 @@ Run::
 
   python benchmarks/overhead_bench.py                      # configs/mini.py, method "atm"
   python benchmarks/overhead_bench.py --config configs/mini.py:tiny --no-write
+  python benchmarks/overhead_bench.py --eval-every 2       # evaluate every 2nd iteration
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/mini.py")
     parser.add_argument("--method", default="atm", help="the ATM method of the config to time")
     parser.add_argument("--eval-batch-size", type=int, help="override config.eval_batch_size")
+    parser.add_argument("--eval-every", type=int, help="override config.eval_every")
     parser.add_argument("--sync-checkpoints", action="store_true",
                         help="write checkpoints on the calling thread (as before 2026-12-01)")
     parser.add_argument("--no-write", action="store_true")
@@ -65,6 +67,8 @@ def main() -> None:
         config.progress = False
         if args.eval_batch_size:
             config.eval_batch_size = args.eval_batch_size
+        if args.eval_every:
+            config.eval_every = args.eval_every
     if args.sync_checkpoints:
         checkpoint.Checkpointer.__init__ = functools.partialmethod(
             checkpoint.Checkpointer.__init__, background=False)
@@ -108,7 +112,8 @@ def main() -> None:
     body = "\n".join([
         f"`{args.config}`, method `{args.method}`: {spec.iterations} iterations × "
         f"{len(config.tasks)} tasks × {config.budget // spec.iterations} epoch(s); the ATM unit "
-        f"took {unit:.1f} s; eval batch {config.eval_batch_size}; checkpoints written "
+        f"took {unit:.1f} s; eval batch {config.eval_batch_size}, test evaluation every "
+        f"{config.eval_every} iteration(s) (and the last); checkpoints written "
         f"{'on the calling thread' if args.sync_checkpoints else 'in the background'} (the "
         "checkpoint rows time what the run waits for: host copies, CRCs, the previous "
         f"write; the last writes finished {closing:.1f} s after the unit, at close).", "",

@@ -208,6 +208,19 @@ def test_same_config_same_numbers(atm_only_run, tmp_path):
     assert first["curves"] == second["curves"]
 
 
+def test_eval_every_skips_evaluations_but_not_the_last(fake_cache, tmp_path):
+    config = _atm_only(_tiny_config(), budget=3, eval_every=2)
+    with config.unlocked():
+        config.methods.atm.iterations = 3
+    out = runner.run_experiment(config, tmp_path / "work", log=lambda *_: None)
+    assert [h["iteration"] for h in out["curves"]["atm"]] == [0, 2, 3]
+    assert out["rows"][-1]["accuracy"] == out["curves"]["atm"][-1]["accuracy"]
+    lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({line["iteration"] for line in lines}) == [0, 2, 3]
+    assert any("evaluated every 2 iterations" in note for note in out["notes"])
+    assert (tmp_path / "work" / "accuracy_vs_iteration.png").stat().st_size > 0
+
+
 def test_valft_trains_on_the_validation_split_and_save_params_off_writes_none(
         fake_cache, tmp_path, monkeypatch):
     from atm_jax.finetune import Finetuner
