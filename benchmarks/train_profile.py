@@ -263,9 +263,9 @@ def _ops_table(ops: dict, top: int = 12) -> list[str]:
     """Markdown lines: the op kinds taking most thread time per traced step."""
     wall, threads = ops["wall_s"], ops["threads"]
     total = sum(ops["seconds"].values())
-    lines = [(f"Traced step: {1000 * wall:.0f} ms wall; ops ran on {threads} threads for "
-              f"{1000 * total:.0f} ms of thread time in all ({total / (wall * threads):.0%} of "
-              "wall × threads; the rest is the executor's scheduling, waits and idle time)."), "",
+    lines = [(f"Traced step: {1000 * wall:.0f} ms wall; its ops ran for {1000 * total:.0f} ms "
+              f"in all ({total / wall:.2f}× the wall time), traced on {threads} threads (a "
+              "matrix product may use both cores inside one op, so this is not CPU use)."), "",
              "| op kind | ms per step (thread time) | ops per step | share of op time |",
              "|---|---:|---:|---:|"]
     ranked = sorted(ops["seconds"].items(), key=lambda kv: -kv[1])
