@@ -208,11 +208,34 @@ def test_same_config_same_numbers(atm_only_run, tmp_path):
     assert first["curves"] == second["curves"]
 
 
-def test_eval_every_skips_evaluations_but_not_the_last(fake_cache, tmp_path):
+def test_eval_every_skips_evaluations_and_later_iterations_compile_nothing(fake_cache, tmp_path):
+    import logging
+
+    import jax
+
     config = _atm_only(_tiny_config(), budget=3, eval_every=2)
     with config.unlocked():
         config.methods.atm.iterations = 3
-    out = runner.run_experiment(config, tmp_path / "work", log=lambda *_: None)
+    events = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling "):
+                events.append(("compile", record.getMessage()))
+
+    handler = Compiles(logging.WARNING)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            out = runner.run_experiment(config, tmp_path / "work",
+                                        log=lambda msg: events.append(("log", msg)))
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    # Iteration 1 compiled the finetune step, the merge and its diagnostics (evaluation
+    # compiled for iteration 0): iterations 2 and 3 (with an evaluation) compile nothing.
+    second = events.index(("log", "[atm] iteration 2/3"))
+    assert any(kind == "compile" for kind, _ in events[:second])
+    assert [m for kind, m in events[second:] if kind == "compile"] == []
     assert [h["iteration"] for h in out["curves"]["atm"]] == [0, 2, 3]
     assert out["rows"][-1]["accuracy"] == out["curves"]["atm"][-1]["accuracy"]
     lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
