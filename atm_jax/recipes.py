@@ -143,7 +143,7 @@ def mini() -> ml_collections.ConfigDict:
         config.methods[name] = method("one_shot", merge, kwargs)
     config.methods.valft_atm = method("atm", iterations=10, split="validation")
     config.methods.atm = method("atm", iterations=10)
-    # Test forward batch: 64 evaluates the mini suite 1.7x faster than 500 on a 2-core CPU
+    # Test forward batch: 64 evaluates the mini suite 1.66x faster than 500 on a 2-core CPU
     # with the same correct counts (benchmarks/eval_bench.py).
     config.eval_batch_size = 64
     # Evaluate ATM's base on the test splits every this many iterations (and always

@@ -89,7 +89,7 @@ def notes(config, setup: Setup, seconds: float) -> list[str]:
           if any(config.methods[n].get("tune_alpha", False) for n in config.methods) else []),
         *([f"ATM methods' test accuracy was evaluated every {config.eval_every} iterations "
            "and after the last (config.eval_every); the curves show those iterations."]
-          if config.get("eval_every", 1) > 1 else []),
+          if config.eval_every > 1 else []),
         f"Seed {config.seed}; wall time {seconds:.0f}s.",
     ]
     return out

@@ -25,7 +25,7 @@ each in its own process:
   ``jax.profiler`` trace of a few steps: the run time of every executed op (thunk)
   summed per op kind (``ynn_fusion.132`` → ``ynn_fusion``: matrix products run by
   YNNPACK; ``copy_bitcast_fusion``: layout copies; ...), per step, against the step's
-  wall time × threads.
+  wall time.
 
 Run::
 
