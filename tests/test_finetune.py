@@ -98,7 +98,7 @@ def numpy_epochs(backbone, head, images, labels, *, key, epochs, batch_size, lr)
     """Plain SGD over the documented batching, in float64 NumPy.
 
     Epoch ``e`` visits the examples in ``epoch_order(key, e, N)`` (the shuffle's own
-    tests are elsewhere) in consecutive batches of ``batch_size``; the last, shorter
+    test: test_epochs_visit_the_examples_in_different_orders) in consecutive batches of ``batch_size``; the last, shorter
     batch holds only the remaining real examples, so its gradient is the mean over
     those alone. Metrics are taken before each update, as the step does.
 
@@ -156,6 +156,38 @@ def test_epochs_use_every_example_once_and_padding_adds_nothing():
     assert (metrics["steps"], metrics["examples"], metrics["epochs"]) == (9, 30, 3)
     # The reference does move: a wrong batching could not pass by standing still.
     assert len({round(m["loss"], 6) for m in history}) == 3
+
+
+def _visited(finetuner, n, *, key, epoch):
+    """The example indices one epoch's batches visit, in order (padding rows dropped)."""
+    ids = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1,) + IMAGE_SHAPE,
+                                                                        np.float32)
+    labels = np.zeros(n, np.int32)
+    out = []
+    for batch in finetuner.epoch_batches(ids, labels, key=key, epoch=epoch):
+        real = np.asarray(batch["mask"]) > 0
+        out += [int(v) for v in np.asarray(batch["images"])[real, 0, 0, 0]]
+    return out
+
+
+def test_epochs_visit_the_examples_in_different_orders():
+    # The NumPy reference above takes epoch_order as given, so an order that ignored
+    # the epoch (or the key) would pass it; this pins the shuffle down by itself.
+    n = 10
+    finetuner = Finetuner(linear_apply, OptimizerConfig(0.1, name="sgd", batch_size=4),
+                          train_head=True)
+    key = jax.random.key(5)
+    orders = [_visited(finetuner, n, key=key, epoch=e) for e in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(n))  # every example once per epoch
+        assert order != list(range(n))  # shuffled, not the stored order
+    assert len({tuple(o) for o in orders}) == 3  # each epoch its own order
+    # Reproducible for one (key, epoch); another key gives another order.
+    assert _visited(finetuner, n, key=key, epoch=1) == orders[1]
+    assert _visited(finetuner, n, key=jax.random.key(6), epoch=1) != orders[1]
+    # epoch_order itself: a permutation per epoch, distinct across epochs.
+    direct = [epoch_order(key, e, n).tolist() for e in range(3)]
+    assert direct == orders
 
 
 def _negate(images, key):
