@@ -32,6 +32,14 @@ All three return the same value: the k-th largest element of the multiset
 "keep ``|x| >= threshold``" keeps every tied entry, so a merge may keep slightly
 more than k entries, never fewer (as the official TIES ``kthvalue`` mask does).
 Inputs must be finite: NaN has the largest bit pattern and would be ranked first.
+
+Differentiation: with every method the thresholds are constants to ``jax.grad`` and
+``jax.jvp`` (the selection runs on ``jax.lax.stop_gradient`` inputs). That is exact
+for the merges, which use a threshold only in ``|x| >= threshold``, constant in it
+away from ties; and the host selection, a callback XLA cannot differentiate, is
+never asked to be. Under eager ``jax.grad`` the primal values are concrete, so
+``"host"`` runs there too. (The k-th magnitude itself is not constant in ``x``: to
+differentiate it, use ``jax.lax.top_k``.)
 """
 
 from __future__ import annotations
@@ -226,8 +234,9 @@ def resolve_method(method: str, leaves: Sequence[jax.Array]) -> str:
     if method not in METHODS:
         raise ValueError(f"Unknown selection method {method!r}; choose one of {METHODS}.")
     if method == "host" and any(isinstance(x, jax.core.Tracer) for x in leaves):
-        raise ValueError("method='host' needs concrete arrays and cannot run under jax.jit; "
-                         "use method='bisect' or 'top_k' (or 'auto') inside jitted code.")
+        raise ValueError("method='host' runs NumPy on concrete arrays, so it cannot run on traced "
+                         "ones (under jax.jit, jax.vmap, lax.scan; eager jax.grad and jax.jvp are "
+                         "fine); use method='bisect' or 'top_k' (or 'auto') there.")
     if method != "auto":
         return method
     if _is_concrete_cpu(leaves):
@@ -256,9 +265,14 @@ def thresholds(leaves: Sequence[jax.Array], ranks, *, joint: bool = False,
         and Inf have the largest bit patterns).
 
     Returns:
-      ``[G, m]`` magnitudes in the leaves' dtype (and ``[G]`` largest magnitudes).
+      ``[G, m]`` magnitudes in the leaves' dtype (and ``[G]`` largest magnitudes),
+      constants to differentiation (module docstring).
     """
-    leaves = [x for x in leaves]
+    # Constants to differentiation (module docstring): under eager jax.grad this
+    # gives back the concrete primal values, so the host selection can run; under
+    # jit it is an identity XLA never sees. Concrete inputs carry no gradient and
+    # pass untouched (stop_gradient would cast a NumPy float64 leaf to float32).
+    leaves = [jax.lax.stop_gradient(x) if isinstance(x, jax.core.Tracer) else x for x in leaves]
     if not leaves:
         raise ValueError("thresholds() needs at least one leaf.")
     num_tasks = leaves[0].shape[0]
@@ -346,7 +360,8 @@ def _largest(leaves, joint):
 
 
 def kth_largest_magnitude(x, k: int, *, method: str = "auto") -> jax.Array:
-    """The exact k-th largest ``|x|`` (1-based) of an array or a list of arrays."""
+    """The exact k-th largest ``|x|`` (1-based) of an array or a list of arrays; a
+    constant to differentiation, like :func:`thresholds`."""
     arrays = list(x) if isinstance(x, (list, tuple)) else [x]
     leaves = [jnp.reshape(a, (1, -1)) for a in arrays]
     return thresholds(leaves, [[k]], method=method)[0, 0]
