@@ -45,6 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from atm_jax import closures
 from atm_jax import merge as merge_lib
 from atm_jax import tree as tree_lib
 from atm_jax.errors import DivergedError
@@ -147,7 +148,11 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
     stacked = tree_lib.stacked_task_vectors([tree_lib.split(f, predicate)[0] for f in finetuned],
                                             selected_base)
     fn = merge_lib.get(spec.name)
+    # The base tells a stack from a list of trees whatever container tops the params
+    # (per-layer lists), and checks every leaf's task axis.
     kwargs = dict(spec.kwargs)
+    if "like" in merge_lib.info(spec.name).options:
+        kwargs["like"] = selected_base
     with warnings.catch_warnings():
         if set(spec.collections) - {"params"}:  # asked for on purpose: no warning
             warnings.simplefilter("ignore", tree_lib.StateMergeWarning)
@@ -156,7 +161,7 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
     delta = jax.block_until_ready(delta)
     seconds = time.perf_counter() - start
     new_base = tree_lib.join(tree_lib.apply(selected_base, delta, spec.alpha), rest)
-    gram = tree_lib.gram_matrix(stacked)
+    gram = tree_lib.gram_matrix(stacked, like=selected_base)
     diagnostics = {
         "task_vector_norm": np.sqrt(np.diagonal(np.asarray(gram))).tolist(),
         "cosine": np.asarray(tree_lib.cosine_from_gram(gram)).round(6).tolist(),
@@ -230,11 +235,15 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
     """Finetunes the next task of the current iteration from ``state.base``.
 
     Task ``i = len(state.finetuned)`` with key ``task_key(key, state.iteration, i)``.
+    Its result is checked at once, so a finetune that returns the wrong thing fails
+    on its first task, not when the merge stacks all T of them.
 
     Raises:
       DivergedError: the finetune's loss became non-finite (the message names the
         method, task and iteration).
       TypeError: ``finetune`` did not return ``(params, head, metrics dict)``.
+      ValueError: the params differ from ``state.base`` in tree structure, a leaf
+        shape or dtype (the message names the task and the first such leaf).
     """
     tasks = state.tasks
     i = len(state.finetuned)
@@ -247,16 +256,15 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
                        task_key(key, state.iteration, i))
     except DivergedError as e:
         raise DivergedError(f"{name}: task {task!r}, iteration {state.iteration + 1}: {e}") from None
-    return _appended(state, task, out, epochs, start, log)
+    return _appended(state, task, out, epochs, start, log, closure="finetune", name=name)
 
 
-def _appended(state: State, task: str, out, epochs: int, start: float, log: Log | None) -> State:
+def _appended(state: State, task: str, out, epochs: int, start: float, log: Log | None, *,
+              closure: str, name: str) -> State:
     """``state`` with ``task``'s finetune result ``out`` checked and appended."""
-    if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], Mapping)):
-        raise TypeError(f"finetune(base, head, task, epochs, key) must return (params, head, "
-                        f"metrics dict); for task {task!r} it returned {type(out).__name__} "
-                        f"{str(out)[:80]}.")
-    params, head, metrics = out
+    params, head, metrics = closures.finetune_result(
+        out, state.base, task=task, closure=closure,
+        where=f"{name}, iteration {state.iteration + 1}")
     metrics = dict(metrics, seconds=round(time.perf_counter() - start, 3))
     if log:
         log(f"  finetune {task}: {epochs} epoch(s), final loss {_loss_text(metrics)}, "
@@ -273,13 +281,16 @@ def finetune_group(state: State, *, finetune_tasks: FinetuneTasksFn, count: int,
 
     Tasks ``i = len(state.finetuned) … i + count - 1``, each with exactly the key
     the sequential loop gives it (``task_key(key, state.iteration, i)``); the
-    results are appended in task order and checked like :func:`finetune_next`'s.
+    results are checked like :func:`finetune_next`'s as soon as the call returns
+    (before the next group starts) and appended in task order.
 
     Raises:
       DivergedError: a finetune's loss became non-finite (the message names the
         method, the group's tasks and the iteration).
       TypeError: ``finetune_tasks`` did not return ``{task: (params, head, metrics)}``
         for exactly the tasks it was given.
+      ValueError: a task's params differ from ``state.base`` (as in
+        :func:`finetune_next`).
     """
     tasks = state.tasks
     first = len(state.finetuned)
@@ -298,7 +309,8 @@ def finetune_group(state: State, *, finetune_tasks: FinetuneTasksFn, count: int,
                         f"head, metrics dict)}} for the tasks {group}; it returned "
                         f"{str(out)[:120]}.")
     for task in group:
-        state = _appended(state, task, out[task], epochs, start, log)
+        state = _appended(state, task, out[task], epochs, start, log, closure="finetune_tasks",
+                          name=name)
     return state
 
 
@@ -356,7 +368,7 @@ def _evaluated(evaluate: EvaluateFn, params, heads, what: str) -> dict[str, floa
     if not isinstance(acc, Mapping) or set(acc) != set(heads):
         raise TypeError(f"evaluate(params, heads) must return {{task: accuracy}} for the tasks "
                         f"{sorted(heads)}; for {what} it returned {str(acc)[:120]}.")
-    return {t: float(acc[t]) for t in heads}
+    return {t: closures.accuracy(acc[t], task=t, what=what) for t in heads}
 
 
 def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
@@ -410,6 +422,10 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
     Raises:
       DivergedError: a finetune's loss became non-finite; the message names
         the method, task, iteration and step.
+      TypeError, ValueError: ``finetune`` / ``finetune_tasks`` or ``evaluate``
+        returned something else than documented, e.g. params unlike the base or
+        an accuracy that is not one number; raised as soon as that task's result
+        comes back, naming the closure and the task.
     """
     _positive("iterations", iterations)
     _positive("epochs_per_iteration", epochs_per_iteration)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import pathlib
 import shutil
+import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -46,10 +47,11 @@ with extras.needed("atm_jax.checkpoint"):
     import orbax.checkpoint as ocp
 
 from atm_jax import atm
+from atm_jax import tree as tree_lib
 from atm_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "Restored", "digest", "savable", "host_copy", "item_name",
-           "state_to_checkpoint", "state_from_checkpoint"]
+__all__ = ["Checkpointer", "Restored", "digest", "savable", "plain", "like", "host_copy",
+           "item_name", "state_to_checkpoint", "state_from_checkpoint"]
 
 PyTree = Any
 FORMAT_VERSION = 2  # 2: finetuned models as items
@@ -78,6 +80,43 @@ def savable(tree: PyTree) -> PyTree:
             return np.asarray(x)
         return x
     return jax.tree.map(host, tree)
+
+
+def plain(tree: PyTree) -> PyTree:
+    """``tree`` with every Flax NNX ``Variable`` replaced by its value.
+
+    Orbax then writes the nested mapping it reads back, so the CRCs recorded at a
+    save are keyed as the restored arrays are; :func:`like` rebuilds the NNX
+    structure from a template on the way back.
+    """
+    nnx = sys.modules.get("flax.nnx")  # not imported: no Variables to replace
+    if nnx is None:
+        return tree
+
+    def is_variable(x) -> bool:
+        return isinstance(x, nnx.Variable)
+    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree,
+                        is_leaf=is_variable)
+
+
+def like(template: PyTree, restored: PyTree) -> PyTree:
+    """``restored``'s arrays in ``template``'s structure, matched by leaf path (an
+    ``nnx.State`` base comes back from orbax as nested dicts); unchanged when the
+    structures already agree.
+
+    Raises:
+      ValueError: a leaf of ``template`` is missing from ``restored`` (names it).
+    """
+    if jax.tree.structure(restored) == jax.tree.structure(template):
+        return restored
+    by_path = dict(zip(tree_lib.leaf_paths(restored), jax.tree.leaves(restored)))
+    paths = tree_lib.leaf_paths(template)
+    missing = [p for p in paths if p not in by_path]
+    if missing or len(by_path) != len(paths):
+        raise ValueError(f"the checkpointed tree does not match the model: leaf "
+                         f"{(missing or sorted(set(by_path) - set(paths)))[0]!r} is on one "
+                         "side only")
+    return jax.tree.unflatten(jax.tree.structure(template), [by_path[p] for p in paths])
 
 
 def host_copy(tree: PyTree) -> PyTree:
@@ -172,7 +211,7 @@ class Checkpointer:
         """Writes ``tree`` as item ``name`` (atomic; replaces an older one of that
         name) and returns its CRCs, to pass to :meth:`save` in ``items``."""
         self._check(again=True)
-        tree = host_copy(tree) if self._writer else savable(tree)
+        tree = host_copy(plain(tree)) if self._writer else savable(plain(tree))
         self._run(lambda: self._write_item(name, tree))
         return digest(tree)
 
@@ -198,7 +237,8 @@ class Checkpointer:
             self._last_step.result()
         self._check(again=True)  # a failed earlier write stops the run here
         items = dict(items or {})
-        state = host_copy(dict(state)) if self._writer else savable(dict(state))
+        state = plain(dict(state))
+        state = host_copy(state) if self._writer else savable(state)
         meta = dict(meta, step=step, format=FORMAT_VERSION, digest=digest(state), items=items)
         self._last_step = self._run(lambda: self._write_step(step, state, meta, items))
 
@@ -341,8 +381,9 @@ def state_from_checkpoint(position: Mapping, arrays: Mapping, items: Mapping[str
     step holds none); heads come back in ``tasks`` order."""
     unit, iteration = position["unit"], position["iteration"]
     order = lambda d: {t: d[t] for t in tasks if t in d}  # noqa: E731
-    finetuned = tuple(items[item_name(unit, iteration, i)] for i in range(position["tasks_done"]))
-    return atm.State(iteration=iteration, base=arrays.get("base", base),
+    finetuned = tuple(like(base, items[item_name(unit, iteration, i)])
+                      for i in range(position["tasks_done"]))
+    return atm.State(iteration=iteration, base=like(base, arrays.get("base", base)),
                      heads=order(arrays["heads"]), history=tuple(position["history"]),
                      finetuned=finetuned, finetuned_heads=order(arrays.get("finetuned_heads", {})),
                      finetune_metrics=dict(position["finetune_metrics"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,8 @@ PyTree = Any
 
 __all__ = [
     "StateMergeWarning", "path_str", "leaf_paths", "structure_error", "check_compatible",
-    "require_floating", "state_paths", "check_stacked", "all_finite", "check_finite",
-    "SCOPES", "AGGREGATES", "check_hparams", "require_key",
+    "require_floating", "state_paths", "nnx_collections", "refuse_rng_state", "check_stacked",
+    "all_finite", "check_finite", "SCOPES", "AGGREGATES", "check_hparams", "require_key",
 ]
 
 class StateMergeWarning(UserWarning):
@@ -38,7 +39,15 @@ class StateMergeWarning(UserWarning):
 
 
 def path_str(path) -> str:
-    """'encoder/block_0/attn/kernel' from a jax key path."""
+    """'encoder/block_0/attn/kernel' from a jax key path.
+
+    A Flax NNX ``Variable`` (``nnx.Param``, ``nnx.BatchStat``, …) flattens to its
+    ``.value``; that last attribute is left out, so an ``nnx.State`` leaf has the same
+    path as the linen dict leaf it corresponds to (``dense/kernel``, not
+    ``dense/kernel/value``) and one path filter serves both.
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for key in path:
         if isinstance(key, jax.tree_util.DictKey):
@@ -114,26 +123,120 @@ def require_floating(path: str, x, what: str) -> None:
                          "with atm_jax.tree.split and a path_filter.")
 
 
+RNG_COLLECTION = "rngs"
+NNX_SPLIT_HINT = ("Merge the weights only: graphdef, params, rest = nnx.split(model, nnx.Param, ...); "
+                  "merge params, then nnx.update(model, merged_params).")
+
+
+def _collection_of(nnx, kind: type) -> str:
+    if issubclass(kind, nnx.RngState):
+        return RNG_COLLECTION
+    for klass in kind.__mro__:  # a subclass of nnx.Param is a param
+        try:
+            return nnx.variablelib.variable_name_from_type(klass)
+        except (ValueError, AttributeError):
+            continue
+    return kind.__name__
+
+
+def nnx_collections(tree: PyTree) -> dict[str, str]:
+    """Leaf path -> collection name for the Flax NNX ``Variable`` leaves of ``tree``.
+
+    ``"params"`` for ``nnx.Param`` (and its subclasses), ``"batch_stats"`` for
+    ``nnx.BatchStat``, ``"rngs"`` for RNG keys and counts, the registered NNX name or
+    the class name otherwise. Empty for trees without NNX variables (linen dicts).
+    """
+    nnx = sys.modules.get("flax.nnx")  # not imported: the tree cannot hold its Variables
+    if nnx is None:
+        return {}
+
+    def is_variable(x) -> bool:
+        return isinstance(x, nnx.Variable)
+
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
+        if is_variable(x) and jax.tree.leaves(x):  # a split leaves Variables holding None
+            out[path_str(path)] = _collection_of(nnx, type(x))
+    return out
+
+
 def state_paths(tree: PyTree) -> list[str]:
     """Paths of leaves that are model state rather than weights (the collection rule).
 
     In a Flax variables dict (a mapping with a ``"params"`` key) every leaf outside
-    ``params`` is state; anywhere, a path through ``batch_stats`` is BatchNorm state.
+    ``params`` is state; anywhere, a path through ``batch_stats`` is BatchNorm state;
+    in an ``nnx.State``, every variable that is not an ``nnx.Param`` (``nnx.BatchStat``,
+    caches, intermediates, …) is state.
     """
     variables = isinstance(tree, Mapping) and "params" in tree
+    kinds = nnx_collections(tree)
     out = []
     for path in leaf_paths(tree):
         parts = path.split("/")
-        if (variables and parts[0] != "params") or "batch_stats" in parts:
+        if ((variables and parts[0] != "params") or "batch_stats" in parts
+                or kinds.get(path, "params") != "params"):
             out.append(path)
     return out
 
 
-def _looks_like_list_of_trees(obj) -> bool:
-    if not isinstance(obj, (list, tuple)) or not obj or not all(isinstance(t, Mapping) for t in obj):
+def refuse_rng_state(tree: PyTree, what: str) -> None:
+    """Raises ValueError if ``tree`` holds NNX RNG state (``nnx.RngKey`` / ``nnx.RngCount``).
+
+    A full ``nnx.state(model)`` carries them; they are not task-vector material.
+    """
+    rng = [path for path, kind in nnx_collections(tree).items() if kind == RNG_COLLECTION]
+    if rng:
+        raise ValueError(f"Leaf {rng[0]!r} of the {what} is NNX RNG state ({len(rng)} RNG leaves in "
+                         f"all): keys and counters are not task-vector material. {NNX_SPLIT_HINT}")
+
+
+def _sequence_of_trees(obj) -> bool:
+    """A plain list or tuple of trees that all share one structure.
+
+    Such an object is either T separate trees or one stacked tree whose top level
+    is a list (per-layer params): the structure alone cannot tell. A NamedTuple has
+    named fields, so it is a tree's own container, never a sequence of tasks.
+    """
+    if type(obj) not in (list, tuple) or not obj:
         return False
     first = jax.tree.structure(obj[0])
-    return all(jax.tree.structure(t) == first for t in obj[1:])
+    return first.num_leaves > 0 and all(jax.tree.structure(t) == first for t in obj[1:])
+
+
+def _check_not_separate_trees(stacked, like, what: str) -> None:
+    """Refuses a list or tuple of T trees given where one stacked tree is expected."""
+    if not _sequence_of_trees(stacked):
+        return
+    kind, count = type(stacked).__name__, len(stacked)
+    fix = ("Stack them first: atm_jax.tree.stack(trees) or "
+           "tree.stacked_task_vectors(finetuned, base).")
+    if like is not None:
+        if jax.tree.structure(stacked) == jax.tree.structure(like):
+            return  # one stacked tree with a list at the top, as the reference is
+        if all(jax.tree.structure(t) == jax.tree.structure(like) for t in stacked):
+            raise ValueError(f"Got a {kind} of {count} trees, each shaped like the reference "
+                             f"(like=), but {what}s are passed as one stacked tree (leaves "
+                             f"[T, ...]). {fix}")
+        return  # the path checks against the reference name the difference
+    leading = {}
+    for path, x in zip(leaf_paths(stacked), jax.tree.leaves(stacked)):
+        leading.setdefault(np.shape(x)[:1], path)
+    if () in leading:
+        raise ValueError(f"Got a {kind} of {count} trees, but {what}s are passed as one stacked "
+                         f"tree (leaves [T, ...]); leaf {leading[()]!r} is a scalar, so these "
+                         f"are {count} separate trees. {fix}")
+    if len(leading) > 1:
+        (a, first), (b, second) = list(leading.items())[:2]
+        raise ValueError(f"Got a {kind} of {count} trees, but {what}s are passed as one stacked "
+                         f"tree (leaves [T, ...]); these leaves share no leading task axis "
+                         f"({first!r} leads with {a[0]}, {second!r} with {b[0]}), so they are "
+                         f"{count} separate trees. {fix}")
+    (size,), = leading
+    raise ValueError(
+        f"Got a {kind} of {count} trees of one structure whose leaves all lead with {size}: "
+        f"ambiguous. It is either {count} separate trees ({fix[0].lower() + fix[1:]}) or one "
+        f"stacked tree over {size} tasks whose top level is a {kind} (per-layer params). Pass "
+        "like=<the unstacked params, e.g. the base> to say which.")
 
 
 def check_stacked(stacked: PyTree, *, like: PyTree | None = None, what: str = "task vector",
@@ -144,20 +247,26 @@ def check_stacked(stacked: PyTree, *, like: PyTree | None = None, what: str = "t
       stacked: leaves ``[T, *shape]`` (``None`` leaves are skipped).
       like: optional unstacked reference (e.g. the base params): every leaf must then
         have shape ``(T, *like_leaf.shape)``. This is the only way to tell an unstacked
-        tree whose leaves happen to share a leading size from a stack.
+        tree whose leaves happen to share a leading size from a stack, and it is
+        required for a stacked tree whose top level is a plain list or tuple of
+        subtrees of one structure (per-layer params): without it such a list is
+        indistinguishable from T separate trees and is refused, the message saying
+        which reading the leaves allow. With ``like=``, a tree structured as ``like``
+        is the stack, and a list of trees each structured as ``like`` is T separate
+        trees (refused: stack them first). NamedTuples and dicts at the top are
+        trees, never sequences of tasks.
       what: the noun used in messages.
       floating: refuse non-floating leaves.
       warn_state: warn with :class:`StateMergeWarning` on :func:`state_paths` leaves.
 
     Raises:
       ValueError: naming the first offending leaf: no leaves, a scalar leaf, a list of
-        trees (stack it first), leading task axes that differ, a non-floating leaf, or
+        trees (stack it first) or an ambiguous list without ``like=``, NNX RNG state, leading task axes that differ, a non-floating leaf, or
         a shape that is not ``(T, *like_shape)``.
     """
-    if _looks_like_list_of_trees(stacked):
-        raise ValueError(f"Got a {type(stacked).__name__} of {len(stacked)} trees, but {what}s are "
-                         "passed as one stacked tree (leaves [T, ...]). Stack them first: "
-                         "atm_jax.tree.stack(trees) or tree.stacked_task_vectors(finetuned, base).")
+    _check_not_separate_trees(stacked, like, what)
+    if floating:
+        refuse_rng_state(stacked, f"stacked {what}s")
     with_path, treedef = jax.tree_util.tree_flatten_with_path(stacked)
     paths = [path_str(p) for p, _ in with_path]
     leaves = [x for _, x in with_path]
@@ -198,8 +307,9 @@ def check_stacked(stacked: PyTree, *, like: PyTree | None = None, what: str = "t
             warnings.warn(
                 f"Merging leaf {state[0]!r} ({len(state)} state leaves in all): BatchNorm statistics "
                 "and other non-params collections are state, not weights (merged variances can turn "
-                "negative). Merge variables['params'] only (tree.split with tree.path_filter() does), "
-                "or silence this warning with category=atm_jax.tree.StateMergeWarning.",
+                "negative). Merge variables['params'] only (tree.split with tree.path_filter() does; "
+                "NNX: nnx.split(model, nnx.Param, ...)), or silence this warning with "
+                "category=atm_jax.tree.StateMergeWarning.",
                 StateMergeWarning, stacklevel=3)
     return leaves, treedef, paths
 
@@ -279,10 +389,40 @@ def _check_choice(name: str, value, choices):
         raise ValueError(f"{name}={value!r} is not one of {choices}.")
 
 
-def require_key(name: str, key):
+def require_key(name: str, key) -> None:
+    """Raises unless ``key`` is one PRNG key for the stochastic merge ``name``.
+
+    Accepted: a typed key (``jax.random.key(0)``, any generator) or a legacy raw
+    key (``jax.random.PRNGKey(0)``: uint32 ``[2]`` with the default threefry
+    generator, ``[4]`` with rbg). Only dtype and shape are read, so a traced key
+    passes too.
+
+    Raises:
+      ValueError: ``key`` is None.
+      TypeError: anything else (an int seed, a float, an array of another dtype or
+        shape, several keys); the message shows ``key=jax.random.key(0)``.
+    """
     if key is None:
         raise ValueError(f"merge {name!r} is stochastic: pass an explicit PRNG key, "
                          "e.g. key=jax.random.key(0).")
+    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", None) or ())
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        got = f"the int {int(key)}: a seed, not a key; pass key=jax.random.key({int(key)})"
+    elif dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+        got = (f"a typed key array of shape {shape}, several keys; pass one, e.g. "
+               "jax.random.split(key)[0]")
+    elif dtype is not None and hasattr(key, "ndim"):
+        raw = (2,) if jax.config.jax_default_prng_impl == "threefry2x32" else (4,)
+        if dtype == np.uint32 and shape == raw:
+            return
+        got = (f"an array of dtype {dtype} and shape {shape} (a raw key, as "
+               f"jax.random.PRNGKey makes, is uint32 of shape {raw})")
+    else:
+        got = f"a {type(key).__name__}: {str(key)[:60]}"
+    raise TypeError(f"merge {name!r} needs one PRNG key, e.g. key=jax.random.key(0) (or a legacy "
+                    f"jax.random.PRNGKey(0)); got {got}.")
 
 
 SCOPES = ("model", "leaf")

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from atm_jax import closures
 from atm_jax.errors import ConfigError
 
 __all__ = ["PLACEMENTS", "initialize", "start_line", "local_placement", "owner", "owned_tasks", "allgather_tree",
@@ -187,7 +188,9 @@ def make_finetune_tasks(finetune: Callable, task_order: Sequence[str],
     ordinary per-task finetune (it only sees this process's data). Each process
     finetunes the tasks of the group it owns; then every finetuned model and head
     is gathered from its owner (one ``process_allgather`` per slot of the group), so
-    every process holds the same results as a one-process run, bitwise.
+    every process holds the same results as a one-process run, bitwise. Each
+    finetune's result is checked against ``base`` as soon as it returns
+    (`atm_jax.closures.finetune_result`).
     """
     index = {t: i for i, t in enumerate(task_order)}
 
@@ -199,8 +202,13 @@ def make_finetune_tasks(finetune: Callable, task_order: Sequence[str],
         if unknown:
             raise ValueError(f"finetune_tasks got tasks {unknown} outside the run's "
                              f"{list(task_order)}.")
-        mine = {t: finetune(base, heads[t], t, epochs, keys[t])
-                for t in heads if owner(index[t], P) == me}
+        mine = {}
+        for t in heads:
+            if owner(index[t], P) == me:
+                # Checked before this process's next finetune and before the gathers,
+                # which need every process's trees to have the base's shapes.
+                mine[t] = closures.finetune_result(finetune(base, heads[t], t, epochs, keys[t]),
+                                                   base, task=t)
         out: dict[str, tuple] = {}
         for t in heads:  # one gather per task: tasks differ in head shape
             p = owner(index[t], P)

@@ -40,8 +40,8 @@ import numpy as np
 
 # Validation lives in atm_jax.checks; these names are part of tree's public API.
 from atm_jax.checks import (StateMergeWarning, all_finite, check_compatible, check_finite,
-                            check_stacked, leaf_paths, path_str, require_floating, state_paths,
-                            structure_error)
+                            check_stacked, leaf_paths, nnx_collections, path_str, refuse_rng_state,
+                            require_floating, state_paths, structure_error)
 
 PyTree = Any
 
@@ -66,6 +66,7 @@ __all__ = [
     "path_str",
     "check_stacked",
     "state_paths",
+    "nnx_collections",
     "StateMergeWarning",
 ]
 
@@ -85,6 +86,7 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
         or a leaf is not floating; the message names the first such leaf.
     """
     check_compatible([base, finetuned], names=["base", "finetuned"], what="params tree")
+    refuse_rng_state(base, "params tree")
     for path, x in zip(leaf_paths(base), jax.tree.leaves(base)):
         require_floating(path, x, "params tree")
     return _difference(finetuned, base)
@@ -102,7 +104,12 @@ def _is_none(x) -> bool:
 def apply(base: PyTree, delta: PyTree, scale: float | jax.Array = 1.0) -> PyTree:
     """``base + scale * delta``, leaf by leaf, keeping ``base``'s dtypes.
 
-    ``scale`` is traced, so changing it does not recompile. A ``None`` leaf in
+    Computed in float32 and rounded once to each base leaf's dtype: a bfloat16 or
+    float16 leaf (with a delta of the same width) gets the correctly rounded value of
+    the exact ``base + scale * delta`` (``scale`` taken as float32), so no entry is
+    off by a second rounding and small cancellations keep their value; a float32
+    leaf is within one float32 rounding of it. ``scale`` is traced, so changing it
+    does not recompile. A ``None`` leaf in
     ``delta`` (as a merge of a :func:`split` part returns) leaves the base leaf as it is.
 
     Raises:
@@ -117,6 +124,7 @@ def apply(base: PyTree, delta: PyTree, scale: float | jax.Array = 1.0) -> PyTree
     paths = [path_str(p) for p, _ in b_leaves]
     if b_def != d_def:
         raise structure_error("delta", "base", paths, [path_str(p) for p, _ in d_leaves], b_def, d_def)
+    refuse_rng_state(delta, "delta")
     for path, (_, b), (_, d) in zip(paths, b_leaves, d_leaves):
         if d is None:
             continue
@@ -135,8 +143,64 @@ def apply(base: PyTree, delta: PyTree, scale: float | jax.Array = 1.0) -> PyTree
 
 @jax.jit
 def _apply(base, delta, scale):
-    return jax.tree.map(lambda b, d: b if d is None else (b + scale * d).astype(b.dtype),
+    return jax.tree.map(lambda b, d: b if d is None else _scaled_add(b, d, scale),
                         base, delta, is_leaf=_is_none)
+
+
+def _two_sum(a, b):
+    """``a + b = s + e`` exactly, ``s`` the rounded sum (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(x):
+    """float32 ``x`` as ``high + low``, each with at most 12 significand bits (exact)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    high = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000), jnp.float32)
+    return high, x - high
+
+
+def _scaled_add(b, d, scale):
+    """``b + scale * d`` computed in float32 and rounded once to ``b``'s dtype.
+
+    ``scale * d`` is taken apart into products of at most 12 x 12 significand bits,
+    each exact in float32, so no product is rounded (and none changes if the compiler
+    fuses a multiply-add), and error-free sums carry what the additions round off.
+    A 16-bit leaf with a 16-bit delta then gets the correctly rounded exact value:
+    the float32 sum is rounded to odd, which makes the one rounding to the leaf's
+    dtype the correct one (Boldo and Melquiond: rounding to odd with two or more
+    extra bits, then to nearest, equals rounding to nearest once). Other leaves get
+    the float32 sum of the pieces (compensated summation), within one float32 ulp
+    of the exact value unless ``b`` and ``scale * d`` cancel to below about 2^-20 of
+    their size, rounded once to the leaf's dtype.
+    """
+    f32 = jnp.float32
+    dtype, scale = b.dtype, jnp.asarray(scale, f32)
+    if jnp.finfo(dtype).bits > 32:  # float64 under x64: its own arithmetic is wider
+        return b + scale.astype(dtype) * d.astype(dtype)
+    narrow = jnp.finfo(dtype).bits < 32 and jnp.finfo(d.dtype).nmant <= 11
+    b, d = b.astype(f32), d.astype(f32)
+    plain = b + scale * d  # Inf and NaN as float32 arithmetic gives them
+    scale_high, scale_low = _split(scale)
+    if narrow:  # d has <= 12 significand bits: two exact products
+        q, r = _two_sum(scale_high * d, scale_low * d)  # scale * d = q + r exactly
+        s, e = _two_sum(b, q)
+        t, f = _two_sum(e, r)
+        u, g = _two_sum(s, t)  # b + scale * d = u + g + f; |f| < |g| unless g == 0
+        rest = jnp.where(g != 0, g, f)
+        odd = (jax.lax.bitcast_convert_type(u, jnp.uint32) & 1) == 1
+        toward = jnp.nextafter(u, jnp.where(rest > 0, jnp.inf, -jnp.inf).astype(f32))
+        result = jnp.where((rest == 0) | odd, u, toward)
+    else:
+        d_high, d_low = _split(d)
+        total, error = b, jnp.zeros_like(b)
+        for piece in (scale_high * d_high, scale_high * d_low, scale_low * d_high,
+                      scale_low * d_low):
+            total, e = _two_sum(total, piece)
+            error = error + e
+        result = total + error
+    return jnp.where(jnp.isfinite(plain), result, plain).astype(dtype)
 
 
 def _tree_list(trees, fn: str) -> list:
@@ -159,6 +223,7 @@ def stacked_task_vectors(finetuned: Sequence[PyTree], base: PyTree) -> PyTree:
     finetuned = _tree_list(finetuned, "stacked_task_vectors")
     check_compatible([base, *finetuned], names=["base"] + [f"finetuned {i}" for i in range(len(finetuned))],
                      what="params tree")
+    refuse_rng_state(base, "params tree")
     for path, x in zip(leaf_paths(base), jax.tree.leaves(base)):
         require_floating(path, x, "params tree")
     return _stacked_differences(base, finetuned)
@@ -181,15 +246,19 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def unstack(stacked: PyTree) -> list[PyTree]:
+def unstack(stacked: PyTree, *, like: PyTree | None = None) -> list[PyTree]:
     """Inverse of :func:`stack`: a list of T pytrees.
+
+    ``like`` (an unstacked tree of the same structure) is needed when the stacked
+    tree's top level is a list or tuple of subtrees of one structure (see
+    :func:`check_stacked`).
 
     Raises:
       ValueError: leaves without a common leading task axis (names the leaf).
     """
     if not jax.tree.leaves(stacked):
         return []
-    leaves, treedef, _ = check_stacked(stacked, floating=False)
+    leaves, treedef, _ = check_stacked(stacked, like=like, floating=False)
     num = leaves[0].shape[0]
     return [jax.tree.unflatten(treedef, [x[t] for x in leaves]) for t in range(num)]
 
@@ -211,13 +280,15 @@ def global_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(sq)) if sq else jnp.float32(0)
 
 
-def gram_matrix(stacked: PyTree) -> jax.Array:
+def gram_matrix(stacked: PyTree, *, like: PyTree | None = None) -> jax.Array:
     """``[T, T]`` inner products between the T task vectors (float32), summed per leaf.
+
+    ``like``: the unstacked reference, as in :func:`check_stacked`.
 
     Raises:
       ValueError: leaves without a common leading task axis (names the leaf).
     """
-    check_stacked(stacked)
+    check_stacked(stacked, like=like)
     return _gram(stacked)
 
 
@@ -230,14 +301,14 @@ def _gram(stacked: PyTree) -> jax.Array:
     return gram
 
 
-def cosine_matrix(stacked: PyTree) -> jax.Array:
+def cosine_matrix(stacked: PyTree, *, like: PyTree | None = None) -> jax.Array:
     """``[T, T]`` cosine similarities between the T task vectors of ``stacked``.
 
     Each task vector is all of its leaves concatenated; computed from per-leaf Gram
     matrices, so nothing is ever concatenated. A zero vector has cosine 0 with
-    everything (not NaN).
+    everything (not NaN). ``like``: as in :func:`gram_matrix`.
     """
-    return cosine_from_gram(gram_matrix(stacked))
+    return cosine_from_gram(gram_matrix(stacked, like=like))
 
 
 def cosine_from_gram(gram: jax.Array) -> jax.Array:
@@ -298,14 +369,21 @@ def split(tree: PyTree, predicate: Callable[[str], bool]) -> tuple[PyTree, PyTre
 
     The collection rule: if ``tree`` is a Flax variables dict (a mapping with a
     ``"params"`` key), only leaves under ``predicate.collections`` (``path_filter``'s
-    argument; ``("params",)`` for any other callable) are selected.
+    argument; ``("params",)`` for any other callable) are selected. In an
+    ``nnx.State`` the same names select variable types: ``"params"`` is
+    ``nnx.Param``, ``"batch_stats"`` is ``nnx.BatchStat`` (see
+    :func:`nnx_collections`), so a full ``nnx.state(model)`` splits into its
+    weights and the rest.
     """
     collections = getattr(predicate, "collections", ("params",))
     variables = collections is not None and isinstance(tree, Mapping) and "params" in tree
+    kinds = nnx_collections(tree) if collections is not None else {}
 
     def take(path) -> bool:
         path = path_str(path)
         if variables and path.split("/")[0] not in collections:
+            return False
+        if path in kinds and kinds[path] not in collections:
             return False
         return bool(predicate(path))
 
