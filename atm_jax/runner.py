@@ -88,14 +88,17 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
     try:
         restored = ckpt.latest()
+        defaults = schema.field_defaults(config.suite)
+        # Both records of the run's config must agree with this one: the checkpoint's
+        # and config.json (no checkpoint, but another run's files: keep them).
+        for saved in (restored.meta["config"] if restored else None,
+                      workdir_lib.saved_config(workdir)):
+            if saved is not None:
+                workdir_lib.check_resumable(saved, config_json, config.resume, workdir,
+                                            defaults=defaults)
         if restored is not None:
-            workdir_lib.check_resumable(restored.meta["config"], config_json, config.resume, workdir)
             log(f"resuming from checkpoint step {restored.step} in {workdir / 'checkpoints'} "
                 f"({workdir_lib.describe_position(restored.meta)})")
-        else:
-            saved = workdir_lib.saved_config(workdir)
-            if saved is not None:  # no checkpoint, but another run's files: keep them
-                workdir_lib.check_resumable(saved, config_json, config.resume, workdir)
         shapes = suite.backbone_shapes(config)
         if shapes is not None:
             workdir_lib.check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)

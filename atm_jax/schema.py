@@ -11,6 +11,7 @@ compiled, so a typo fails in a second, not after an hour of finetuning.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,8 +25,8 @@ from atm_jax.finetune import PRECISIONS, OptimizerConfig
 __all__ = ["HEAD_MODES", "REFERENCES", "SPLITS", "KINDS", "RESUME_MODES", "TASK_PLACEMENTS",
            "PER_PROCESS_SUITES", "DISPLAY_ORDER",
            "REFERENCE_LABELS", "field", "positive_int", "integer", "flag", "check_keys",
-           "allowed_fields", "validate_common", "check_mesh", "check_merge_filter", "merge_spec",
-           "method_order"]
+           "allowed_fields", "field_defaults", "validate_common", "check_mesh",
+           "check_merge_filter", "merge_spec", "method_order"]
 
 HEAD_MODES = ("frozen_random", "trainable")
 REFERENCES = ("pretrained", "linear_probe", "individual")
@@ -103,6 +104,32 @@ def allowed_fields(suite: str) -> dict[str, tuple[str, ...] | None]:
                 out.setdefault(name, None)
     out["optimizer"] = {f.name for f in dataclasses.fields(OptimizerConfig)}
     return {k: (tuple(sorted(v)) if v is not None else None) for k, v in out.items()}
+
+
+def field_defaults(suite: str) -> dict[str, list]:
+    """``{dotted field: its values in the recipe}``: what a field is when nobody set it.
+
+    Read from the suite's recipe builders (JSON values, one entry per distinct value
+    when builders differ) and, under ``methods.*.<key>``, from `recipes.method` for
+    both kinds. A workdir written before a field existed resumes when the field's
+    current value is one of these (`atm_jax.workdir.config_differences`).
+    """
+    out: dict[str, list] = {}
+
+    def walk(node, prefix: str) -> None:
+        for name, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{name}.")
+            elif value not in out.setdefault(prefix + name, []):
+                out[prefix + name].append(value)
+
+    for build in recipes.BUILDERS[suite]:
+        built = json.loads(build().to_json())
+        built.pop("methods", None)
+        walk(built, "")
+    for kind in KINDS:
+        walk(json.loads(recipes.method(kind, iterations=None).to_json()), "methods.*.")
+    return out
 
 
 # -- the fields every suite shares ----------------------------------------------------

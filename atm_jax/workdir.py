@@ -18,7 +18,7 @@ from atm_jax import files
 from atm_jax.errors import ConfigError
 
 __all__ = ["writable", "check_disk_space", "config_differences", "check_resumable", "saved_config",
-           "describe_position", "UNCHECKED_FIELDS"]
+           "describe_position", "UNCHECKED_FIELDS", "ABSENT"]
 
 # Fields a resumed run may change freely: how to resume, and how to show progress.
 UNCHECKED_FIELDS = ("resume", "progress")
@@ -58,24 +58,48 @@ def check_disk_space(workdir, base_shapes, num_tasks: int, keep: int) -> None:
             "(at least 2) or use another --workdir.")
 
 
-def config_differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
-    """Dotted fields whose values differ between two config dicts, as "field: old -> new"."""
+def config_differences(old: Mapping, new: Mapping, prefix: str = "",
+                       defaults: Mapping[str, list] | None = None) -> list[str]:
+    """Dotted fields whose values differ between two config dicts, as "field: old -> new".
+
+    A field absent from ``old`` (a workdir written before the field existed) is no
+    difference when its ``new`` value is one of its ``defaults`` (`schema.field_defaults`;
+    a method's fields are looked up as ``methods.*.<field>``).
+    """
+    defaults = defaults or {}
     out = []
     for name in sorted(set(old) | set(new)):
         path = f"{prefix}{name}"
         if not prefix and name in UNCHECKED_FIELDS:
             continue
-        a, b = old.get(name, "<absent>"), new.get(name, "<absent>")
+        a, b = old.get(name, ABSENT), new.get(name, ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, path + ".")
+            out += config_differences(a, b, path + ".", defaults)
+        elif a is ABSENT and b in _defaults_of(path, defaults):
+            continue
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
 
 
-def check_resumable(saved: Mapping, current: Mapping, resume: str, workdir) -> None:
-    """Refuses (unless ``resume == "force"``) a workdir holding another config's run."""
-    diffs = config_differences(saved, current)
+ABSENT = "<absent>"
+
+
+def _defaults_of(path: str, defaults: Mapping[str, list]) -> list:
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "methods":
+        path = f"methods.*.{parts[2]}"
+    return defaults.get(path, [])
+
+
+def check_resumable(saved: Mapping, current: Mapping, resume: str, workdir, *,
+                    defaults: Mapping[str, list] | None = None) -> None:
+    """Refuses (unless ``resume == "force"``) a workdir holding another config's run.
+
+    Fields the saved config lacks but that hold their default now are no difference
+    (``defaults``, see :func:`config_differences`): an upgrade adds fields.
+    """
+    diffs = config_differences(saved, current, defaults=defaults)
     if not diffs or resume == "force":
         return
     listing = "\n  ".join(diffs)

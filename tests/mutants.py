@@ -281,6 +281,13 @@ ATM_MUTATIONS = [
              "if False:",
              (RUN + "test_resume_refuses_a_seed_change_even_when_forced",),
              "a forced resume silently changes the seed midway"),
+    Mutation("resume-ignores-field-defaults", "atm_jax/workdir.py",
+             "        elif a is ABSENT and b in _defaults_of(path, defaults):\n            continue\n",
+             "",
+             ("tests/test_resume.py::test_a_workdir_from_before_a_field_existed_resumes",
+              "tests/test_resume.py::test_fields_added_since_a_workdir_was_written_count_only_"
+              "when_not_at_their_default"),
+             "a field added by an upgrade makes every older workdir 'another config'"),
     Mutation("normalized-by-itself", "atm_jax/results.py",
              'normalized_average(row["accuracy"], individual)',
              "normalized_average(individual, individual)",

@@ -320,6 +320,43 @@ def test_config_mismatch_refuses_unless_forced(fake_cache, tmp_path):
     assert any(line.startswith("resuming from checkpoint") for line in lines)
 
 
+def test_fields_added_since_a_workdir_was_written_count_only_when_not_at_their_default():
+    from atm_jax import schema, workdir as workdir_lib
+
+    current = json.loads(_quick_config().to_json())
+    older = json.loads(_quick_config().to_json())
+    for name in ("eval_every", "precision", "remat"):  # as a workdir of an older release
+        del older[name]
+    del older["mesh"]["params"]
+    defaults = schema.field_defaults("mini")
+    assert workdir_lib.config_differences(older, current, defaults=defaults) == []
+    current["eval_every"] = 2
+    current["mesh"]["params"] = "fsdp"
+    assert workdir_lib.config_differences(older, current, defaults=defaults) == [
+        "eval_every: '<absent>' -> 2", "mesh.params: '<absent>' -> 'fsdp'"]
+    # Without the defaults every absent field is a difference, as before.
+    assert len(workdir_lib.config_differences(older, json.loads(_quick_config().to_json()))) == 4
+
+
+def test_a_workdir_from_before_a_field_existed_resumes(fake_cache, tmp_path):
+    workdir = tmp_path / "work"
+    config = _quick_config()
+    runner.run_experiment(config, workdir, log=quiet)
+    first = (workdir / "metrics.jsonl").read_text()
+    older = json.loads((workdir / "config.json").read_text())
+    del older["eval_every"]
+    (workdir / "config.json").write_text(json.dumps(older))
+    lines = []
+    runner.run_experiment(config, workdir, log=lines.append)  # finished: resumes, redoes nothing
+    assert any(line.startswith("resuming from checkpoint") for line in lines)
+    assert (workdir / "metrics.jsonl").read_text() == first
+    with config.unlocked():
+        config.eval_every = 2
+    (workdir / "config.json").write_text(json.dumps(older))
+    with pytest.raises(errors.ConfigError, match="eval_every: 1 -> 2"):  # the checkpoint's copy
+        runner.run_experiment(config, workdir, log=quiet)
+
+
 def test_results_of_another_config_without_checkpoints_are_not_overwritten(fake_cache, tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()
