@@ -1,4 +1,4 @@
-"""Full-size CPU rehearsal of the paper configs (issue 12, item 4).
+"""Full-size CPU rehearsal of the paper configs.
 
 The real CLIP ViT-B/16 and BERT-base architectures, random init (no weights reach
 this machine), go through the real runner path: ``python -m atm_jax.main
@@ -7,7 +7,7 @@ subprocess, for one full ATM iteration: every task finetuned (one-shot, ATM, and
 valFT ATM for CLIP), merged with each one-shot merge (TA, TIES, Breadcrumbs, DARE
 for BERT), evaluated, checkpointed and exported to Hugging Face. The seven paper
 tasks are replaced by small generated stand-ins with the paper's names and class
-counts (`atm_jax.data.rehearsal_data`): image folders / GLUE-like TSVs read with
+counts (tests/rehearsal_data.py): image folders / GLUE-like TSVs read with
 ``--config.data.source=folder``. Then a second process loads every export with
 transformers and compares its output with our Flax forward of the same merged
 params, and reads the train step's FLOPs from XLA's cost analysis.
@@ -41,8 +41,10 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+sys.path.insert(0, str(common.ROOT / "tests"))  # the stand-ins are a test helper
+
 CONFIGS = {"clip": "configs/vit.py", "bert": "configs/bert.py"}
-BATCH = 8  # the issue's batch for the full-size rows
+BATCH = 8  # the full-size rows' batch, as the rehearsal was specified (the paper's: 32)
 TRAIN_SIZE, TEST_SIZE, VALIDATION_CAP = 8, 8, 8  # one step per task and split
 # Source split sizes of the real tasks (tfds catalog; GLUE test = validation, MNLI
 # validation_matched; EuroSAT / RESISC45: the train-only source minus the fixed 10% /
@@ -89,7 +91,7 @@ def flags(values: dict) -> list[str]:
 def prepare(model: str, root: pathlib.Path, *, tiny: bool = False, tasks=None,
             test_size: int = TEST_SIZE, text_layers: int = 12) -> dict:
     """Writes the random-init HF folder, the stand-in tasks and the tokenizer."""
-    from atm_jax.data import rehearsal_data as rd
+    import rehearsal_data as rd
 
     if model == "clip":
         tasks = tuple(tasks or rd.VISION_TASKS)
@@ -133,11 +135,11 @@ def child_run(out: str, argv: list[str]) -> None:
 
     epoch_steps = finetune.Finetuner.epoch_steps
 
-    def timed_epoch(self, state, images, labels, **kwargs):  # the runner's epoch generator
+    def timed_epoch(self, state, inputs, labels, **kwargs):  # the runner's epoch generator
         start = time.perf_counter()
-        state, metrics = yield from epoch_steps(self, state, images, labels, **kwargs)
+        state, metrics = yield from epoch_steps(self, state, inputs, labels, **kwargs)
         record["epochs"].append({"seconds": time.perf_counter() - start,  # metrics synced
-                                 "steps": metrics["steps"], "examples": len(images),
+                                 "steps": metrics["steps"], "examples": len(inputs),
                                  "classes": int(state["head"]["kernel"].shape[-1])})
         return state, metrics
 
@@ -218,7 +220,7 @@ def child_probe(out: str, model: str, workdir: str, values_json: str) -> None:
     finetuner = Finetuner(setup.apply_fn, OptimizerConfig(**config.optimizer.to_dict()),
                           train_head=False, augment=setup.augment)
     state = finetuner.init_state(setup.base, head)
-    batch = {"images": x, "labels": y, "mask": np.ones(BATCH, np.float32)}
+    batch = {"inputs": x, "labels": y, "mask": np.ones(BATCH, np.float32)}
     if setup.augment is not None:
         batch["key"] = jax.random.key(0)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from atm_jax import files
-from atm_jax.data import fetch, mini_text, prepare
+from atm_jax.data import fetch, mini_text, prepare, splits
 from atm_jax.errors import ChecksumError, SourceUnavailableError
 
 _REAL_CACHE = files.cache_dir()  # Read before the fixture redirects the cache.
@@ -163,7 +163,7 @@ def test_dedupe_keeps_first_copy_and_drops_conflicts():
 def test_stratified_sample_largest_remainder():
     labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
     # Quotas 3.0, 1.5, 0.5: floors 3, 1, 0; the spare goes to class 1 (tie, lower index).
-    picked = mini_text.stratified_sample(labels, 5, np.random.default_rng(0))
+    picked = splits.stratified_sample(labels, 5, np.random.default_rng(0))
     assert np.bincount(labels[picked], minlength=3).tolist() == [3, 2, 0]
     assert len(set(picked.tolist())) == 5
 
@@ -392,7 +392,7 @@ def test_recipe_is_the_mini_protocol():
     assert (config.methods.atm.iterations, config.methods.valft_atm.split) == (10, "validation")
     assert (config.methods.ties.merge_kwargs.density, config.methods.dare.merge_kwargs.p) == \
         (0.15, 0.9)
-    assert schema.method_order(config) == ["task_arithmetic", "ties", "breadcrumbs", "dare",
+    assert schema.method_order(config) == ["mean", "ties", "breadcrumbs", "dare",
                                            "valft_atm", "atm"]
     assert config.references == ("pretrained", "linear_probe", "individual")
 
@@ -440,7 +440,7 @@ def test_tiny_runs_end_to_end(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["tasks"] == ["movie_sentiment", "product_sentiment"]
     methods = [row["method"] for row in results["rows"]]
-    assert methods == ["pretrained", "individual", "task_arithmetic", "atm"]
+    assert methods == ["pretrained", "individual", "mean", "atm"]
     # The fake tasks have 2 and 2 test sentences (their whole pools under the caps).
     for row in results["rows"]:
         assert set(row["accuracy"]) == {"movie_sentiment", "product_sentiment"}

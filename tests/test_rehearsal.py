@@ -1,5 +1,5 @@
 """The full-size rehearsal's machinery at tiny size (benchmarks/rehearsal.py and
-atm_jax/data/rehearsal_data.py): stand-in tasks with the paper's names and class
+tests/rehearsal_data.py): stand-in tasks with the paper's names and class
 counts, their tokenizers, a random-init HF folder the paper suite reads, and the
 projection arithmetic against hand-computed numbers."""
 
@@ -9,7 +9,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from atm_jax.data import paper, rehearsal_data
+from atm_jax.data import paper
+
+import rehearsal_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

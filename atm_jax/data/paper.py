@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +63,7 @@ from atm_jax.data.paper_tasks import (  # noqa: F401 - re-exported
     VISION_TASKS,
     PaperTask,
 )
+from atm_jax.data.splits import named_rng
 from atm_jax.data.tasks import TaskData
 
 PathLike = str | os.PathLike
@@ -104,8 +104,7 @@ def split_indices(
 
 def _carve_test(num_examples: int, fraction: float, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (seed-independent) split of a train-only source into (train, test)."""
-    rng = np.random.default_rng([0, zlib.crc32(f"test:{name}".encode())])
-    order = rng.permutation(num_examples)
+    order = named_rng(0, f"test:{name}").permutation(num_examples)
     held = int(round(num_examples * fraction))
     return np.sort(order[held:]), np.sort(order[:held])
 
@@ -378,8 +377,8 @@ def load_paper_task(
     train_idx = _cap(train_idx, train_size, "train_size")
     test_idx = np.arange(pools["test"].size)
     if test_size is not None:
-        test_rng = np.random.default_rng([int(seed), zlib.crc32(f"test:{name}".encode())])
-        test_idx = _cap(test_rng.permutation(test_idx), test_size, "test_size")
+        test_order = named_rng(int(seed), f"test:{name}").permutation(test_idx)
+        test_idx = _cap(test_order, test_size, "test_size")
 
     size = image_size
     if not is_text and size is None and not uniform:

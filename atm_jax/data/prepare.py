@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from atm_jax.data import local, mini, mini_text, paper, sources, tfds_source
+from atm_jax.data import fetch, local, mini, mini_text, paper, sources, tfds_source
 
 SUITES = {"mini": mini.MINI_TASKS}
 
@@ -55,7 +55,7 @@ def prepare(suite: str = "mini", *, cache_dir: str | None = None, force: bool = 
       Multi-line text: per source its raw files with SHA-256s and cache paths,
       per task its split sizes and class counts, and the cache size.
     """
-    root = pathlib.Path(cache_dir).expanduser() if cache_dir else sources.cache_dir()
+    root = fetch.cache_root(cache_dir or None)  # An empty flag means the default.
     start = time.perf_counter()
     lines = [f"cache: {root}"]
     for task in SUITES[suite]:
@@ -88,14 +88,14 @@ def prepare_text(*, cache_dir: str | None = None, force: bool = False) -> str:
     """
     from atm_jax.models import pretrained  # Only this command needs the weights.
 
-    root = pathlib.Path(cache_dir).expanduser() if cache_dir else sources.cache_dir()
+    root = fetch.cache_root(cache_dir or None)  # An empty flag means the default.
     start = time.perf_counter()
     lines = [f"cache: {root}"]
     for name, source in mini_text.SOURCES.items():
         seconds = mini_text.fetch_source(name, cache=root, force=force)
         lines.append(f"{name}: {source.origin} (fetched in {seconds:.1f} s)")
         for f in source.files:
-            path = mini_text.raw_dir(name, root) / f.name
+            path = fetch.raw_dir(name, root) / f.name
             lines.append(f"  {path}  {_size(path) / 1e6:.2f} MB  sha256 {f.sha256}")
     for task in mini_text.MINI_TEXT_TASKS:
         data = mini_text.load_text_task(task, cache_dir=root, fetch_missing=False)

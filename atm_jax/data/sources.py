@@ -21,14 +21,8 @@ files to put in place by hand.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pathlib
-import subprocess
-import sys
-import tarfile
-import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 
@@ -36,6 +30,7 @@ import numpy as np
 
 from atm_jax import files
 from atm_jax.data import fetch
+from atm_jax.data.fetch import RawFile, cache_root, raw_dir  # noqa: F401 - re-exported
 from atm_jax.data.decoders import (  # noqa: F401 - read_idx / upsample_digits re-exported
     IMAGE_SIZE,
     decode_animals,
@@ -45,7 +40,7 @@ from atm_jax.data.decoders import (  # noqa: F401 - read_idx / upsample_digits r
     read_idx,
     upsample_digits,
 )
-from atm_jax.errors import ChecksumError, SourceUnavailableError
+from atm_jax.errors import ChecksumError, SourceUnavailableError  # noqa: F401 - re-exported
 from atm_jax.files import CACHE_ENV, OFFLINE_ENV, cache_dir, offline  # noqa: F401 - re-exported
 
 PREPARE_COMMAND = "python -m atm_jax.data.prepare mini"
@@ -53,21 +48,7 @@ PREPARE_COMMAND = "python -m atm_jax.data.prepare mini"
 DECODED_VERSION = 1
 
 PathLike = str | os.PathLike
-
-
-@dataclasses.dataclass(frozen=True)
-class RawFile:
-    """One raw file of a source.
-
-    Attributes:
-      name: File name under ``raw/<source>/``.
-      member: Path of the file inside the downloaded archive.
-      sha256: Hex SHA-256 of the file's bytes.
-    """
-
-    name: str
-    member: str
-    sha256: str
+REGISTRY = fetch.Registry("dataset", PREPARE_COMMAND, "atm_jax/data/sources.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,28 +75,9 @@ class Source:
     decode: Callable[[Mapping[str, pathlib.Path]], dict[str, np.ndarray]]
 
 
-def _root(cache: PathLike | None) -> pathlib.Path:
-    return pathlib.Path(cache).expanduser() if cache is not None else cache_dir()
-
-
-def raw_dir(name: str, cache: PathLike | None = None) -> pathlib.Path:
-    """Returns the folder holding the raw files of source ``name``."""
-    return _root(cache) / "raw" / name
-
-
 def decoded_path(name: str, cache: PathLike | None = None) -> pathlib.Path:
     """Returns the path of the decoded-array cache of source ``name``."""
-    return _root(cache) / "decoded" / f"{name}-v{DECODED_VERSION}.npz"
-
-
-# ---------------------------------------------------------------------------
-# Checksums.
-
-
-def verify_file(path: pathlib.Path, expected: str) -> None:
-    """Raises `ChecksumError` unless the file's SHA-256 is ``expected``."""
-    files.verify_sha256(path, expected, fix=f"Delete it (rm '{path}') and run "
-                        f"`{PREPARE_COMMAND}` to fetch it again.")
+    return cache_root(cache) / "decoded" / f"{name}-v{DECODED_VERSION}.npz"
 
 
 # ---------------------------------------------------------------------------
@@ -222,60 +184,25 @@ def _get(name: str) -> Source:
     return SOURCES[name]
 
 
-def _unavailable(source: Source, root: pathlib.Path, reason: str) -> SourceUnavailableError:
-    return fetch.unavailable(source, raw_dir(source.name, root), root, what="dataset",
-                             command=PREPARE_COMMAND, recorded_in="atm_jax/data/sources.py",
-                             reason=reason)
-
-
-def fetch_raw(name: str, *, cache: PathLike | None = None, force: bool = False) -> None:
+def fetch_raw(name: str, *, cache: PathLike | None = None, force: bool = False) -> float:
     """Downloads a source's archive and extracts its raw files into the cache.
 
-    Every extracted file is checked against its SHA-256 before it is moved into
-    place, so a bad download never lands in the cache. Prints one progress line.
+    Every extracted file is checked against its SHA-256 before it is written, so a
+    bad download never lands in the cache (`fetch.Registry.fetch`).
 
     Args:
       name: Source name, a key of `SOURCES`.
       cache: Cache root; defaults to `cache_dir()`.
       force: Fetch even if all raw files are present.
 
+    Returns:
+      Seconds spent (0.0 when nothing was fetched).
+
     Raises:
       SourceUnavailableError: If the download fails.
       ChecksumError: If a downloaded file has an unexpected SHA-256.
     """
-    source, root = _get(name), _root(cache)
-    folder = raw_dir(name, root)
-    if not force and all((folder / f.name).exists() for f in source.files):
-        return
-    start = time.perf_counter()
-    print(
-        f"atm_jax.data: fetching {name} from {source.origin} ...",
-        end="",
-        file=sys.stderr,
-        flush=True,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-            archive = source.download(pathlib.Path(tmp))
-            blobs = source.extract(archive, [f.member for f in source.files])
-            archive_size = archive.stat().st_size
-    except (OSError, zipfile.BadZipFile, tarfile.TarError, subprocess.CalledProcessError) as e:
-        print(" failed", file=sys.stderr, flush=True)
-        raise _unavailable(source, root, f"fetching failed: {e}") from e
-    for f in source.files:
-        actual = hashlib.sha256(blobs[f.member]).hexdigest()
-        if actual != f.sha256:
-            print(" failed", file=sys.stderr, flush=True)
-            raise ChecksumError(
-                f"SHA-256 mismatch for {f.member} downloaded from the {source.origin}: "
-                f"expected {f.sha256}, got {actual}. The registry served different bytes; "
-                "nothing was written to the cache."
-            )
-    for f in source.files:
-        files.write_bytes(folder / f.name, blobs[f.member], all_processes=True)
-    seconds = time.perf_counter() - start
-    print(f" done ({archive_size / 1e6:.1f} MB in {seconds:.1f} s)", file=sys.stderr, flush=True)
+    return REGISTRY.fetch(_get(name), cache, force=force)
 
 
 # Decoded sources already read in this process, keyed by (path, mtime, size).
@@ -326,26 +253,12 @@ def load_source(
       SourceUnavailableError: If the source is missing and cannot be fetched.
       ChecksumError: If a raw file has an unexpected SHA-256.
     """
-    source, root = _get(name), _root(cache)
+    source, root = _get(name), cache_root(cache)
     path = decoded_path(name, root)
     arrays = _read_decoded(path, source)
     if arrays is not None:
         return arrays
-    folder = raw_dir(name, root)
-    missing = [f.name for f in source.files if not (folder / f.name).exists()]
-    if missing:
-        if fetch is None:
-            fetch = not offline()
-        if not fetch:
-            raise _unavailable(
-                source,
-                root,
-                f"{', '.join(missing)} missing from {folder} and fetching is disabled "
-                f"(fetch=False or {OFFLINE_ENV}=1).",
-            )
-        fetch_raw(name, cache=root)
-    for f in source.files:
-        verify_file(folder / f.name, f.sha256)
+    folder = REGISTRY.ensure(source, root, fetch_missing=fetch)
     decoded = source.decode({f.name: folder / f.name for f in source.files})
     _check_decoded(name, decoded)
     to_save = dict(decoded, sha256=np.array([f.sha256 for f in source.files]))
@@ -371,7 +284,7 @@ def _check_decoded(name: str, arrays: Mapping[str, np.ndarray]) -> None:
 
 def describe(name: str, cache: PathLike | None = None) -> dict[str, object]:
     """Returns where a source lives in the cache, for ``prepare``'s summary."""
-    source, root = _get(name), _root(cache)
+    source, root = _get(name), cache_root(cache)
     folder = raw_dir(name, root)
     return {
         "origin": source.origin,

@@ -43,7 +43,7 @@ class TaskData:
         return len(self.class_names)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Returns the (images, labels) of split ``name``.
+        """Returns the (inputs, labels) of split ``name``.
 
         Raises:
           ValueError: If ``name`` is not "train", "validation" or "test".

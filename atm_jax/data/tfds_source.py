@@ -61,7 +61,7 @@ NO_BUILDER: dict[str, str] = {
 """Datasets that tfds lacks, with where to read them from instead."""
 
 
-def defaultresolve_data_dir() -> pathlib.Path:
+def default_data_dir() -> pathlib.Path:
     """Returns ``$TFDS_DATA_DIR`` if set, else ``atm_jax.data.cache_dir() / "tfds"``."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
@@ -70,8 +70,8 @@ def defaultresolve_data_dir() -> pathlib.Path:
 
 
 def resolve_data_dir(data_dir: PathLike | None = None) -> pathlib.Path:
-    """Returns ``data_dir`` as a path, or `default_data_dir` when it is None."""
-    return pathlib.Path(data_dir).expanduser() if data_dir else defaultresolve_data_dir()
+    """Returns ``data_dir`` as a path, or `default_data_dir` when it is None or empty."""
+    return pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
 
 
 def manual_dir(data_dir: PathLike | None = None) -> pathlib.Path:
@@ -103,13 +103,6 @@ def not_prepared_message(
     return "\n".join(lines)
 
 
-def _version_key(path: pathlib.Path) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in path.name.split("."))
-    except ValueError:
-        return (-1,)
-
-
 def find_prepared(
     tfds_name: str, data_dir: PathLike | None = None, *, task: str | None = None
 ) -> pathlib.Path:
@@ -117,7 +110,8 @@ def find_prepared(
 
     Args:
       tfds_name: ``name[/config][:version]``, e.g. ``"eurosat/rgb"`` or
-        ``"cifar100:3.0.2"``. Without a version the newest prepared one is used.
+        ``"cifar100:3.0.2"``. Without a version the newest one prepared in the
+        array_record format is used.
       data_dir: tfds data dir; defaults to `default_data_dir`.
       task: Name to show in the error message (the paper task name).
 
@@ -128,15 +122,15 @@ def find_prepared(
       DatasetNotPreparedError: If no version is prepared, or only in the tfrecord
         format (which cannot be read without TensorFlow).
     """
+    from tensorflow_datasets.core.utils import file_utils
+
     root = resolve_data_dir(data_dir)
     name, _, version = tfds_name.partition(":")
     folder = root / name
-    candidates = [folder / version] if version else (
-        sorted((p for p in folder.iterdir() if p.is_dir()), key=_version_key, reverse=True)
-        if folder.is_dir()
-        else []
-    )
-    prepared = [p for p in candidates if (p / "dataset_info.json").is_file()]
+    if version:
+        prepared = [folder / version] if (folder / version / "dataset_info.json").is_file() else []
+    else:  # tfds' own listing (version folders holding a dataset_info.json), newest first.
+        prepared = [folder / str(v) for v in reversed(file_utils.list_dataset_versions(folder))]
     for path in prepared:
         if any(".array_record-" in f.name for f in path.iterdir()):
             return path
@@ -185,18 +179,12 @@ def open_split(
 
     Raises:
       DatasetNotPreparedError: If the dataset is not prepared.
-      ValueError: If the split does not exist.
+      ValueError: If the split does not exist or the expression does not parse
+        (tfds' own check, naming the splits there are).
     """
     import tensorflow_datasets as tfds
 
     builder = open_builder(tfds_name, data_dir, task=task)
-    known = set(builder.info.splits.keys())
-    for part in split.replace("+", " ").split():
-        base = part.split("[")[0]
-        if base not in known:
-            raise ValueError(
-                f"tfds '{tfds_name}' has no split {base!r}; it has {', '.join(sorted(known))}"
-            )
     decoders = {key: tfds.decode.SkipDecoding() for key in raw_images} or None
     return builder.as_data_source(split=split, decoders=decoders)
 

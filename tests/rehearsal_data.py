@@ -1,10 +1,12 @@
-"""Stand-ins for the paper's data and weights, for the full-size CPU rehearsal.
+"""Stand-ins for the paper's data and weights, for the full-size CPU rehearsal and tests.
 
 `benchmarks/rehearsal.py` runs the paper configs (configs/vit.py, configs/bert.py)
 with the real CLIP ViT-B/16 and BERT-base shapes on a machine that has neither
 the pretrained weights nor the datasets. This module writes what the paper suite
 reads in their place, in the layouts `atm_jax.data.paper.load_paper_task` and
-`atm_jax.models.hf.load` read:
+`atm_jax.models.hf.load` read. It is a test helper, not part of the package: tests
+import it as ``rehearsal_data`` (tests/ is on their path), the benchmark puts
+tests/ on ``sys.path`` first.
 
 * `write_image_tasks`: the seven vision tasks under their paper names with their
   class counts (`PAPER_TASKS` class names), as image folders
