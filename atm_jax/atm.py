@@ -21,34 +21,34 @@ Randomness: every finetune of task index ``i`` in iteration ``k`` uses
 So ATM with K = 1 and the mean merge reproduces one-shot task arithmetic exactly.
 
 The loop has the shape of a federated algorithm (fedjax's ``init`` / ``apply``):
-an immutable :class:`State`, :func:`init`, :func:`finetune_next` (one task) and
-:func:`iteration` (the remaining tasks, then the merge) returning
-``(state, diagnostics)``. :func:`run` and :func:`one_shot` are thin loops over
-them; a caller that checkpoints keeps the latest state and passes it back as
-``start`` (see `atm_jax.checkpoint` for its serialisation).
+an immutable :class:`State`, :func:`init`, :func:`finetune_group` (the next tasks,
+through a "finetune these tasks" hook: :func:`sequential`, task parallel in
+`atm_jax.parallel`, per process in `atm_jax.distributed`) and :func:`iteration`
+(the remaining tasks, then the merge) returning ``(state, diagnostics)``;
+:func:`record` makes an iteration's record (evaluated when due). A caller that
+checkpoints or writes records drives its own loop over them, as
+`atm_jax.runner` does; :func:`run` and :func:`one_shot` are the short loops for
+research code. Evaluation stays outside the iteration.
 
-Which leaves merge: only the ``params`` collection when ``base`` is a Flax
-variables dict (``{"params": …, "batch_stats": …}``): running statistics are not
-task-vector material (a mean of variances scaled by α can go negative), and they
-keep the base's values. ``MergeSpec(collections=(…))`` widens this on purpose.
-Inside the merged collection, ``include`` / ``exclude`` regexes choose leaves.
+Which leaves merge: see `atm_jax.merge_spec` (``params`` / ``nnx.Param`` only,
+unless ``MergeSpec(collections=…)`` widens it; ``include`` / ``exclude`` regexes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from atm_jax import closures
-from atm_jax import merge as merge_lib
-from atm_jax import tree as tree_lib
 from atm_jax.errors import DivergedError
+from atm_jax.merge_spec import MergeSpec, merge_step, tuned_merge
 
 PyTree = Any
 FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTree, dict]]
@@ -57,58 +57,11 @@ FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTre
 FinetuneTasksFn = Callable[[PyTree, Mapping[str, PyTree], int, Mapping[str, jax.Array]],
                            Mapping[str, tuple[PyTree, PyTree, dict]]]
 EvaluateFn = Callable[[PyTree, Mapping[str, PyTree]], dict[str, float]]
-Callback = Callable[[dict], None]
 Log = Callable[[str], None]
 
-__all__ = ["MergeSpec", "State", "init", "finetune_next", "finetune_group", "iteration", "merge_step", "run",
+__all__ = ["MergeSpec", "State", "init", "finetune_next", "finetune_group", "sequential",
+           "iteration", "record", "individual", "one_shot_merge", "merge_step", "run",
            "one_shot", "task_key", "merge_key"]
-
-
-@dataclasses.dataclass(frozen=True, init=False)
-class MergeSpec:
-    """How task vectors become the next base.
-
-    ``MergeSpec("ties", density=0.15, alpha=1.0)`` or, equivalently,
-    ``MergeSpec("ties", {"density": 0.15})``.
-
-    Attributes:
-      name: a registered merge (``atm_jax.merge.names()``).
-      kwargs: its hyperparameters (e.g. ``{"density": 0.15}``).
-      alpha: scale of the merged delta: ``base + alpha * merge(...)`` (α > 0).
-      include / exclude: leaf-path regexes selecting what merges; leaves left out
-        keep the base's value.
-      collections: for a Flax variables dict, the collections that merge (default
-        ``("params",)``; see the module docstring).
-    """
-    name: str
-    kwargs: Mapping[str, Any]
-    alpha: float
-    include: str | Sequence[str] | None
-    exclude: str | Sequence[str] | None
-    collections: tuple[str, ...]
-
-    def __init__(self, name: str = "mean", kwargs: Mapping[str, Any] | None = None, *,
-                 alpha: float = 1.0, include: str | Sequence[str] | None = None,
-                 exclude: str | Sequence[str] | None = None,
-                 collections: Sequence[str] = ("params",), **hparams):
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"MergeSpec kwargs={kwargs!r} must be a dict of hyperparameters; "
-                            f"or pass them as keywords: MergeSpec({name!r}, density=0.2).")
-        both = set(kwargs or {}) & set(hparams)
-        if both:
-            raise TypeError(f"MergeSpec got {sorted(both)} both in kwargs and as keywords.")
-        kwargs = {**(kwargs or {}), **hparams}
-        if isinstance(collections, str):
-            collections = (collections,)
-        for field, value in (("name", name), ("kwargs", dict(kwargs)), ("alpha", alpha),
-                             ("include", include), ("exclude", exclude),
-                             ("collections", tuple(collections))):
-            object.__setattr__(self, field, value)
-        # Raises on unknown names (listing the known ones) and on bad values.
-        merge_lib.info(self.name).check(**self.kwargs)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) \
-                or not (np.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha={alpha!r} must be a positive number (the paper uses 1).")
 
 
 def task_key(key: jax.Array, iteration: int, task_index: int) -> jax.Array:
@@ -121,54 +74,6 @@ def merge_key(key: jax.Array, iteration: int) -> jax.Array:
     """The PRNG key of the merge that ends iteration ``iteration`` (DARE needs one):
     ``fold_in(fold_in(key, iteration), 1)``."""
     return jax.random.fold_in(jax.random.fold_in(key, iteration), 1)
-
-
-def _merge_predicate(base: PyTree, spec: MergeSpec) -> Callable[[str], bool]:
-    """Which leaf paths merge: the spec's regexes, inside the merged collections
-    (`tree.split` applies the collection rule to Flax variables dicts)."""
-    if isinstance(base, Mapping) and "params" in base:
-        unknown = set(spec.collections) - set(base)
-        if unknown:
-            raise ValueError(f"MergeSpec collections {sorted(unknown)} are not in the base, "
-                             f"which has {sorted(base)}.")
-    return tree_lib.path_filter(spec.include, spec.exclude, collections=spec.collections)
-
-
-def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
-               key: jax.Array) -> tuple[PyTree, dict]:
-    """``base + alpha * merge(finetuned_t - base)`` and diagnostics.
-
-    Returns:
-      The new base and ``{"task_vector_norm": [T], "cosine": [T, T], "delta_norm",
-      "merge_seconds"}`` (plain Python numbers, ready for JSON).
-    """
-    start = time.perf_counter()
-    predicate = _merge_predicate(base, spec)
-    selected_base, rest = tree_lib.split(base, predicate)
-    stacked = tree_lib.stacked_task_vectors([tree_lib.split(f, predicate)[0] for f in finetuned],
-                                            selected_base)
-    fn = merge_lib.get(spec.name)
-    # The base tells a stack from a list of trees whatever container tops the params
-    # (per-layer lists), and checks every leaf's task axis.
-    kwargs = dict(spec.kwargs)
-    if "like" in merge_lib.info(spec.name).options:
-        kwargs["like"] = selected_base
-    with warnings.catch_warnings():
-        if set(spec.collections) - {"params"}:  # asked for on purpose: no warning
-            warnings.simplefilter("ignore", tree_lib.StateMergeWarning)
-        delta = fn(stacked, key=key, **kwargs) if merge_lib.info(spec.name).stochastic \
-            else fn(stacked, **kwargs)
-    delta = jax.block_until_ready(delta)
-    seconds = time.perf_counter() - start
-    new_base = tree_lib.join(tree_lib.apply(selected_base, delta, spec.alpha), rest)
-    gram = tree_lib.gram_matrix(stacked, like=selected_base)
-    diagnostics = {
-        "task_vector_norm": np.sqrt(np.diagonal(np.asarray(gram))).tolist(),
-        "cosine": np.asarray(tree_lib.cosine_from_gram(gram)).round(6).tolist(),
-        "delta_norm": float(tree_lib.global_norm(delta)),
-        "merge_seconds": round(seconds, 4),
-    }
-    return new_base, diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,18 +150,8 @@ def finetune_next(state: State, *, finetune: FinetuneFn, epochs: int, key: jax.A
       ValueError: the params differ from ``state.base`` in tree structure, a leaf
         shape or dtype (the message names the task and the first such leaf).
     """
-    tasks = state.tasks
-    i = len(state.finetuned)
-    if i >= len(tasks):
-        raise ValueError(f"every task of iteration {state.iteration + 1} is already finetuned.")
-    task = tasks[i]
-    start = time.perf_counter()
-    try:
-        out = finetune(state.base, state.heads[task], task, epochs,
-                       task_key(key, state.iteration, i))
-    except DivergedError as e:
-        raise DivergedError(f"{name}: task {task!r}, iteration {state.iteration + 1}: {e}") from None
-    return _appended(state, task, out, epochs, start, log, closure="finetune", name=name)
+    return finetune_group(state, finetune_tasks=sequential(finetune), count=1, epochs=epochs,
+                          key=key, log=log, name=name)
 
 
 def _appended(state: State, task: str, out, epochs: int, start: float, log: Log | None, *,
@@ -308,9 +203,9 @@ def finetune_group(state: State, *, finetune_tasks: FinetuneTasksFn, count: int,
         raise TypeError(f"finetune_tasks(base, heads, epochs, keys) must return {{task: (params, "
                         f"head, metrics dict)}} for the tasks {group}; it returned "
                         f"{str(out)[:120]}.")
+    closure = "finetune" if hasattr(finetune_tasks, "finetune") else "finetune_tasks"
     for task in group:
-        state = _appended(state, task, out[task], epochs, start, log, closure="finetune_tasks",
-                          name=name)
+        state = _appended(state, task, out[task], epochs, start, log, closure=closure, name=name)
     return state
 
 
@@ -371,13 +266,115 @@ def _evaluated(evaluate: EvaluateFn, params, heads, what: str) -> dict[str, floa
     return {t: closures.accuracy(acc[t], task=t, what=what) for t in heads}
 
 
+def sequential(finetune: FinetuneFn) -> FinetuneTasksFn:
+    """The "finetune these tasks" hook that finetunes them one after another.
+
+    ``finetune_group(state, finetune_tasks=sequential(finetune), count=1, …)`` is
+    :func:`finetune_next`: the same calls, keys and results.
+    """
+    def finetune_tasks(base, heads, epochs, keys):
+        return {task: finetune(base, head, task, epochs, keys[task]) for task, head in heads.items()}
+    finetune_tasks.finetune = finetune  # the closure named in its errors
+    return finetune_tasks
+
+
+def record(state: State, extra: Mapping | None = None, *, name: str, epochs_per_iteration: int,
+           evaluate: EvaluateFn | None = None) -> dict:
+    """The record of ``state`` after ``state.iteration`` iterations of ``name``.
+
+    ``{"method", "iteration", "epochs_per_task", **extra}`` (``extra``: the
+    diagnostics :func:`iteration` returned), plus ``"accuracy"`` ``{task: acc}`` and
+    ``"average_accuracy"`` when ``evaluate`` is given (pass it when an evaluation is
+    due: every iteration, or every ``eval_every``-th).
+
+    Raises:
+      TypeError: ``evaluate`` returned something other than one number per task.
+    """
+    k = state.iteration
+    rec = {"method": name, "iteration": k, "epochs_per_task": k * epochs_per_iteration,
+           **(extra or {})}
+    if evaluate is not None:
+        rec["accuracy"] = _evaluated(evaluate, state.base, state.heads, f"iteration {k}")
+        rec["average_accuracy"] = float(np.mean(list(rec["accuracy"].values())))
+    return rec
+
+
+def evaluation_due(iteration: int, iterations: int, eval_every: int) -> bool:
+    """Whether the base after ``iteration`` merges is evaluated: the start, every
+    ``eval_every``-th iteration and the last."""
+    return iteration % eval_every == 0 or iteration == iterations
+
+
+def individual(state: State, evaluate: EvaluateFn) -> dict[str, float]:
+    """Each finetuned model of ``state`` on its own task (the "individual" reference
+    that normalized accuracy divides by)."""
+    return {task: _evaluated(evaluate, params, {task: state.finetuned_heads[task]},
+                             f"the individual model of {task!r}")[task]
+            for task, params in zip(state.tasks, state.finetuned)}
+
+
+def one_shot_merge(state: State, spec: MergeSpec, *, key: jax.Array, evaluate: EvaluateFn,
+                   alpha_grid: Sequence[float] | None = None,
+                   validate: EvaluateFn | None = None) -> dict:
+    """One merge of a finished one-shot state: every task finetuned, merged once.
+
+    With ``alpha_grid`` (and ``validate(params, heads) -> {task: accuracy}`` on a
+    validation split), α is the grid value with the best average validation accuracy
+    (`atm_jax.merge_spec.tuned_merge`; the spec's own α is ignored); else the spec's α.
+
+    Returns:
+      ``{"params", "diagnostics", "accuracy": {task: test acc}, "alpha"}`` and, when
+      tuned, ``"validation": {α: average validation accuracy}``.
+    """
+    heads = state.finetuned_heads
+    if alpha_grid is None:
+        params, diagnostics = merge_step(state.base, state.finetuned, spec, key=key)
+        out = {"params": params, "diagnostics": diagnostics, "alpha": spec.alpha}
+    else:
+        if validate is None:
+            raise TypeError("alpha_grid needs validate(params, heads) -> {task: accuracy} on a "
+                            "validation split.")
+        chosen = tuned_merge(state.base, state.finetuned, spec, alpha_grid, key=key,
+                             validate=lambda params: validate(params, heads))
+        out = {"params": chosen["params"], "diagnostics": chosen["diagnostics"],
+               "alpha": chosen["alpha"], "validation": chosen["validation"]}
+    out["accuracy"] = _evaluated(evaluate, out["params"], heads, "the one-shot merge")
+    return out
+
+
+def _replaced(replacements: Mapping[str, str]):
+    """Keeps a function's signature exact: a removed keyword raises a TypeError
+    that names what replaces it (``inspect.signature`` still shows the real one)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            gone = sorted(set(kwargs) & set(replacements))
+            if gone:
+                raise TypeError(f"{fn.__name__}() no longer takes {gone[0]}=: "
+                                f"{replacements[gone[0]]}")
+            return fn(*args, **kwargs)
+        checked.__signature__ = inspect.signature(fn)
+        return checked
+    return wrap
+
+
+_OWN_LOOP = ("drive your own loop over atm.init / atm.finetune_group / atm.iteration / "
+             "atm.record, as atm_jax.runner does")
+_RUN_REMOVED = {
+    "callback": f"records come back in run's history; to write each as it comes, {_OWN_LOOP}.",
+    "on_progress": f"to checkpoint after every finetune and merge, {_OWN_LOOP}.",
+    "start": f"to continue a State, {_OWN_LOOP} from that state.",
+    "finetune_tasks": "pass the hook to atm.iteration / atm.finetune_group in your own loop.",
+    "tasks_per_call": "pass count= to atm.finetune_group in your own loop.",
+    "log": f"print from your own loop ({_OWN_LOOP}).",
+    "name": "atm.record(state, name=...) labels records in your own loop.",
+}
+
+
+@_replaced(_RUN_REMOVED)
 def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
         evaluate: EvaluateFn | None, iterations: int, epochs_per_iteration: int,
         merge: MergeSpec = MergeSpec(), key: jax.Array, carry_heads: bool = True,
-        callback: Callback | None = None, log: Log | None = None,
-        name: str = "atm", start: State | None = None,
-        on_progress: Callable[[State], None] | None = None,
-        finetune_tasks: FinetuneTasksFn | None = None, tasks_per_call: int | None = None,
         eval_every: int = 1) -> tuple[PyTree, dict[str, PyTree], list[dict]]:
     """The ATM loop: ``iterations`` × (finetune every task → merge → apply).
 
@@ -387,7 +384,7 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
       heads: ``{task: head}``, the tasks in order.
       finetune: ``(base, head, task, epochs, key) -> (params, head, metrics)``; it
         chooses the split (train for ATM, validation for valFT ATM). ``metrics`` is
-        a dict; its ``"loss"`` (a number or a per-epoch list) is logged.
+        a dict; its ``"loss"`` (a number or a per-epoch list) is recorded.
       evaluate: ``(params, heads) -> {task: accuracy}``, run before the first
         iteration (iteration 0 = the starting base) and after every merge; None
         skips evaluation.
@@ -397,136 +394,93 @@ def run(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
       key: PRNG key; see the module docstring for how it is split.
       carry_heads: keep each task's finetuned head for the next iteration
         (trainable heads); with frozen heads this changes nothing.
-      callback: called with each iteration's record, as soon as it exists.
-      log: a line printer for progress (None: silent).
-      name: the method name put into records.
-      start: continue from this :class:`State` instead of ``base``/``heads``
-        (their values are then ignored): the result is bitwise that of an
-        uninterrupted run, since every key derives from ``key``, the iteration
-        and the task index.
-      on_progress: called with the :class:`State` after every task finetune
-        (every group of them with ``finetune_tasks``) and every merge (e.g. to
-        checkpoint).
-      finetune_tasks: optional ``(base, {task: head}, epochs, {task: key}) ->
-        {task: (params, head, metrics)}`` finetuning several tasks in one call
-        (task parallel: `atm_jax.sharding`); the results equal ``finetune``'s.
-      tasks_per_call: tasks per ``finetune_tasks`` call (None: all remaining).
       eval_every: run ``evaluate`` after every ``eval_every``-th iteration only (and
         always at the start and after the last); the other records carry no
         ``"accuracy"``. Nothing else changes: the finetunes and merges are the same.
 
     Returns:
       ``(final base, final heads, history)``; ``history[k]`` is the record after
-      ``k`` iterations (``history[0]`` the starting point when ``evaluate`` is given).
+      ``k`` iterations (:func:`record`; ``history[0]`` the starting point when
+      ``evaluate`` is given).
 
     Raises:
       DivergedError: a finetune's loss became non-finite; the message names
         the method, task, iteration and step.
-      TypeError, ValueError: ``finetune`` / ``finetune_tasks`` or ``evaluate``
-        returned something else than documented, e.g. params unlike the base or
-        an accuracy that is not one number; raised as soon as that task's result
-        comes back, naming the closure and the task.
+      TypeError, ValueError: ``finetune`` or ``evaluate`` returned something else
+        than documented, e.g. params unlike the base or an accuracy that is not one
+        number; raised as soon as that task's result comes back, naming the
+        closure and the task. A keyword this function no longer takes (callback,
+        on_progress, start, finetune_tasks, …) is a TypeError naming what replaces it.
     """
     _positive("iterations", iterations)
     _positive("epochs_per_iteration", epochs_per_iteration)
     _positive("eval_every", eval_every)
     if not isinstance(merge, MergeSpec):
         raise TypeError(f"merge={merge!r} must be an atm.MergeSpec, e.g. MergeSpec('mean').")
-    state = init(base, heads) if start is None else start
-    if not 0 <= state.iteration <= iterations or len(state.finetuned) > len(state.heads):
-        raise ValueError(f"start is at iteration {state.iteration} with {len(state.finetuned)} "
-                         f"tasks done, outside this run's {iterations} iterations × "
-                         f"{len(state.heads)} tasks.")
-
-    def record(state: State, extra: dict) -> State:
-        k = state.iteration
-        rec = {"method": name, "iteration": k, "epochs_per_task": k * epochs_per_iteration,
-               **extra}
-        if evaluate is not None and (k % eval_every == 0 or k == iterations):
-            rec["accuracy"] = _evaluated(evaluate, state.base, state.heads, f"iteration {k}")
-            rec["average_accuracy"] = float(np.mean(list(rec["accuracy"].values())))
-        if callback:
-            callback(rec)
-        if log and "average_accuracy" in rec:
-            log(f"[{name}] iteration {k}/{iterations}: average accuracy "
-                f"{rec['average_accuracy']:.4f}")
-        return dataclasses.replace(state, history=(*state.history, rec))
-
-    if evaluate is not None and not state.history:
-        state = record(state, {})
-        if on_progress:
-            on_progress(state)
+    state = init(base, heads)
+    named = dict(name="atm", epochs_per_iteration=epochs_per_iteration)
+    if evaluate is not None:
+        state = dataclasses.replace(state, history=(record(state, evaluate=evaluate, **named),))
     while state.iteration < iterations:
-        if log:
-            done = len(state.finetuned)
-            log(f"[{name}] iteration {state.iteration + 1}/{iterations}"
-                + (f" (resumed after {done} of {len(state.heads)} tasks)" if done else ""))
         state, diagnostics = iteration(state, finetune=finetune, epochs=epochs_per_iteration,
-                                       merge=merge, key=key, carry_heads=carry_heads, log=log,
-                                       name=name, on_progress=on_progress,
-                                       finetune_tasks=finetune_tasks,
-                                       tasks_per_call=tasks_per_call)
-        state = record(state, diagnostics)
-        if on_progress:
-            on_progress(state)
+                                       merge=merge, key=key, carry_heads=carry_heads)
+        due = evaluate is not None and evaluation_due(state.iteration, iterations, eval_every)
+        rec = record(state, diagnostics, evaluate=evaluate if due else None, **named)
+        state = dataclasses.replace(state, history=(*state.history, rec))
     return state.base, dict(state.heads), list(state.history)
 
 
+_ONE_SHOT_REMOVED = {
+    "callback": "the records are in the returned dict; to write them as they come, drive "
+                "atm.finetune_group and atm.one_shot_merge yourself, as atm_jax.runner does.",
+    "on_progress": "to checkpoint after every finetune, drive atm.finetune_group and "
+                   "atm.one_shot_merge yourself, as atm_jax.runner does.",
+    "start": "to continue a State, call atm.finetune_group until every task is done, then "
+             "atm.individual and atm.one_shot_merge.",
+    "finetune_tasks": "pass the hook to atm.finetune_group in your own loop.",
+    "tasks_per_call": "pass count= to atm.finetune_group in your own loop.",
+    "log": "print from your own loop over atm.finetune_group and atm.one_shot_merge.",
+}
+
+
+@_replaced(_ONE_SHOT_REMOVED)
 def one_shot(base: PyTree, heads: Mapping[str, PyTree], *, finetune: FinetuneFn,
              evaluate: EvaluateFn, epochs: int, merges: Mapping[str, MergeSpec],
-             key: jax.Array, callback: Callback | None = None,
-             log: Log | None = None, start: State | None = None,
-             on_progress: Callable[[State], None] | None = None,
-             finetune_tasks: FinetuneTasksFn | None = None,
-             tasks_per_call: int | None = None) -> dict:
+             key: jax.Array, tune_alpha: Collection[str] = (),
+             alpha_grid: Sequence[float] = (), validate: EvaluateFn | None = None) -> dict:
     """The one-shot baselines: finetune every task for the whole budget, merge once.
 
     Every task is finetuned from ``base`` for ``epochs`` (the same keys as ATM's
     first iteration), each finetuned model is evaluated on its own task (the
-    "individual" reference that normalized accuracy divides by), and then every
-    merge in ``merges`` is applied once to the same task vectors.
-
-    ``start`` / ``on_progress`` work as in :func:`run` (a :class:`State` after
-    every task finetune), so a resumed call skips the finetunes already done;
-    ``finetune_tasks`` / ``tasks_per_call`` as in :func:`run`.
+    "individual" reference), and then every merge in ``merges`` is applied once to
+    the same task vectors (:func:`one_shot_merge`, with the key ``merge_key(key, 0)``).
+    The merges named in ``tune_alpha`` take α from ``alpha_grid`` by the average
+    accuracy ``validate(params, heads)`` gives (a validation split).
 
     Returns:
       ``{"individual": {task: acc}, "merged": {method: {task: acc}},
       "finetune": {task: metrics}, "merge": {method: diagnostics},
-      "params": {method: merged params}}``.
+      "params": {method: merged params}, "alpha": {method: α}}``.
     """
     _positive("epochs", epochs)
     if not isinstance(merges, Mapping) or not all(isinstance(m, MergeSpec) for m in merges.values()):
         raise TypeError(f"merges must be a dict {{method name: atm.MergeSpec}}, got {merges!r}.")
-    state = init(base, heads) if start is None else start
-    tasks = state.tasks
-    if log:
-        done = len(state.finetuned)
-        log(f"[one-shot] finetuning {len(tasks)} task(s) for {epochs} epoch(s) each"
-            + (f" (resumed: {done} already done)" if done else ""))
-    state = _finetune_remaining(state, finetune=finetune, epochs=epochs, key=key, log=log,
-                                name="one-shot", on_progress=on_progress,
-                                finetune_tasks=finetune_tasks, tasks_per_call=tasks_per_call)
-    finetuned, new_heads = state.finetuned, state.finetuned_heads
-    individual = {}
-    for task, params in zip(tasks, finetuned):
-        individual[task] = _evaluated(evaluate, params, {task: new_heads[task]},
-                                      f"the individual model of {task!r}")[task]
-    out = {"individual": individual, "merged": {}, "finetune": dict(state.finetune_metrics),
-           "merge": {}, "params": {}}
-    if callback:
-        callback({"method": "individual", "iteration": 1, "epochs_per_task": epochs,
-                  "accuracy": individual, "average_accuracy": float(np.mean(list(individual.values())))})
+    unknown = sorted(set(tune_alpha) - set(merges))
+    if unknown:
+        raise ValueError(f"tune_alpha names {unknown[0]!r}, which is not one of the merges "
+                         f"{sorted(merges)}.")
+    if tune_alpha and not alpha_grid:
+        raise ValueError("tune_alpha needs a non-empty alpha_grid.")
+    state = _finetune_remaining(init(base, heads), finetune=finetune, epochs=epochs, key=key,
+                                log=None, name="one-shot", on_progress=None)
+    out = {"individual": individual(state, evaluate), "merged": {},
+           "finetune": dict(state.finetune_metrics), "merge": {}, "params": {}, "alpha": {}}
     for method, spec in merges.items():
-        merged, diagnostics = merge_step(state.base, finetuned, spec, key=merge_key(key, 0))
-        acc = _evaluated(evaluate, merged, new_heads, f"the {method} merge")
-        out["merged"][method] = acc
-        out["merge"][method] = diagnostics
-        out["params"][method] = merged
-        rec = {"method": method, "iteration": 1, "epochs_per_task": epochs, "accuracy": acc,
-               "average_accuracy": float(np.mean(list(acc.values()))), "merge": diagnostics}
-        if callback:
-            callback(rec)
-        if log:
-            log(f"[{method}] one-shot merge: average accuracy {rec['average_accuracy']:.4f}")
+        merged = one_shot_merge(state, spec, key=merge_key(key, 0), evaluate=evaluate,
+                                alpha_grid=alpha_grid if method in tune_alpha else None,
+                                validate=validate)
+        out["merged"][method] = merged["accuracy"]
+        out["merge"][method] = merged["diagnostics"]
+        out["params"][method] = merged["params"]
+        out["alpha"][method] = merged["alpha"]
     return out

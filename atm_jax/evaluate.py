@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atm_jax import batching
+from atm_jax.errors import renamed_keyword
 from atm_jax.models.heads import apply_head
 from atm_jax.sharding import Placement
 
@@ -24,10 +25,10 @@ ApplyFn = Callable[[PyTree, jax.Array, bool], jax.Array]
 
 
 def _make_count_correct(apply_fn: ApplyFn):
-    """Jitted `(backbone, head, images [B,...], labels [B], mask [B]) -> correct count`."""
+    """Jitted `(backbone, head, inputs [B,...], labels [B], mask [B]) -> correct count`."""
 
-    def count_correct(backbone, head, images, labels, mask):
-        logits = apply_head(head, apply_fn(backbone, images, False))
+    def count_correct(backbone, head, inputs, labels, mask):
+        logits = apply_head(head, apply_fn(backbone, inputs, False))
         return jnp.sum(jnp.where(mask, logits.argmax(-1) == labels, False), dtype=jnp.int32)
 
     return jax.jit(count_correct)
@@ -38,19 +39,21 @@ def _make_count_correct(apply_fn: ApplyFn):
 _count_correct_for = functools.lru_cache(maxsize=32)(_make_count_correct)
 
 
-def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
+@renamed_keyword("images", "inputs")
+def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, inputs, labels, *,
              batch_size: int = 500, placement: Placement | None = None) -> float:
-    """Top-1 accuracy of `apply_head(head, apply_fn(backbone, images, False))`.
+    """Top-1 accuracy of `apply_head(head, apply_fn(backbone, inputs, False))`.
 
     Every batch has exactly `batch_size` rows (the last is padded and masked), so one
-    compilation serves every task with the same image shape and head shape.
+    compilation serves every task with the same input shape and head shape.
 
     Args:
-        apply_fn: `apply_fn(backbone, images, train) -> features [B, F]`; pass the
+        apply_fn: `apply_fn(backbone, inputs, train) -> features [B, F]`; pass the
             same object every time to reuse the compiled forward.
         backbone: backbone params.
         head: {"kernel": [F, C], "bias": [C]}.
-        images: [N, ...] images.
+        inputs: [N, ...] model inputs, e.g. images or token ids; the old keyword
+            ``images=`` still works for one release (warns).
         labels: [N] integer labels.
         batch_size: rows per forward pass.
         placement: a mesh (`atm_jax.sharding.Placement`): params placed by its
@@ -63,13 +66,13 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
     Raises:
         ValueError: on empty or mismatched data, or batch_size < 1.
     """
-    images = np.asarray(images)
-    if images.dtype.kind in "fb":
-        images = images.astype(np.float32, copy=False)
+    inputs = np.asarray(inputs)
+    if inputs.dtype.kind in "fb":
+        inputs = inputs.astype(np.float32, copy=False)
     labels = np.asarray(labels, np.int32)
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"need as many labels as images, at least one: got "
-                         f"{len(images)} images and {len(labels)} labels")
+    if len(inputs) != len(labels) or len(inputs) == 0:
+        raise ValueError(f"need as many labels as inputs, at least one: got "
+                         f"{len(inputs)} inputs and {len(labels)} labels")
     try:
         count_correct = _count_correct_for(apply_fn)
     except TypeError:  # an unhashable apply_fn: no caching, compiles per call
@@ -77,17 +80,17 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, images, labels, *,
 
     if placement is None:
         counts = [count_correct(backbone, head, x, y, mask > 0)
-                  for (x, y), mask in batching.padded_batches([images, labels], batch_size)]
+                  for (x, y), mask in batching.padded_batches([inputs, labels], batch_size)]
     else:
         backbone, head = placement.params(backbone), placement.params(head)
         total = batching.padded_size(batch_size, placement.multiple)
-        batches = batching.padded_batches([images, labels], batch_size,
+        batches = batching.padded_batches([inputs, labels], batch_size,
                                           multiple=placement.multiple,
                                           rows=placement.local_rows(total))
         placed = batching.prefetch(
             (tuple(placement.put(a, total) for a in (x, y, mask > 0)) for (x, y), mask in batches))
         counts = [count_correct(backbone, head, x, y, m) for x, y, m in placed]
-    return int(sum(jax.device_get(counts))) / len(images)
+    return int(sum(jax.device_get(counts))) / len(inputs)
 
 
 def average(accs: Mapping[str, float]) -> float:

@@ -11,9 +11,9 @@ Typical use::
 
     finetuner = Finetuner(apply_fn, OptimizerConfig(learning_rate=1e-4), train_head=False)
     backbone_t, head_t, metrics = finetuner.finetune(
-        base, heads[t], images, labels, epochs=1, key=jax.random.fold_in(key, t))
+        base, heads[t], inputs, labels, epochs=1, key=jax.random.fold_in(key, t))
 
-`apply_fn(backbone_params, images, train)` returns features `[B, F]`; the head is a
+`apply_fn(backbone_params, inputs, train)` returns features `[B, F]`; the head is a
 linear `{"kernel": [F, C], "bias": [C]}` dict (`atm_jax.models.heads`).
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from atm_jax import batching, evaluate, extras
-from atm_jax.errors import DivergedError
+from atm_jax.errors import DivergedError, renamed_keyword
 from atm_jax.models.heads import apply_head
 from atm_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer  # noqa: F401
 from atm_jax.sharding import Placement
@@ -76,10 +76,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
     """Builds the (unjitted) train step: masked cross-entropy, one optimizer update.
 
     Args:
-        apply_fn: `apply_fn(backbone, images, train) -> features [B, F]`.
+        apply_fn: `apply_fn(backbone, inputs, train) -> features [B, F]`.
         tx: the optimizer.
         train_head: whether the head gets gradients and optimizer state.
-        augment: optional `augment(images, key) -> images`, applied to every
+        augment: optional `augment(inputs, key) -> inputs`, applied to every
             training batch with the batch's own key (`batch["key"]`).
         precision: "float32", or "bfloat16": the backbone's forward and backward run
             on a bfloat16 copy of its params and inputs (mixed precision for
@@ -91,7 +91,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
     Returns:
         `step(state, batch) -> (state, metrics)` with state
         `{"backbone", "head", "opt_state", "step": int32 []}` and batch
-        `{"images": [B, ...] float32, "labels": [B] int32, "mask": [B] float32}`.
+        `{"inputs": [B, ...], "labels": [B] int32, "mask": [B] float32}` (inputs
+        float32, or integer: uint8 pixels, int32 token ids).
         Metrics are scalars: "loss" (mean CE over the real examples), "count"
         (real examples), "correct" (real examples classified right) and
         "grad_norm" (before clipping).
@@ -100,10 +101,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}.")
 
-    def forward(backbone, images):
+    def forward(backbone, inputs):
         if precision == "bfloat16":
-            backbone, images = _cast_floats((backbone, images), jnp.bfloat16)
-        return apply_fn(backbone, images, True).astype(jnp.float32)
+            backbone, inputs = _cast_floats((backbone, inputs), jnp.bfloat16)
+        return apply_fn(backbone, inputs, True).astype(jnp.float32)
 
     if remat:
         forward = jax.checkpoint(forward)
@@ -113,8 +114,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
 
         def loss_fn(trainable):
             head = trainable["head"] if train_head else state["head"]
-            images = batch["images"] if augment is None else augment(batch["images"], batch["key"])
-            features = forward(trainable["backbone"], images)
+            inputs = batch["inputs"] if augment is None else augment(batch["inputs"], batch["key"])
+            features = forward(trainable["backbone"], inputs)
             logits = apply_head(head, features).astype(jnp.float32)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
             count = mask.sum()
@@ -181,17 +182,17 @@ class Finetuner:
     """Finetunes a backbone (and optionally a head) on one task at a time.
 
     Built once per run: it holds the jitted step, which compiles once per distinct
-    set of shapes and dtypes of (backbone, head, batch). Tasks with the same image
+    set of shapes and dtypes of (backbone, head, batch). Tasks with the same input
     shape and the same number of classes therefore share one compilation; every
     distinct head shape `[F, C]` compiles once more.
 
     Attributes:
-        apply_fn: `apply_fn(backbone, images, train) -> features [B, F]`.
+        apply_fn: `apply_fn(backbone, inputs, train) -> features [B, F]`.
         opt: the optimizer settings.
         train_head: whether the head is trained (else frozen: no gradient, no
             optimizer state, returned bitwise unchanged).
         progress: show a tqdm bar over steps on stderr.
-        augment: optional `augment(images, key) -> images` for training batches
+        augment: optional `augment(inputs, key) -> inputs` for training batches
             (e.g. random resized crops); step i of epoch e uses the key
             `fold_in(fold_in(fold_in(key, e), 1), i)` (the epoch's shuffle uses
             `fold_in(key, e)`), so runs stay reproducible.
@@ -234,7 +235,7 @@ class Finetuner:
         """
         return self._init_state(backbone, head)
 
-    def epoch_batches(self, images: np.ndarray, labels: np.ndarray, *, key: jax.Array,
+    def epoch_batches(self, inputs: np.ndarray, labels: np.ndarray, *, key: jax.Array,
                       epoch: int, placement: Placement | None = None) -> Iterator[dict]:
         """The batches of one epoch in its keyed order, built ahead on a thread.
 
@@ -243,7 +244,7 @@ class Finetuner:
         process's rows gathered and assembled into global arrays sharded over the
         mesh (`atm_jax.sharding.Placement`).
         """
-        order = epoch_order(key, epoch, len(images))
+        order = epoch_order(key, epoch, len(inputs))
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
         size = self.opt.batch_size
         multiple = 1 if placement is None else placement.multiple
@@ -252,8 +253,8 @@ class Finetuner:
 
         def batches():
             for i, ((x, y), mask) in enumerate(batching.padded_batches(
-                    [images, labels], size, order, multiple=multiple, rows=rows)):
-                batch = {"images": x, "labels": y, "mask": mask}
+                    [inputs, labels], size, order, multiple=multiple, rows=rows)):
+                batch = {"inputs": x, "labels": y, "mask": mask}
                 if placement is not None:
                     batch = {k: placement.put(v, total) for k, v in batch.items()}
                 if self.augment is not None:
@@ -262,7 +263,8 @@ class Finetuner:
 
         return batching.prefetch(batches(), depth=2)
 
-    def train_epoch(self, state: dict, images: np.ndarray, labels: np.ndarray, *,
+    @renamed_keyword("images", "inputs")
+    def train_epoch(self, state: dict, inputs: np.ndarray, labels: np.ndarray, *,
                     key: jax.Array, epoch: int, bar: Any | None = None,
                     placement: Placement | None = None) -> tuple[dict, dict]:
         """One pass over all examples in a keyed random order.
@@ -272,7 +274,8 @@ class Finetuner:
 
         Args:
             state: train state (donated: do not reuse it after the call).
-            images: [N, ...] float32 host array.
+            inputs: [N, ...] host array (float32, or integer pixels or token ids);
+                the old keyword ``images=`` still works for one release (warns).
             labels: [N] int32 host array.
             key: PRNG key of the whole finetuning call.
             epoch: 0-based epoch index (mixed into the shuffle).
@@ -288,7 +291,7 @@ class Finetuner:
             DivergedError: if a step's loss was not finite (checked once, after
                 the epoch, to avoid a host sync per step).
         """
-        steps = self.epoch_steps(state, images, labels, key=key, epoch=epoch, bar=bar,
+        steps = self.epoch_steps(state, inputs, labels, key=key, epoch=epoch, bar=bar,
                                  placement=placement)
         while True:
             try:
@@ -296,14 +299,14 @@ class Finetuner:
             except StopIteration as done:
                 return done.value
 
-    def epoch_steps(self, state: dict, images: np.ndarray, labels: np.ndarray, *,
+    def epoch_steps(self, state: dict, inputs: np.ndarray, labels: np.ndarray, *,
                     key: jax.Array, epoch: int, bar: Any | None = None,
                     placement: Placement | None = None) -> Generator[None, None, tuple]:
         """`train_epoch` as a generator: yields after dispatching each step and
         returns ``(state, metrics)``; a caller can interleave several of them
         (task parallel: `atm_jax.parallel`)."""
         step_metrics = []
-        for batch in self.epoch_batches(images, labels, key=key, epoch=epoch,
+        for batch in self.epoch_batches(inputs, labels, key=key, epoch=epoch,
                                         placement=placement):
             state, metrics = self.train_step(state, batch)
             step_metrics.append(metrics)
@@ -325,13 +328,14 @@ class Finetuner:
         correct = sum(float(m["correct"]) for m in step_metrics)
         metrics = {
             "loss": float((losses * counts).sum() / counts.sum()),
-            "accuracy": correct / len(images),
+            "accuracy": correct / len(inputs),
             "steps": len(losses),
             "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
         }
         return state, metrics
 
-    def finetune(self, backbone: PyTree, head: dict, images, labels, *, epochs: int,
+    @renamed_keyword("images", "inputs")
+    def finetune(self, backbone: PyTree, head: dict, inputs, labels, *, epochs: int,
                  key: jax.Array,
                  on_epoch: Callable[[int, dict], None] | None = None,
                  placement: Placement | None | str = "default"
@@ -344,7 +348,9 @@ class Finetuner:
         Args:
             backbone: backbone params pytree (e.g. the current ATM base).
             head: the task's head {"kernel": [F, C], "bias": [C]}.
-            images: [N, ...] images (NumPy or JAX; converted to float32 on the host).
+            inputs: [N, ...] model inputs, e.g. images or token ids (NumPy or JAX;
+                floats become float32 on the host, integers keep their dtype); the old
+                keyword ``images=`` still works for one release (warns).
             labels: [N] integer labels in [0, C).
             epochs: full passes over the data (>= 1).
             key: PRNG key; epoch e shuffles with `fold_in(key, e)`.
@@ -364,7 +370,7 @@ class Finetuner:
             ValueError: on mismatched or empty data, or epochs < 1.
             DivergedError: if the loss became non-finite.
         """
-        steps = self.finetune_steps(backbone, head, images, labels, epochs=epochs, key=key,
+        steps = self.finetune_steps(backbone, head, inputs, labels, epochs=epochs, key=key,
                                     on_epoch=on_epoch, placement=placement)
         while True:
             try:
@@ -372,7 +378,7 @@ class Finetuner:
             except StopIteration as done:
                 return done.value
 
-    def finetune_steps(self, backbone: PyTree, head: dict, images, labels, *, epochs: int,
+    def finetune_steps(self, backbone: PyTree, head: dict, inputs, labels, *, epochs: int,
                        key: jax.Array, on_epoch: Callable[[int, dict], None] | None = None,
                        placement: Placement | None | str = "default"
                        ) -> Generator[None, None, tuple[PyTree, dict, dict]]:
@@ -383,31 +389,31 @@ class Finetuner:
         at the same time (JAX dispatch is asynchronous); a finished generator takes
         no further step, so each task's result is that of its own `finetune`.
         """
-        images = as_inputs(images)
+        inputs = as_inputs(inputs)
         labels = np.asarray(labels, np.int32)
-        if len(images) != len(labels) or len(images) == 0:
-            raise ValueError(f"need as many labels as images, at least one: got "
-                             f"{len(images)} images and {len(labels)} labels")
+        if len(inputs) != len(labels) or len(inputs) == 0:
+            raise ValueError(f"need as many labels as inputs, at least one: got "
+                             f"{len(inputs)} inputs and {len(labels)} labels")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs={epochs!r} is invalid: must be an integer >= 1")
         if isinstance(placement, str):
             placement = self.placement
-        return self._finetune_steps(backbone, head, images, labels, epochs, key, on_epoch,
+        return self._finetune_steps(backbone, head, inputs, labels, epochs, key, on_epoch,
                                     placement)
 
-    def _finetune_steps(self, backbone, head, images, labels, epochs, key, on_epoch, placement):
+    def _finetune_steps(self, backbone, head, inputs, labels, epochs, key, on_epoch, placement):
         start = time.perf_counter()
         if placement is not None:
             backbone, head = placement.params(backbone), placement.params(head)
         state = self.init_state(backbone, head)
-        steps_per_epoch = batching.num_batches(len(images), self.opt.batch_size)
+        steps_per_epoch = batching.num_batches(len(inputs), self.opt.batch_size)
         bar = (_tqdm()(total=epochs * steps_per_epoch, leave=False, file=sys.stderr,
                          unit="step") if self.progress else None)
         losses, accuracies = [], []
         try:
             for epoch in range(epochs):
                 state, epoch_metrics = yield from self.epoch_steps(
-                    state, images, labels, key=key, epoch=epoch, bar=bar, placement=placement)
+                    state, inputs, labels, key=key, epoch=epoch, bar=bar, placement=placement)
                 losses.append(epoch_metrics["loss"])
                 accuracies.append(epoch_metrics["accuracy"])
                 if on_epoch is not None:
@@ -420,7 +426,7 @@ class Finetuner:
             "loss": losses,
             "accuracy": accuracies,
             "steps": epochs * steps_per_epoch,
-            "examples": epochs * len(images),
+            "examples": epochs * len(inputs),
             "epochs": epochs,
             "seconds": time.perf_counter() - start,
         }

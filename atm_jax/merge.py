@@ -425,7 +425,11 @@ def _generalized(stacked, *, key=None, like=None, magnitude_ranks=None, band_ran
 @register("mean", reference="ATM paper eq. 7, https://arxiv.org/abs/2411.03055")
 def mean(stacked: PyTree, *, key: jax.Array | None = None, check_finite: bool | str = True,
          like: PyTree | None = None) -> PyTree:
-    """Task arithmetic with the mean: ``(1/T) sum_t tau_t`` (ATM's default merge)."""
+    """Task arithmetic with the mean: ``(1/T) sum_t tau_t`` (ATM's default merge).
+
+    The configs' task arithmetic baseline is this merge, so its row is named ``mean``
+    (`atm_jax.recipes`); ``task_arithmetic`` here is the sum.
+    """
     del key
     return _generalized(stacked, aggregate="mean", check_finite=check_finite, like=like)
 

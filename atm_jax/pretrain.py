@@ -42,10 +42,10 @@ FORMAT_VERSION = 1
 # two never share a rendering stream.
 HELD_OUT_SEED_OFFSET = 1_000_003
 
-# Chosen on this 2-core CPU (held-out glyph accuracy after the given images seen):
-# batch 32 beat 64 per image (92.7% vs 91.2% at 160k), a larger pool beat more
-# epochs over a smaller one, and Adam 1e-3 beat 2e-3 (88.7% at 128k). The default
-# sees 160k images in 5,000 steps: about 2.5 minutes on two idle cores.
+# Chosen on a 2-core CPU by held-out glyph accuracy after a fixed number of images
+# seen: batch 32 over 64, a larger pool over more epochs of a smaller one, Adam 1e-3
+# over 2e-3 (measured: see benchmarks/results/comments_moved_20261202.md). The default
+# sees 160k images (2 epochs of 80k) in 5,000 steps of 32.
 PRETRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "num_images": 80_000,

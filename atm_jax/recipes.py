@@ -12,6 +12,10 @@
 
 The builders are the schema: `atm_jax.schema` derives the allowed fields of each
 suite from what `BUILDERS` produce, so a new field is added here, once.
+
+Method rows are named after their merge operator: the paper's "task arithmetic"
+baseline, the mean of the task vectors at α = 1, is the row ``mean``, so that no
+row is called ``task_arithmetic`` while `atm_jax.merge.task_arithmetic` is the sum.
 """
 
 from __future__ import annotations
@@ -30,20 +34,20 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
 # The recipe, field by field (checked against REFERENCE §4 by tests/test_configs.py).
 PAPER = {
     "clip": {"weights": "openai/clip-vit-base-patch16", "tasks": VISION_TASKS,
-             "heads": "zero_shot", "one_shot": ("task_arithmetic", "ties", "breadcrumbs"),
+             "heads": "zero_shot", "one_shot": ("mean", "ties", "breadcrumbs"),
              "atm": ("valft_atm", "atm"), "references": ("pretrained", "individual")},
     "bert": {"weights": "google-bert/bert-base-uncased", "tasks": GLUE_TASKS,
              "heads": "frozen_random",
-             "one_shot": ("task_arithmetic", "ties", "breadcrumbs", "dare"), "atm": ("atm",),
+             "one_shot": ("mean", "ties", "breadcrumbs", "dare"), "atm": ("atm",),
              "references": ("pretrained", "individual")},
     "roberta": {"weights": "FacebookAI/roberta-base", "tasks": GLUE_TASKS,
                 "heads": "frozen_random",
-                "one_shot": ("task_arithmetic", "ties", "breadcrumbs", "dare"), "atm": ("atm",),
+                "one_shot": ("mean", "ties", "breadcrumbs", "dare"), "atm": ("atm",),
                 "references": ("pretrained", "individual")},
 }
 BUDGET = 10  # epochs per task for every method
 ITERATIONS = 10  # ATM: 10 iterations × 1 epoch
-MERGES = {"task_arithmetic": ("mean", {}), "ties": ("ties", {"density": 0.15}),
+MERGES = {"mean": ("mean", {}), "ties": ("ties", {"density": 0.15}),
           "breadcrumbs": ("breadcrumbs", {"beta": 0.85, "gamma": 0.993}),
           "dare": ("dare", {"p": 0.9})}
 RUNLOCAL_TASKS = {"clip": ("glyph_digits", "glyph_upper", "glyph_lower"),
@@ -84,11 +88,11 @@ ALPHA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
 def analysis_methods(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds, in place, the rows of issue 14 beside the paper-protocol ones: α-tuned
+    """Adds, in place, the fair-baseline and analysis rows beside the paper-protocol ones: α-tuned
     one-shot baselines (``<name>_tuned``), TIES/DARE with sum aggregation (α = 1 and
     tuned), post-hoc ATM from TIES (``ph_atm``) and valFT ATM as the authors' final
-    code ran it (``valft_atm_authors``: task arithmetic, then iterations on the
-    validation split); and turns ``config.analysis`` on."""
+    code ran it (``valft_atm_authors``: the ``mean`` one-shot merge, then iterations
+    on the validation split); and turns ``config.analysis`` on."""
     config.analysis = True
     methods = config.methods
     one_shot = [n for n in methods if methods[n].kind == "one_shot"]
@@ -106,9 +110,9 @@ def analysis_methods(config: ml_collections.ConfigDict) -> ml_collections.Config
     iterations = methods[atm_runs[0]].iterations if atm_runs else config.budget
     if "ties" in one_shot:
         methods.ph_atm = method("atm", iterations=iterations, split="validation", start="ties")
-    if "task_arithmetic" in one_shot:
+    if "mean" in one_shot:
         methods.valft_atm_authors = method("atm", iterations=iterations, split="validation",
-                                           start="task_arithmetic")
+                                           start="mean")
     return config
 
 
@@ -143,8 +147,8 @@ def mini() -> ml_collections.ConfigDict:
         config.methods[name] = method("one_shot", merge, kwargs)
     config.methods.valft_atm = method("atm", iterations=10, split="validation")
     config.methods.atm = method("atm", iterations=10)
-    # Test forward batch: 64 evaluates the mini suite 1.66x faster than 500 on a 2-core CPU
-    # with the same correct counts (benchmarks/eval_bench.py).
+    # Test forward batch: 64 was the fastest on a 2-core CPU with the same correct counts
+    # (benchmarks/eval_bench.py; measured: see benchmarks/results/comments_moved_20261202.md).
     config.eval_batch_size = 64
     # Evaluate ATM's base on the test splits every this many iterations (and always
     # after the last): 1 draws the full curve; larger cuts evaluation's share of a run.
@@ -300,7 +304,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None, path: str
     return config
 
 
-# -- the mini_text suite (configs/mini_text.py, issue 13) -------------------------------
+# -- the mini_text suite: MiniLM on real text (configs/mini_text.py) --------------------
 
 MINI_TEXT_TASKS = ("movie_sentiment", "product_sentiment", "tweet_sentiment", "quote_topic")
 
@@ -312,7 +316,8 @@ def mini_text() -> ml_collections.ConfigDict:
     config.suite = "mini_text"
     config.tasks = MINI_TEXT_TASKS
     del config.pretrain
-    # Sized so the whole run fits 30 min on a 2-core CPU (configs/mini_text.py: measured).
+    # Sized for a 2-core CPU (why: configs/mini_text.py; measured: see
+    # benchmarks/results/comments_moved_20261202.md).
     config.data = ml_collections.ConfigDict(
         {"train_size": 128, "validation_size": 64, "test_size": 200, "max_length": 32,
          "tokenizer": ""})  # "" = MiniLM's own tokenizer.json

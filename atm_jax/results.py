@@ -67,6 +67,9 @@ def notes(config, setup: Setup, seconds: float) -> list[str]:
     for name in schema.method_order(config):
         spec = config.methods[name]
         start = spec.get("start", "") if spec.kind == "atm" else ""
+        if name == "mean" and spec.kind == "one_shot" and spec.merge == "mean":
+            out.append("mean: the paper's task arithmetic baseline, the mean of the task vectors "
+                       "(atm_jax.merge.task_arithmetic is their sum).")
         if start:
             origin = f"the {start} one-shot merge of this run" if start in config.methods \
                 else f"the params file {start}"
@@ -80,7 +83,7 @@ def notes(config, setup: Setup, seconds: float) -> list[str]:
                 f"{name}: trains only on the validation split ({sizes} examples) from the "
                 f"pretrained base, {spec.iterations} iterations × {config.budget // spec.iterations} "
                 "epoch(s): the same epochs but far fewer steps than training-split methods (the "
-                "authors' final code instead starts valFT from task arithmetic).")
+                "authors' final code instead starts valFT from the mean merge, task arithmetic).")
     out += [
         "Normalized = accuracy ÷ the individually finetuned model's accuracy, averaged over tasks.",
         *([f"Rows marked 'α on validation' chose α from {tuple(config.alpha_grid)} by average "

@@ -19,6 +19,7 @@ continues from the newest intact one and ends bitwise equal to an uninterrupted 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +37,6 @@ from atm_jax import distributed, files, parallel, results, schema, sharding, sui
 from atm_jax import workdir as workdir_lib
 from atm_jax.analysis import recorder as recorder_lib
 from atm_jax.analysis import report as report_lib
-from atm_jax.analysis import tuning
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
 
@@ -104,7 +104,10 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
             workdir_lib.check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)
         writers.write_json(workdir / "config.json", config_json)
         metrics = writers.MetricsWriter(workdir / "metrics.jsonl")
-        metrics.reset(restored.meta["metrics"] if restored else [])
+        if restored is not None and "metrics" in restored.meta:  # an earlier release's layout
+            metrics.resume(lines=restored.meta["metrics"])
+        else:
+            metrics.resume(restored.meta["records"] if restored else 0)
         setup = suite.build(config, log)
         if jax.process_count() > 1:  # every process starts from process 0's base and heads
             setup.base, setup.heads = distributed.broadcast_from_first((setup.base, setup.heads))
@@ -165,6 +168,7 @@ class Runner:
         self.position: dict = {}
         self.arrays: dict = {}
         self.items: dict = {}
+        self.written: dict[str, dict] = {}  # finetuned-model items on disk: their CRCs
         self.recorder = recorder_lib.Recorder(workdir, setup, batch_size=config.eval_batch_size) \
             if config.get("analysis", False) else None
         if self.recorder is not None:
@@ -186,22 +190,19 @@ class Runner:
         self.step += 1
         meta = {"config": self.config_json, "done": self.done, "rows": self.rows,
                 "curves": self.curves, "timings": self.timings, "individual": self.individual,
-                "position": position, "metrics": self.metrics.lines}
+                "position": position, "records": self.metrics.count}
         meta = json.loads(json.dumps(meta, default=files.jsonable))
         self.ckpt.save(self.step, {"key": self.key_data, **(arrays or {})}, meta, items)
 
-    def state_saver(self, unit: str, *, with_base: bool) -> Callable[[atm_lib.State], None]:
-        """Checkpoints an `atm.State`: each finished finetune is written once, as an item."""
-        written: dict[str, dict] = {}
-
-        def on_progress(state: atm_lib.State) -> None:
-            position, arrays, finetuned = checkpoint_lib.state_to_checkpoint(
-                unit, state, with_base=with_base)
-            for name, params in finetuned.items():
-                if name not in written:
-                    written[name] = self.ckpt.save_item(name, params)
-            self.save(position, arrays, {n: written[n] for n in finetuned})
-        return on_progress
+    def checkpoint_state(self, unit: str, state: atm_lib.State, *, with_base: bool) -> None:
+        """Checkpoints an `atm.State` of ``unit``; each finished finetune is written
+        once, as an item, and later steps only name it."""
+        position, arrays, finetuned = checkpoint_lib.state_to_checkpoint(
+            unit, state, with_base=with_base)
+        for name, params in finetuned.items():
+            if name not in self.written:
+                self.written[name] = self.ckpt.save_item(name, params)
+        self.save(position, arrays, {n: self.written[n] for n in finetuned})
 
     def restored_state(self, unit: str) -> atm_lib.State | None:
         """The state to continue ``unit`` from, when the checkpoint stopped inside it."""
@@ -263,17 +264,33 @@ class Runner:
             return self.finetuner.finetune(base, head, inputs, labels, epochs=epochs, key=task_key)
         return finetune
 
-    def parallel(self, split: str) -> dict:
-        """``finetune_tasks`` / ``tasks_per_call`` for `atm`: PA-ATM (each process
-        its own tasks, `atm_jax.distributed`), task parallel when ``config.mesh.task
-        > 1`` (`atm_jax.parallel`), else sequential."""
+    def finetune_tasks(self, split: str) -> tuple[atm_lib.FinetuneTasksFn, int]:
+        """The "finetune these tasks" hook and the tasks per call, chosen here alone:
+        per process (PA-ATM, each process its own tasks: `atm_jax.distributed`), task
+        parallel when ``config.mesh.task > 1`` (`atm_jax.parallel`), else sequential
+        (one task per call, so every finished task is checkpointed)."""
+        finetune = self.make_finetune(split)
         if self.per_process:
-            return {"finetune_tasks": distributed.make_finetune_tasks(self.make_finetune(split),
-                                                                       self.task_names),
-                    "tasks_per_call": jax.process_count()}
+            return (distributed.make_finetune_tasks(finetune, self.task_names),
+                    jax.process_count())
         fn, per_call = parallel.for_mesh(self.mesh, self.finetuner,
                                          lambda task: self.setup.tasks[task].split(split))
-        return {"finetune_tasks": fn, "tasks_per_call": per_call}
+        return (fn, per_call) if fn is not None else (atm_lib.sequential(finetune), 1)
+
+    def finetune_all(self, unit: str, state: atm_lib.State, split: str, epochs: int, *,
+                     with_base: bool, on_progress=None) -> atm_lib.State:
+        """Finetunes the tasks ``state`` has not finetuned yet in this iteration, a
+        checkpoint after every call of the hook."""
+        hook, per_call = self.finetune_tasks(split)
+        name = "one-shot" if unit == "one_shot" else unit
+        while len(state.finetuned) < len(state.heads):
+            left = len(state.heads) - len(state.finetuned)
+            state = atm_lib.finetune_group(state, finetune_tasks=hook, count=min(left, per_call),
+                                           epochs=epochs, key=self.key, log=self.log, name=name)
+            if on_progress is not None:
+                on_progress(state)
+            self.checkpoint_state(unit, state, with_base=with_base)
+        return state
 
     def add_row(self, method: str, accuracy: Mapping[str, float], epochs: int, kind: str) -> None:
         self.rows.append({"method": method, "kind": kind, "epochs": epochs,
@@ -303,87 +320,109 @@ class Runner:
         self.finish_unit("linear_probe")
 
     def one_shot(self) -> None:
+        """Every task finetuned for the whole budget once, then each one-shot row
+        merges the same task vectors: the paper's α, or α chosen on validation
+        (``tune_alpha``: `atm_jax.atm.one_shot_merge` with ``config.alpha_grid``)."""
         config, budget = self.config, self.config.budget
         names = [n for n in schema.method_order(config) if config.methods[n].kind == "one_shot"]
-        fixed = [n for n in names if not config.methods[n].get("tune_alpha", False)]
-        merges = {n: schema.merge_spec(config, config.methods[n]) for n in fixed}
-        last = {"state": self.restored_state("one_shot")}
-        saver = self.state_saver("one_shot", with_base=False)
-
-        def on_progress(state: atm_lib.State) -> None:
-            last["state"] = state
-            saver(state)
-
-        out = atm_lib.one_shot(
-            self.setup.base, self.setup.heads, finetune=self.make_finetune("train"),
-            evaluate=self.evaluate, epochs=budget, merges=merges, key=self.key,
-            callback=self.metrics, log=self.log, start=last["state"], on_progress=on_progress,
-            **self.parallel("train"))
-        self.individual = out["individual"]
+        tuned = [n for n in names if config.methods[n].get("tune_alpha", False)]
+        state = self.restored_state("one_shot") or atm_lib.init(self.setup.base, self.setup.heads)
+        done = len(state.finetuned)
+        self.log(f"[one-shot] finetuning {len(state.heads)} task(s) for {budget} epoch(s) each"
+                 + (f" (resumed: {done} already done)" if done else ""))
+        state = self.finetune_all("one_shot", state, "train", budget, with_base=False)
+        self.individual = atm_lib.individual(state, self.evaluate)
+        self.metrics({"method": "individual", "iteration": 1, "epochs_per_task": budget,
+                      "accuracy": self.individual,
+                      "average_accuracy": float(np.mean(list(self.individual.values())))})
         if "individual" in config.references:
             self.add_row("individual", self.individual, budget, "reference")
-        tuned = self.tuned_one_shot([n for n in names if n not in fixed], last["state"])
-        for n in names:
+        grid = [float(a) for a in config.alpha_grid] if tuned else None
+        merged = {}
+        for n in [n for n in names if n not in tuned] + tuned:  # the records' order
+            spec = schema.merge_spec(config, config.methods[n])
+            out = atm_lib.one_shot_merge(state, spec, key=atm_lib.merge_key(self.key, 0),
+                                         evaluate=self.evaluate,
+                                         alpha_grid=grid if n in tuned else None,
+                                         validate=self.validate)
+            merged[n] = out
+            self.metrics({"method": n, "iteration": 1, "epochs_per_task": budget,
+                          "accuracy": out["accuracy"],
+                          "average_accuracy": float(np.mean(list(out["accuracy"].values()))),
+                          "merge": out["diagnostics"]})
+            average = evaluate_lib.average(out["accuracy"])
             if n in tuned:
-                self.add_row(n, tuned[n]["accuracy"], budget, "one_shot")
-                self.rows[-1]["alpha"] = tuned[n]["alpha"]
-                out["params"][n] = tuned[n]["params"]
+                self.log(f"[{n}] α = {out['alpha']} chosen on validation from {grid}: average "
+                         f"test accuracy {average:.4f}")
             else:
-                self.add_row(n, out["merged"][n], budget, "one_shot")
-        if self.recorder is not None:
-            for n in fixed:
-                self.recorder.one_shot(n, out["params"][n], out["merge"][n],
-                                       alpha=merges[n].alpha)
-        self.finish_unit("one_shot", out["params"] if config.save_params else None)
+                self.log(f"[{n}] one-shot merge: average accuracy {average:.4f}")
+            if self.recorder is not None:
+                validation = {"alpha_validation": out["validation"]} if n in tuned else {}
+                self.recorder.one_shot(n, out["params"], out["diagnostics"], alpha=out["alpha"],
+                                       **validation)
+        for n in names:
+            self.add_row(n, merged[n]["accuracy"], budget, "one_shot")
+            if n in tuned:
+                self.rows[-1]["alpha"] = merged[n]["alpha"]
+        params = {n: merged[n]["params"] for n in names}
+        self.finish_unit("one_shot", params if config.save_params else None)
+
+    def validate(self, params, heads) -> dict[str, float]:
+        """Validation accuracy per task (choosing α for the ``tune_alpha`` rows)."""
+        return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h,
+                                         *self.setup.tasks[t].validation,
+                                         batch_size=self.config.eval_batch_size)
+                for t, h in heads.items()}
 
     def atm(self, name: str) -> None:
+        """ATM's loop: finetune every task (a checkpoint after each), merge, write the
+        iteration's record (evaluated every ``config.eval_every`` iterations and at
+        the last), checkpoint; the records go forward once, into metrics.jsonl."""
         config, spec = self.config, self.config.methods[name]
-        on_progress = self.state_saver(name, with_base=True)
-        if self.recorder is not None:
-            on_progress = self.with_recorder(name, spec, on_progress)
-        base, _, history = atm_lib.run(
-            self.start_base(spec), self.setup.heads, finetune=self.make_finetune(spec.split),
-            evaluate=self.evaluate, eval_every=config.eval_every, iterations=spec.iterations,
-            epochs_per_iteration=config.budget // spec.iterations,
-            merge=schema.merge_spec(config, spec), key=self.key,
-            carry_heads=config.heads == "trainable", callback=self.metrics, log=self.log,
-            name=name, start=self.restored_state(name), on_progress=on_progress,
-            **self.parallel(spec.split))
-        self.curves[name] = history
-        self.add_row(name, history[-1]["accuracy"], config.budget, "atm")
-        self.finish_unit(name, {name: base} if config.save_params else None)
+        iterations = spec.iterations
+        epochs = config.budget // iterations
+        merge = schema.merge_spec(config, spec)
+        record = self.recorder.atm_progress(name, spec.split, start=spec.get("start", "") or
+                                            "pretrained") if self.recorder is not None else None
+        state = self.restored_state(name) or atm_lib.init(self.start_base(spec), self.setup.heads)
+        named = dict(name=name, epochs_per_iteration=epochs)
+        if not state.history:
+            state = self.recorded(state, atm_lib.record(state, evaluate=self.evaluate, **named),
+                                  iterations, record)
+        while state.iteration < iterations:
+            done = len(state.finetuned)
+            self.log(f"[{name}] iteration {state.iteration + 1}/{iterations}"
+                     + (f" (resumed after {done} of {len(state.heads)} tasks)" if done else ""))
+            state = self.finetune_all(name, state, spec.split, epochs, with_base=True,
+                                      on_progress=record)
+            state, diagnostics = atm_lib.iteration(
+                state, finetune=None, epochs=epochs, merge=merge, key=self.key,
+                carry_heads=config.heads == "trainable", log=self.log, name=name)
+            due = atm_lib.evaluation_due(state.iteration, iterations, config.eval_every)
+            rec = atm_lib.record(state, diagnostics, evaluate=self.evaluate if due else None,
+                                 **named)
+            state = self.recorded(state, rec, iterations, record)
+        self.curves[name] = list(state.history)
+        self.add_row(name, state.history[-1]["accuracy"], config.budget, "atm")
+        self.finish_unit(name, {name: state.base} if config.save_params else None)
 
-    # -- issue 14: α-tuned baselines, post-hoc ATM starts, the analysis recorder ----------
-    def tuned_one_shot(self, names: list[str], state: atm_lib.State | None) -> dict:
-        """The ``tune_alpha`` one-shot rows: α from ``config.alpha_grid`` by validation
-        accuracy (`atm_jax.analysis.tuning`), test accuracy at that α only."""
-        out = {}
-        if not names:
-            return out
-        heads = state.finetuned_heads
+    def recorded(self, state: atm_lib.State, rec: dict, iterations: int,
+                 on_progress) -> atm_lib.State:
+        """``state`` with ``rec`` in its history, written to metrics.jsonl, logged and
+        checkpointed, in that order (a resumed run keeps the records its checkpoint
+        counts)."""
+        name = rec["method"]
+        state = dataclasses.replace(state, history=(*state.history, rec))
+        self.metrics(rec)
+        if "average_accuracy" in rec:
+            self.log(f"[{name}] iteration {rec['iteration']}/{iterations}: average accuracy "
+                     f"{rec['average_accuracy']:.4f}")
+        if on_progress is not None:
+            on_progress(state)
+        self.checkpoint_state(name, state, with_base=True)
+        return state
 
-        def validate(params):
-            return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h,
-                                             *self.setup.tasks[t].validation,
-                                             batch_size=self.config.eval_batch_size)
-                    for t, h in heads.items()}
-
-        grid = [float(a) for a in self.config.alpha_grid]
-        for n in names:
-            spec = schema.merge_spec(self.config, self.config.methods[n])
-            chosen = tuning.tuned_merge(state.base, state.finetuned, spec, grid,
-                                        key=atm_lib.merge_key(self.key, 0), validate=validate)
-            acc = self.evaluate(chosen["params"], heads)
-            out[n] = {"accuracy": acc, "alpha": chosen["alpha"], "params": chosen["params"]}
-            self.metrics({"method": n, "iteration": 1, "epochs_per_task": self.config.budget,
-                          "accuracy": acc, "merge": chosen["diagnostics"]})
-            self.log(f"[{n}] α = {chosen['alpha']} chosen on validation from {grid}: average "
-                     f"test accuracy {evaluate_lib.average(acc):.4f}")
-            if self.recorder is not None:
-                self.recorder.one_shot(n, chosen["params"], chosen["diagnostics"],
-                                       alpha=chosen["alpha"], alpha_validation=chosen["validation"])
-        return out
-
+    # -- post-hoc ATM: where a method starts -------------------------------------------
     def start_base(self, spec):
         """Where an ATM method starts: the pretrained base, or (post-hoc ATM) a one-shot
         row's merged params of this run or a ``.msgpack`` params file."""
@@ -398,12 +437,3 @@ class Runner:
             raise ConfigError(f"ATM start={start!r}: cannot read {path} as this backbone's params "
                               f"({type(e).__name__}: {e}); give params/<method>.msgpack of a run "
                               "of the same model.") from None
-
-    def with_recorder(self, name: str, spec, on_progress):
-        record = self.recorder.atm_progress(name, spec.split, start=spec.get("start", "") or
-                                            "pretrained")
-
-        def both(state: atm_lib.State) -> None:
-            record(state)
-            on_progress(state)
-        return both

@@ -36,10 +36,10 @@ RESUME_MODES = ("auto", "force")
 TASK_PLACEMENTS = ("all", "per_process")  # atm_jax.distributed.PLACEMENTS
 # The suites whose build loads only this process's tasks (PA-ATM).
 PER_PROCESS_SUITES = ("mini",)
-DISPLAY_ORDER = ("task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
+DISPLAY_ORDER = ("mean", "ties", "breadcrumbs", "dare", "dare_ties",
                  "ties_atm_code", "breadcrumbs_atm_code",
-                 # issue 14: fair baselines (α tuned on validation, sum aggregation)
-                 "task_arithmetic_tuned", "ties_tuned", "breadcrumbs_tuned", "dare_tuned",
+                 # fair baselines (α tuned on validation, sum aggregation), PH-ATM
+                 "mean_tuned", "ties_tuned", "breadcrumbs_tuned", "dare_tuned",
                  "ties_sum", "ties_sum_tuned", "dare_sum", "dare_sum_tuned",
                  "valft_atm", "valft_atm_authors", "ph_atm", "atm")
 REFERENCE_LABELS = {"pretrained": "pretrained base (no finetuning)",
@@ -250,7 +250,7 @@ def check_mesh(config) -> None:
 
 
 def _validate_analysis(config) -> None:
-    """``analysis``, ``alpha_grid`` and the methods' ``tune_alpha`` / ``start`` (issue 14)."""
+    """``analysis``, ``alpha_grid`` and the methods' ``tune_alpha`` / ``start`` (the `:analysis` rows)."""
     if "analysis" in config:
         flag(config, "analysis")
     grid = tuple(config.get("alpha_grid", ()) or ())

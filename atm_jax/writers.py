@@ -30,45 +30,84 @@ write_json = files.write_json
 class MetricsWriter:
     """Appends one JSON line per task per (method, iteration) to ``metrics.jsonl``.
 
-    Keeps the lines it holds in ``lines``, so a checkpoint can store them and a
-    resumed run can :meth:`reset` the file to exactly that content: records written
-    after the checkpoint (and about to be written again) are dropped, none is lost.
+    The file is append-only: ``count`` is how many records it holds, which each
+    checkpoint stores, and a resumed run :meth:`resume`-s the file to exactly that
+    many (records written after the checkpoint, about to be written again, are
+    dropped; a last line torn by a kill is dropped with them). On a local disk the
+    file is truncated and appended to; an object store cannot append, so there the
+    whole file is rewritten each time.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = files.as_path(path)
-        self.lines: list[str] = []
+        self.count = 0
+        self._lines: list[str] = []  # what an object store's file holds (no append)
         if is_writer():
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def reset(self, lines: Sequence[str] = ()) -> None:
-        """Atomically replaces the file with ``lines`` (a fresh run: none)."""
-        self.lines = list(lines)
-        write_text(self.path, "".join(line + "\n" for line in self.lines))
+    def resume(self, count: int = 0, lines: Sequence[str] | None = None) -> None:
+        """Keeps the first ``count`` records (a fresh run: none).
+
+        ``lines``: a checkpoint of an earlier release stored the records' text
+        itself; the file is then rewritten with exactly those.
+
+        Raises:
+          ValueError: the file holds fewer than ``count`` whole records (it was
+            edited or lost after the checkpoint).
+        """
+        if lines is not None:
+            self._lines, self.count = list(lines), len(lines)
+            write_text(self.path, "".join(line + "\n" for line in self._lines))
+            return
+        if not is_writer():  # another process's file: only process 0 reads and writes it
+            self.count = count
+            return
+        text = self.path.read_text() if count and self.path.exists() else ""
+        kept = text.split("\n")[:count] if count else []
+        if len(kept) < count or any(not line for line in kept):
+            raise ValueError(f"{self.path} holds {len([k for k in kept if k])} whole records but "
+                             f"the checkpoint counts {count}: it was changed after the "
+                             "checkpoint; restore it or start a new --workdir.")
+        self._lines, self.count = kept, count
+        if files.is_local(self.path):
+            size = sum(len(line.encode()) + 1 for line in kept)
+            with open(self.path, "a") as f:
+                f.truncate(size)
+        else:
+            write_text(self.path, "".join(line + "\n" for line in kept))
 
     def __call__(self, record: Mapping[str, Any]) -> None:
-        """Splits an iteration record (``atm_jax.atm`` format) into per-task lines."""
-        if "accuracy" not in record:
-            return
+        """Splits an iteration record (`atm_jax.atm.record` format) into per-task lines.
+
+        Every task with an accuracy or a finetune in the record gets a line: an
+        iteration that was not evaluated (``eval_every`` > 1) still writes its train
+        loss and task-vector norms.
+        """
         finetune = record.get("finetune", {})
         merge = record.get("merge", {})
         norms = merge.get("task_vector_norm")
+        accuracy = record.get("accuracy", {})
+        tasks = list(accuracy) or list(finetune)
         lines = []
-        for i, (task, acc) in enumerate(record["accuracy"].items()):
+        for i, task in enumerate(tasks):
             line = {"method": record["method"], "iteration": record["iteration"],
-                    "epochs_per_task": record.get("epochs_per_task"), "task": task,
-                    "accuracy": acc}
+                    "epochs_per_task": record.get("epochs_per_task"), "task": task}
+            if task in accuracy:
+                line["accuracy"] = accuracy[task]
             if task in finetune:
                 loss = finetune[task].get("loss") or [None]
                 line["train_loss"] = loss[-1]
             if norms is not None and i < len(norms):
                 line["task_vector_norm"] = norms[i]
             lines.append(json.dumps(line, default=files.jsonable))
-        self.lines += lines
+        if not lines:
+            return
+        self.count += len(lines)
         if not is_writer():
             return
         if not files.is_local(self.path):  # object stores cannot append
-            write_text(self.path, "".join(line + "\n" for line in self.lines))
+            self._lines += lines
+            write_text(self.path, "".join(line + "\n" for line in self._lines))
             return
         with open(self.path, "a") as f:
             f.write("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-"""Test-split evaluation at several batch sizes: seconds and accuracies (issue 12, item 3).
+"""Test-split evaluation at several batch sizes: seconds and accuracies.
 
 Evaluation after every merge is most of an ATM iteration's time outside finetuning
 (`overhead_bench`). This times ``atm_jax.evaluate.accuracy`` over every task's test

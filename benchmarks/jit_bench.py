@@ -3,7 +3,7 @@
 Researchers often wrap a whole update (merge + apply) in ``jax.jit``. On CPU that
 changes which selection TIES/Breadcrumbs run: eagerly the host selection reads the
 arrays directly; under ``jit`` it is called back from the compiled program
-(``select.on_host``). Issue 10 asks for jit within 1.5× of eager. Each operator
+(``select.on_host``). The target: jit within 1.5× of eager. Each operator
 runs in its own process on T task vectors shaped like the first ``--blocks``
 transformer blocks of CLIP ViT-B/16 (3 blocks ≈ 21M float32 per task); the median
 of ``--repeats`` timed calls after one warm-up call (compilation excluded).

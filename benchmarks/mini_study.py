@@ -13,7 +13,7 @@ Run::
   python benchmarks/mini_study.py                      # ≈ 35 min on 2 CPU cores
   python benchmarks/mini_study.py --seeds 0 --budgets 10 --no-split   # one run
   python benchmarks/mini_study.py --config configs/mini_text.py --budgets 10 --no-split
-  # issue 14: the ':analysis' rows (α-tuned / sum baselines, PH-ATM, the authors' valFT)
+  # the ':analysis' rows (α-tuned / sum baselines, PH-ATM, the authors' valFT)
   # and the recorded analysis (mean |cos| per iteration, Theorem 5.1 bookkeeping)
   python benchmarks/mini_study.py --analysis --budgets 10 --no-split
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ROOT = common.ROOT
-ONE_SHOT = ("task_arithmetic", "ties", "breadcrumbs", "dare")
+ONE_SHOT = ("mean", "ties", "breadcrumbs", "dare")
 
 
 DEFAULT_CONFIG = "configs/mini.py"
@@ -49,7 +49,7 @@ def _base_config():
 
 
 def analysis_section(runs: dict, workdirs: dict, budget: int, seeds: list[int]) -> list[str]:
-    """Issue 14's numbers over seeds: ATM's margin over the paper-protocol and the
+    """The `:analysis` rows' numbers over seeds: ATM's margin over the paper-protocol and the
     α-tuned baselines, the chosen α, and mean |cos| per ATM iteration."""
     from atm_jax.analysis import report
 
@@ -114,7 +114,7 @@ def main():
     parser.add_argument("--workdir", default="/tmp/atm_mini_study")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--analysis", action="store_true",
-                        help="the config's ':analysis' variant (issue 14 rows + recorded analysis)")
+                        help="the config's ':analysis' variant (fair-baseline rows + recorded analysis)")
     args = parser.parse_args()
     global CONFIG, ANALYSIS
     CONFIG = args.config
@@ -157,8 +157,8 @@ def main():
                 main_rows = {r["method"]: r for r in runs[10, seed]["rows"]}
                 if k == 10:
                     row = main_rows["atm"]
-                elif k == 1 and "task_arithmetic" in main_rows:
-                    row = main_rows["task_arithmetic"]  # K = 1 is one-shot task arithmetic
+                elif k == 1 and "mean" in main_rows:
+                    row = main_rows["mean"]  # K = 1 is one-shot task arithmetic (the mean)
                 else:
                     config = _base_config()
                     config.seed = seed

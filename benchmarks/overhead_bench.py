@@ -1,4 +1,4 @@
-"""Where an ATM iteration's wall time goes outside finetuning (issue 12, item 3).
+"""Where an ATM iteration's wall time goes outside finetuning.
 
 Runs one ATM method of a config through the real runner (``run_experiment``) with
 timers around the parts of an iteration: the task finetunes, evaluation after each

@@ -64,7 +64,7 @@ def worker(row_name: str, mesh: str, windows: int, steps: int) -> dict:
         host = train_bench.make_batches(row, row.batch, seed=g)
         placed = []
         for b in host:
-            arrays = {"images": b["inputs"], "labels": b["labels"],
+            arrays = {"inputs": b["inputs"], "labels": b["labels"],
                       "mask": np.ones(row.batch, np.float32)}
             if placement is not None:
                 total = placement.multiple * -(-row.batch // placement.multiple)

@@ -190,7 +190,7 @@ def jax_worker(row: Row, batch: int, windows: int, window_s: float) -> dict:
     finetuner = finetune.Finetuner(apply_fn, opt, train_head=False)
     state = finetuner.init_state(backbone, head)
     del backbone
-    batches = [{"images": b["inputs"], "labels": b["labels"], "mask": np.ones(batch, np.float32)}
+    batches = [{"inputs": b["inputs"], "labels": b["labels"], "mask": np.ones(batch, np.float32)}
                for b in make_batches(row, batch)]
     holder = {"state": state, "i": 0, "metrics": None}
 

@@ -191,7 +191,7 @@ def jax_ops_worker(row, batch, steps: int) -> dict:
     finetuner = finetune.Finetuner(apply_fn, opt, train_head=False)
     state = finetuner.init_state(backbone, head)
     del backbone
-    batches = [{"images": b["inputs"], "labels": b["labels"], "mask": np.ones(batch, np.float32)}
+    batches = [{"inputs": b["inputs"], "labels": b["labels"], "mask": np.ones(batch, np.float32)}
                for b in train_bench.make_batches(row, batch)]
     for i in range(2):  # compile, warm up
         state, metrics = finetuner.train_step(state, batches[i % len(batches)])

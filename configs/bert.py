@@ -2,8 +2,8 @@
 2411.03055, Table 5; recipe in atm_jax/recipes.py).
 
 Same protocol as configs/roberta.py: frozen random heads on the pooled output, max
-length 128, Adam 1e-5, batch 32, budget 10 epochs, ATM 10 × 1 epoch, TA / TIES /
-Breadcrumbs / DARE with mean aggregation and α = 1.
+length 128, Adam 1e-5, batch 32, budget 10 epochs, ATM 10 × 1 epoch, TA (the row
+``mean``) / TIES / Breadcrumbs / DARE with mean aggregation and α = 1.
 
 Run::
 

@@ -7,7 +7,7 @@ machine), and the ATM paper's protocol scaled down (arXiv 2411.03055, §4):
 
 * budget ``b = 10`` epochs per task for every method;
 * one-shot baselines: every task finetuned for ``b`` epochs from the pretrained
-  base, then merged once with task arithmetic (mean), TIES (15% kept),
+  base, then merged once with task arithmetic (the row ``mean``), TIES (15% kept),
   Breadcrumbs (0.85 / 0.993) and DARE (p = 0.9), all with mean aggregation and
   α = 1, as the paper's baselines;
 * ATM: ``b`` iterations × 1 epoch, mean merge, α = 1; valFT ATM: the same on the

@@ -12,26 +12,21 @@ fetches them once; see atm_jax/data/mini_text.py):
   politics, science, work).
 
 The protocol is configs/mini.py's: budget ``b = 10`` epochs per task for every
-method; task arithmetic, TIES (15%), Breadcrumbs (0.85 / 0.993) and DARE
-(p = 0.9) one-shot at α = 1; ATM and valFT ATM as 10 iterations × 1 epoch; one
+method; task arithmetic (the row ``mean``), TIES (15%), Breadcrumbs (0.85 / 0.993)
+and DARE (p = 0.9) one-shot at α = 1; ATM and valFT ATM as 10 iterations × 1 epoch; one
 optimizer setting for all (Adam 1e-4, batch 16, clip 10); references: the
 pretrained base with the heads, a linear probe, the individual finetunes. Heads
 are frozen random linear heads on the pooled output (the paper's NLP recipe),
 never merged; task vectors span the encoder only.
 
-Sizes, chosen so the whole run takes <= 30 min on this project's 2-core CPU:
-128 train / 64 validation / 200 test sentences per task, sequences of 32 tokens,
-batch 16 (8 steps per epoch). Measured 2026-11-30 with budget 2 (ATM 2 × 1) on
-the shared 2-core machine under a load average of ~10 (the run got 0.34 of a
-core on average, so the numbers are noisy): 1589 s wall, 540 s of CPU; about
-6 training and 15 evaluation sentences/s. Scaled to budget 10 (12,800 training
-sentences, 28 test evaluations of 4 × 200) that is ~67 min at that load and
-~13 min uncontended (CPU time ÷ ~1.7 usable cores): a 2× margin for a busy
-machine. Why these sizes: the cost is linear in sentences × tokens, and ATM's
-per-iteration evaluations make the test split cost as much as training; 32
-tokens keep 70% of movie, 83% of product, 46% of tweet and 62% of quote
-sentences whole (the rest are cut, not dropped); 200 test sentences give a
-per-task standard error of ~3.5 points (~1.8 on the 4-task mean).
+Sizes: 128 train / 64 validation / 200 test sentences per task, sequences of 32
+tokens, batch 16 (8 steps per epoch), chosen for a whole run within 30 min on a
+2-core CPU (the target), with a margin for a busy machine. The cost is linear in
+sentences × tokens, and ATM's per-iteration evaluations make the test split cost
+as much as training.
+The measurements behind these sizes (run time, sentences kept whole at 32
+tokens, the standard error of 200 test sentences):
+benchmarks/results/comments_moved_20261202.md.
 
 Run::
 

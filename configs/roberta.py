@@ -2,8 +2,8 @@
 Table 4; recipe in atm_jax/recipes.py).
 
 Pooled output → a frozen random linear head per task (seed 0), never merged; max
-length 128; Adam 1e-5, batch 32; budget 10 epochs; ATM 10 × 1 epoch; TA, TIES,
-Breadcrumbs, DARE (p 0.9), mean aggregation, α = 1; test on GLUE validation
+length 128; Adam 1e-5, batch 32; budget 10 epochs; ATM 10 × 1 epoch; TA (the row
+``mean``), TIES, Breadcrumbs, DARE (p 0.9), mean aggregation, α = 1; test on GLUE validation
 (validation_matched for MNLI).
 
 Run::

@@ -3,8 +3,8 @@ Tables 1 and 3; recipe in atm_jax/recipes.py).
 
 Frozen zero-shot heads from the CLIP text tower; only the image encoder is finetuned
 and merged. Adam 1e-5, batch 32, grad clip 10, no schedule; budget 10 epochs per
-task; ATM 10 iterations × 1 epoch (and valFT ATM on the validation split); TA, TIES
-(15% kept), Breadcrumbs (0.85 / 0.993), mean aggregation, α = 1.
+task; ATM 10 iterations × 1 epoch (and valFT ATM on the validation split); TA (the
+row ``mean``), TIES (15% kept), Breadcrumbs (0.85 / 0.993), mean aggregation, α = 1.
 
 Run (GPU or TPU host, with network once for weights and data)::
 

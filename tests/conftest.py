@@ -9,8 +9,9 @@ plus the tests' own `TEST_XLA_FLAGS`.
 
 Code not given a mesh runs on device 0 alone. Configs built in the tests default to
 ``config.mesh.data = 1`` (`one_device_default_mesh`): the real default (−1, every
-device) would put every runner test on an 8-way mesh of 2 shared cores, measured
-185 s -> 614 s for test_runner.py. Tests of the mesh set ``config.mesh`` themselves.
+device) would put every runner test on an 8-way mesh of 2 shared cores, several
+times slower (measured: see benchmarks/results/comments_moved_20261202.md). Tests of
+the mesh set ``config.mesh`` themselves.
 """
 
 import atexit
@@ -23,8 +24,8 @@ FAKE_DEVICES = 8
 
 # One persistent XLA cache for the whole session: both xdist workers and every
 # subprocess a test starts (the controller sets it before the workers fork, so they
-# inherit it) compile the same tiny programs, and only the first pays for XLA.
-# Measured: test_analysis's tiny run 59 s cold -> 33 s warm. A cache the user set wins.
+# inherit it) compile the same tiny programs, and only the first pays for XLA
+# (measured: see benchmarks/results/comments_moved_20261202.md). A cache the user set wins.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _XLA_CACHE = tempfile.mkdtemp(prefix="atm_jax_tests_xla_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
@@ -39,9 +40,9 @@ if "ATM_JAX_TEST_BASES" not in os.environ:
 # The tests' programs are tiny, so the suite's time is XLA compilation, most of it in
 # LLVM's code generation: the tests (and the subprocesses they start) compile with
 # LLVM's optimizations off. The HLO passes, and so the numerics, are those of a user's
-# run; only the machine code is less tuned. Measured on this machine (2 cores,
-# 2026-12-01): the whole suite 593 s -> 469 s, every test passing both ways. An
-# optimization level the user set wins.
+# run; only the machine code is less tuned, and every test passed both ways (measured:
+# see benchmarks/results/comments_moved_20261202.md). An optimization level the user
+# set wins.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
@@ -102,9 +103,8 @@ def fake_cache(tmp_path, monkeypatch, shared_bases):
     sources._MEMO.clear()
 
 
-# The heaviest files first (seconds of worker time in a clean-clone run on this
-# machine, 2026-12-01: resume 191, multihost 190, configs 135, runner 99, analysis 71,
-# sharding 49; the other 23 files 249 together). xdist's loadfile scheduler hands out
+# The heaviest files first (by worker time in a clean-clone run; measured: see
+# benchmarks/results/comments_moved_20261202.md). xdist's loadfile scheduler hands out
 # whole files in collection order, so starting the long ones first lets both workers
 # finish together instead of one idling while the other runs a late long file.
 SLOW_FIRST = ("test_resume.py", "test_multihost.py", "test_configs.py", "test_runner.py",

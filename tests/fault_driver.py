@@ -139,15 +139,15 @@ def install_fault(point: str, n: int) -> None:
 def log_finetune_calls(path: pathlib.Path) -> None:
     original = Finetuner.finetune
 
-    def finetune(self, backbone, head, images, labels, *, epochs, key, **kwargs):
-        images = np.asarray(images)
-        if images.ndim == 2:  # the linear probe's precomputed features: not a finetune
-            return original(self, backbone, head, images, labels, epochs=epochs, key=key, **kwargs)
+    def finetune(self, backbone, head, inputs, labels, *, epochs, key, **kwargs):
+        inputs = np.asarray(inputs)
+        if inputs.ndim == 2:  # the linear probe's precomputed features: not a finetune
+            return original(self, backbone, head, inputs, labels, epochs=epochs, key=key, **kwargs)
         ident = hashlib.sha1(np.asarray(jax.random.key_data(key)).tobytes()
-                             + images.tobytes()).hexdigest()[:12] + f"-{len(images)}x{epochs}"
+                             + inputs.tobytes()).hexdigest()[:12] + f"-{len(inputs)}x{epochs}"
         with open(path, "a") as f:
             f.write(f"start {ident}\n")
-        out = original(self, backbone, head, images, labels, epochs=epochs, key=key, **kwargs)
+        out = original(self, backbone, head, inputs, labels, epochs=epochs, key=key, **kwargs)
         with open(path, "a") as f:
             f.write(f"end {ident}\n")
         return out

@@ -1,4 +1,4 @@
-"""atm_jax.analysis (issue 14): Theorem 3.1, cosine / PCA, α selection, the recorded run.
+"""atm_jax.analysis: Theorem 3.1, cosine / PCA, α selection, the recorded run.
 
 References are independent of the code under test: the task-vector identity against
 a hand-written NumPy gradient, cosines and PCA against NumPy (loops, SVD), the α
@@ -168,12 +168,12 @@ def _analysis_config(config):
     from atm_jax import recipes
     with config.unlocked():
         m = config.methods
-        config.methods = {"task_arithmetic": m.task_arithmetic, "ties": m.ties, "atm": m.atm}
+        config.methods = {"mean": m.mean, "ties": m.ties, "atm": m.atm}
         config.references = ("individual",)
         config.tasks = tuple(config.tasks)[:2]
         recipes.analysis_methods(config)
         config.methods = {k: v for k, v in config.methods.items()
-                          if k in ("task_arithmetic", "ties", "ties_tuned", "ties_sum", "atm",
+                          if k in ("mean", "ties", "ties_tuned", "ties_sum", "atm",
                                    "ph_atm", "valft_atm_authors")}
         config.alpha_grid = (0.5, 1.0, 2.0)
     return config
@@ -198,7 +198,7 @@ def test_analysis_of_a_tiny_run(fake_cache, tmp_path):
     workdir = tmp_path / "work"
     out = runner.run_experiment(config, workdir, log=lambda *_: None)
     rows = {r["method"]: r for r in out["rows"]}
-    assert list(rows) == ["individual", "task_arithmetic", "ties", "ties_tuned", "ties_sum",
+    assert list(rows) == ["individual", "mean", "ties", "ties_tuned", "ties_sum",
                           "valft_atm_authors", "ph_atm", "atm"]
     # α-tuned row: the chosen α is the grid's best on validation, and the rows beside it stay.
     recorded = json.loads((workdir / "analysis" / "one_shot" / "ties_tuned.json").read_text())
@@ -208,10 +208,11 @@ def test_analysis_of_a_tiny_run(fake_cache, tmp_path):
     assert rows["ties_tuned"]["alpha"] == min(best, key=lambda a: (abs(a - 1), a))
     assert "alpha" not in rows["ties"]
     assert "ties_tuned (α = " in (workdir / "results.md").read_text()
-    # Post-hoc ATM starts from the one-shot merge; the authors' valFT from task arithmetic.
+    # Post-hoc ATM starts from the one-shot merge; the authors' valFT from the mean (task
+    # arithmetic).
     curves = out["curves"]
     assert curves["ph_atm"][0]["accuracy"] == rows["ties"]["accuracy"]
-    assert curves["valft_atm_authors"][0]["accuracy"] == rows["task_arithmetic"]["accuracy"]
+    assert curves["valft_atm_authors"][0]["accuracy"] == rows["mean"]["accuracy"]
 
     # The CLI: theory on a few examples, then the report (figures, JSON, TensorBoard).
     assert cli.main([str(workdir), "--examples", "8", "--etas", "0.01", "--epochs", "1,2",

@@ -109,11 +109,11 @@ def test_one_atm_step_is_a_gradient_step_on_the_mean_loss():
 def test_budget_accounting_and_history():
     finetune, evaluate, calls, _ = _setup()
     _, _, history = atm.run(_base(), _heads(), finetune=finetune, evaluate=evaluate,
-                            iterations=4, epochs_per_iteration=2, key=jax.random.key(0), name="x")
+                            iterations=4, epochs_per_iteration=2, key=jax.random.key(0))
     assert calls == [(t, 2) for _ in range(4) for t in TASKS]
     assert [h["iteration"] for h in history] == [0, 1, 2, 3, 4]
     assert [h["epochs_per_task"] for h in history] == [0, 2, 4, 6, 8]
-    assert all(h["method"] == "x" for h in history)
+    assert all(h["method"] == "atm" for h in history)
     last = history[-1]
     assert set(last["accuracy"]) == set(TASKS)
     assert last["average_accuracy"] == pytest.approx(np.mean(list(last["accuracy"].values())))
@@ -379,29 +379,46 @@ def test_inputs_are_checked_with_the_fix_in_the_message():
 def test_scalar_metrics_are_logged():
     finetune, _, _ = _scripted()  # returns {"loss": 0.25}, a number, not a per-epoch list
     lines = []
-    atm.run(_base(), _counting_heads(), finetune=finetune, evaluate=None, iterations=1,
-            epochs_per_iteration=1, key=jax.random.key(0), log=lines.append)
+    atm.iteration(atm.init(_base(), _counting_heads()), finetune=finetune, epochs=1,
+                  merge=atm.MergeSpec(), key=jax.random.key(0), log=lines.append)
     assert any("finetune a: 1 epoch(s), final loss 0.2500" in line for line in lines)
 
 
-def test_start_outside_the_run_is_refused_and_a_start_state_is_not_changed():
+def test_run_and_one_shot_take_exactly_their_parameters_and_name_what_replaced_the_rest():
+    import inspect
+
+    assert list(inspect.signature(atm.run).parameters) == [
+        "base", "heads", "finetune", "evaluate", "iterations", "epochs_per_iteration", "merge",
+        "key", "carry_heads", "eval_every"]
+    assert list(inspect.signature(atm.one_shot).parameters) == [
+        "base", "heads", "finetune", "evaluate", "epochs", "merges", "key", "tune_alpha",
+        "alpha_grid", "validate"]
     finetune, seen, _ = _scripted()
-    kwargs = dict(finetune=finetune, evaluate=None, epochs_per_iteration=1, key=jax.random.key(0))
-    late = atm.State(iteration=3, base=_base(), heads=_counting_heads())
-    with pytest.raises(ValueError, match="start is at iteration 3 with 0 tasks done, outside "
-                                         r"this run's 2 iterations × 3 tasks"):
-        atm.run(_base(), _counting_heads(), iterations=2, start=late, **kwargs)
-    crowded = atm.State(0, _base(), _counting_heads(), finetuned=(_base(),) * 4)
-    with pytest.raises(ValueError, match="with 4 tasks done"):
-        atm.run(_base(), _counting_heads(), iterations=2, start=crowded, **kwargs)
+    kwargs = dict(finetune=finetune, evaluate=None, iterations=1, epochs_per_iteration=1,
+                  key=jax.random.key(0))
+    for gone, replacement in (("callback", "atm.record"), ("on_progress", "atm.iteration"),
+                              ("start", "from that state"), ("finetune_tasks", "atm.iteration"),
+                              ("tasks_per_call", "count="), ("log", "your own loop"),
+                              ("name", "atm.record")):
+        with pytest.raises(TypeError, match=rf"run\(\) no longer takes {gone}=: .*{replacement}"):
+            atm.run(_base(), _counting_heads(), **kwargs, **{gone: None})
+    for gone in ("callback", "on_progress", "start", "finetune_tasks", "tasks_per_call", "log"):
+        with pytest.raises(TypeError, match=rf"one_shot\(\) no longer takes {gone}=: .*atm\."):
+            atm.one_shot(_base(), _counting_heads(), finetune=finetune, evaluate=None, epochs=1,
+                         merges={}, key=jax.random.key(0), **{gone: None})
     assert not seen
-    # Resuming after one finetune: the rest of the run, and the start state untouched.
+
+
+def test_a_loop_over_iteration_continues_a_state_exactly_and_leaves_it_unchanged():
+    finetune, _, _ = _scripted()
+    key = jax.random.key(0)
     state = atm.finetune_next(atm.init(_base(), _counting_heads()), finetune=finetune,
-                              epochs=1, key=jax.random.key(0))
+                              epochs=1, key=key)
     snapshot = (state.iteration, len(state.finetuned), dict(state.heads), dict(state.finetuned_heads))
-    resumed = atm.run(None, None, iterations=1, start=state, **kwargs)[0]
-    fresh = atm.run(_base(), _counting_heads(), iterations=1, **kwargs)[0]
-    _assert_trees_equal(resumed, fresh)
+    resumed, _ = atm.iteration(state, finetune=finetune, epochs=1, merge=atm.MergeSpec(), key=key)
+    fresh = atm.run(_base(), _counting_heads(), finetune=finetune, evaluate=None, iterations=1,
+                    epochs_per_iteration=1, key=key)[0]
+    _assert_trees_equal(resumed.base, fresh)
     assert (state.iteration, len(state.finetuned), dict(state.heads),
             dict(state.finetuned_heads)) == snapshot
 

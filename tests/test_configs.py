@@ -41,7 +41,7 @@ def _common_recipe(config):
     assert (atm.kind, atm.merge, atm.alpha, atm.iterations, atm.split) == ("atm", "mean", 1.0, 10, "train")
     assert config.budget // atm.iterations == 1  # K = 10 × 1 epoch
     one_shot = {n: config.methods[n] for n in config.methods if config.methods[n].kind == "one_shot"}
-    assert one_shot["task_arithmetic"].merge == "mean"
+    assert one_shot["mean"].merge == "mean"
     assert one_shot["ties"].merge == "ties" and one_shot["ties"].merge_kwargs.density == 0.15
     crumbs = one_shot["breadcrumbs"].merge_kwargs
     assert one_shot["breadcrumbs"].merge == "breadcrumbs" and (crumbs.beta, crumbs.gamma) == (0.85, 0.993)
@@ -64,7 +64,7 @@ def test_vit_is_the_papers_vision_recipe():
     assert (config.model.name, config.model.weights) == ("clip", "openai/clip-vit-base-patch16")
     assert config.heads == "zero_shot" and "pretrained" in config.references  # zero-shot row
     assert config.data.augment is True  # RandomResizedCrop 0.9–1.0, bicubic
-    assert {n for n in config.methods} == {"task_arithmetic", "ties", "breadcrumbs", "valft_atm", "atm"}
+    assert {n for n in config.methods} == {"mean", "ties", "breadcrumbs", "valft_atm", "atm"}
     assert config.methods.valft_atm.split == "validation" and config.methods.valft_atm.iterations == 10
 
 
@@ -78,7 +78,23 @@ def test_nlp_configs_are_the_papers_glue_recipe(name, weights):
     assert config.heads == "frozen_random" and config.head_seed == 0
     assert config.data.max_length == 128 and config.data.augment is False
     assert config.methods.dare.merge == "dare" and config.methods.dare.merge_kwargs.p == 0.9
-    assert {n for n in config.methods} == {"task_arithmetic", "ties", "breadcrumbs", "dare", "atm"}
+    assert {n for n in config.methods} == {"mean", "ties", "breadcrumbs", "dare", "atm"}
+
+
+@pytest.mark.parametrize("name,arg", [("mini", None), ("mini", "analysis"), ("mini_text", None),
+                                      ("vit", "analysis"), ("bert", None), ("roberta", "analysis")])
+def test_the_task_arithmetic_rows_are_named_mean_like_their_merge(name, arg):
+    # merge.task_arithmetic is the sum; the configs' task arithmetic row is the mean.
+    config = load(name, arg)
+    rows = list(config.methods)
+    assert "mean" in rows and not any("task_arithmetic" in r for r in rows)
+    assert (config.methods.mean.kind, config.methods.mean.merge) == ("one_shot", "mean")
+    assert schema.method_order(config)[0] == "mean"
+    if arg == "analysis":
+        assert config.methods.mean_tuned.merge == "mean" and config.methods.mean_tuned.tune_alpha
+        assert config.methods.valft_atm_authors.start == "mean"
+        assert schema.method_order(config).index("mean_tuned") < schema.method_order(
+            config).index("ties_tuned")
 
 
 def test_config_argument_is_checked():
@@ -152,7 +168,7 @@ def test_runlocal_runs_main_end_to_end(name, runlocal):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if name == "vit":
         # Only the image encoder merges: the exported text tower is the initial one.
-        pretrained = hf.load(workdir / "hf" / "task_arithmetic").params["text"]
+        pretrained = hf.load(workdir / "hf" / "mean").params["text"]
         for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves(exported.params["text"])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # A finished run started again resumes at its end and rewrites the same table.

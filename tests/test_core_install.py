@@ -1,4 +1,4 @@
-"""The light core install (issue 10): ``pip install atm_jax`` = jax, flax, optax, numpy.
+"""The light core install: ``pip install atm_jax`` = jax, flax, optax, numpy.
 
 A fresh ``python -m venv`` (no system site-packages) gets exactly the dependency
 closure of ``pyproject.toml``'s core ``dependencies`` (read from the installed

@@ -101,12 +101,59 @@ def test_a_bucket_workdir_gets_the_run_files(bucket):
 
 def test_metrics_on_a_bucket_are_rewritten_whole(bucket):
     metrics = writers.MetricsWriter(epath.Path(f"{BUCKET}/w/metrics.jsonl"))
-    metrics.reset()
+    metrics.resume()
     record = {"method": "atm", "iteration": 1, "epochs_per_task": 1, "accuracy": {"a": 0.5}}
     metrics(record)
     metrics(dict(record, iteration=2))
     lines = (bucket / "w" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
+    # Resumed from a checkpoint that counted one record: the rest is rewritten away.
+    again = writers.MetricsWriter(epath.Path(f"{BUCKET}/w/metrics.jsonl"))
+    again.resume(1)
+    again(dict(record, iteration=3))
+    lines = (bucket / "w" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 3]
+
+
+RECORD = {"method": "atm", "iteration": 1, "epochs_per_task": 1, "accuracy": {"a": 0.5, "b": 0.25},
+          "finetune": {"a": {"loss": [0.9, 0.7]}, "b": {"loss": [0.3]}},
+          "merge": {"task_vector_norm": [1.5, 2.5]}}
+
+
+def test_metrics_are_appended_and_a_resume_keeps_exactly_the_counted_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    metrics = writers.MetricsWriter(path)
+    metrics.resume()
+    metrics(RECORD)
+    assert metrics.count == 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"method": "atm", "iteration": 1, "epochs_per_task": 1, "task": "a", "accuracy": 0.5,
+         "train_loss": 0.7, "task_vector_norm": 1.5},
+        {"method": "atm", "iteration": 1, "epochs_per_task": 1, "task": "b", "accuracy": 0.25,
+         "train_loss": 0.3, "task_vector_norm": 2.5}]
+    first = path.read_text()
+    metrics(dict(RECORD, iteration=2))  # written after the checkpoint that counted 2 ...
+    with open(path, "a") as f:
+        f.write('{"method": "atm", "itera')  # ... and a line torn by a kill
+    resumed = writers.MetricsWriter(path)
+    resumed.resume(2)
+    assert path.read_text() == first and resumed.count == 2
+    resumed(dict(RECORD, iteration=2))
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 1, 2, 2]
+    # An iteration that was not evaluated still writes its train losses and norms.
+    skipped = {k: v for k, v in RECORD.items() if k != "accuracy"}
+    resumed(dict(skipped, iteration=3))
+    last = [json.loads(line) for line in path.read_text().splitlines()][-2:]
+    assert [(r["task"], r["train_loss"], r["task_vector_norm"]) for r in last] == [
+        ("a", 0.7, 1.5), ("b", 0.3, 2.5)]
+    assert all("accuracy" not in r for r in last)
+    # Fewer records than the checkpoint counts: the file was changed, say so.
+    with pytest.raises(ValueError, match="holds 6 whole records but the checkpoint counts 9"):
+        writers.MetricsWriter(path).resume(9)
+    # An earlier release's checkpoint held the lines themselves: exactly those are kept.
+    old = writers.MetricsWriter(path)
+    old.resume(lines=first.splitlines()[:1])
+    assert path.read_text() == first.splitlines()[0] + "\n" and old.count == 1
 
 
 def test_curves_plot_only_the_evaluated_iterations(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def numpy_grads(backbone, head, images, labels):
 
 
 def full_batch(images, labels):
-    return {"images": images, "labels": labels, "mask": np.ones(len(labels), np.float32)}
+    return {"inputs": images, "labels": labels, "mask": np.ones(len(labels), np.float32)}
 
 
 @pytest.mark.parametrize("train_head", [False, True])
@@ -81,7 +81,7 @@ def test_padded_batch_has_the_loss_and_gradient_of_the_real_rows():
     finetuner = Finetuner(linear_apply, OptimizerConfig(0.1, grad_clip=None, name="sgd"),
                           train_head=True)
     garbage = np.full((3,) + IMAGE_SHAPE, 7.0, np.float32)
-    padded = {"images": np.concatenate([images, garbage]),
+    padded = {"inputs": np.concatenate([images, garbage]),
               "labels": np.concatenate([labels, [2, 1, 0]]).astype(np.int32),
               "mask": np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)}
     state_p, metrics_p = finetuner.train_step(finetuner.init_state(backbone, head), padded)
@@ -166,7 +166,7 @@ def _visited(finetuner, n, *, key, epoch):
     out = []
     for batch in finetuner.epoch_batches(ids, labels, key=key, epoch=epoch):
         real = np.asarray(batch["mask"]) > 0
-        out += [int(v) for v in np.asarray(batch["images"])[real, 0, 0, 0]]
+        out += [int(v) for v in np.asarray(batch["inputs"])[real, 0, 0, 0]]
     return out
 
 
@@ -188,6 +188,16 @@ def test_epochs_visit_the_examples_in_different_orders():
     # epoch_order itself: a permutation per epoch, distinct across epochs.
     direct = [epoch_order(key, e, n).tolist() for e in range(3)]
     assert direct == orders
+
+
+def test_batches_carry_inputs_of_any_dtype():
+    # Token ids travel the same path as pixels: the batch key says neither.
+    tokens = np.arange(30, dtype=np.int32).reshape(10, 3)
+    finetuner = Finetuner(linear_apply, OptimizerConfig(batch_size=4), train_head=True)
+    batches = list(finetuner.epoch_batches(tokens, np.zeros(10, np.int32),
+                                           key=jax.random.key(0), epoch=0))
+    assert [set(b) for b in batches] == [{"inputs", "labels", "mask"}] * 3
+    assert all(np.asarray(b["inputs"]).dtype == np.int32 for b in batches)
 
 
 def _negate(images, key):
@@ -316,6 +326,30 @@ def test_finetune_argument_errors():
         finetuner.finetune(backbone, head, images, labels[:9], epochs=1, key=jax.random.key(0))
 
 
+def test_the_old_images_keyword_still_works_with_a_deprecation_warning():
+    backbone, head, images, labels = make_problem()
+    finetuner = Finetuner(linear_apply, OptimizerConfig(batch_size=4), train_head=True)
+    key = jax.random.key(0)
+    want = finetuner.finetune(backbone, head, images, labels, epochs=1, key=key)
+    with pytest.warns(DeprecationWarning, match=r"finetune\(images=...\) is deprecated.*inputs="):
+        got = finetuner.finetune(backbone, head, images=images, labels=labels, epochs=1, key=key)
+    for a, b in zip(jax.tree.leaves(want[:2]), jax.tree.leaves(got[:2]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, _ = finetuner.train_epoch(finetuner.init_state(backbone, head), images, labels,
+                                     key=key, epoch=0)
+    with pytest.warns(DeprecationWarning, match=r"train_epoch\(images=...\)"):
+        old, _ = finetuner.train_epoch(finetuner.init_state(backbone, head), images=images,
+                                       labels=labels, key=key, epoch=0)
+    np.testing.assert_array_equal(state["backbone"]["w"], old["backbone"]["w"])
+    apply = functools.partial(linear_apply)  # its own compile cache entry, not linear_apply's
+    with pytest.warns(DeprecationWarning, match=r"accuracy\(images=...\)"):
+        acc = evaluate.accuracy(apply, backbone, head, images=images, labels=labels)
+    assert acc == evaluate.accuracy(apply, backbone, head, inputs=images, labels=labels)
+    with pytest.raises(TypeError, match="both inputs= and its deprecated old name images="):
+        finetuner.finetune(backbone, head, inputs=images, images=images, labels=labels,
+                           epochs=1, key=key)
+
+
 def test_progress_bar_runs(capsys):
     backbone, head, images, labels = make_problem()
     finetuner = Finetuner(linear_apply, OptimizerConfig(batch_size=4), train_head=True,
@@ -418,7 +452,7 @@ def test_accuracy_matches_numpy_argmax_with_padded_last_batch():
     evaluate.accuracy(linear_apply, backbone, head, images[:7], labels[:7], batch_size=5)
     assert evaluate._count_correct_for(linear_apply)._cache_size() == 1
     assert evaluate.accuracy(linear_apply, backbone, head, images, labels, batch_size=100) == got
-    with pytest.raises(ValueError, match="0 images"):
+    with pytest.raises(ValueError, match="0 inputs"):
         evaluate.accuracy(linear_apply, backbone, head, images[:0], labels[:0])
 
 
@@ -475,7 +509,7 @@ def _step_program(precision="float32", remat=False) -> str:
     """The jaxpr of one train step, as text."""
     tuner = _tuner(precision, remat)
     _, backbone, head, images, labels = _tiny_vit_problem(n=16)
-    batch = {"images": images, "labels": labels, "mask": np.ones(16, np.float32)}
+    batch = {"inputs": images, "labels": labels, "mask": np.ones(16, np.float32)}
     return str(jax.make_jaxpr(tuner.train_step)(tuner.init_state(backbone, head), batch))
 
 

@@ -302,7 +302,7 @@ def test_export_rejects_params_unlike_config(tmp_path):
     config, params = _tiny("bert")
     del params["pooler"]
     params["embeddings"]["LayerNorm"]["scale"] = np.ones(5, np.float32)
-    with pytest.raises(hf.CheckpointError, match=r"missing pooler/dense/kernel") as info:
+    with pytest.raises(hf.WeightsMismatchError, match=r"missing pooler/dense/kernel") as info:
         hf.export(tmp_path, "bert", config, params)
     assert "embeddings/LayerNorm/scale: expected (32,), found (5,)" in str(info.value)
     with pytest.raises(ValueError, match="model_type 'bert'"):
@@ -405,18 +405,38 @@ def test_export_removes_a_stale_shard_index(tmp_path):
     _assert_bitwise_equal(hf.load(folder).params, checkpoint.params)
 
 
+def test_checkpoint_error_is_a_deprecated_alias_that_still_catches(tmp_path):
+    from atm_jax import errors
+    with pytest.warns(DeprecationWarning, match="CheckpointError is deprecated.*WeightsMismatchError"):
+        old = errors.CheckpointError
+    assert old is errors.WeightsMismatchError and issubclass(old, ValueError)
+    with pytest.warns(DeprecationWarning):
+        from atm_jax.errors import CheckpointError
+    config, params = _tiny("bert")
+    del params["pooler"]
+    try:
+        hf.export(tmp_path, "bert", config, params)
+    except CheckpointError as e:  # code written against the old name keeps working
+        assert type(e) is errors.WeightsMismatchError and "missing pooler" in str(e)
+    else:
+        pytest.fail("params without the pooler were exported")
+    assert "CheckpointError" not in errors.__all__ and "WeightsMismatchError" in errors.__all__
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchError'"):
+        errors.NoSuchError  # noqa: B018
+
+
 def test_missing_and_misshapen_tensors_are_named(tmp_path):
     folder = _copy_fixture("bert", tmp_path / "bert")
     name = "encoder.layer.1.output.dense.weight"
     _rewrite_tensors(folder, lambda t: {k: v for k, v in t.items() if k != name})
-    with pytest.raises(hf.CheckpointError, match="missing") as info:
+    with pytest.raises(hf.WeightsMismatchError, match="missing") as info:
         hf.load(folder)
     assert name in str(info.value)
 
     folder = _copy_fixture("roberta", tmp_path / "roberta")
     name = "encoder.layer.0.intermediate.dense.weight"
     _rewrite_tensors(folder, lambda t: {**t, name: np.zeros((64, 31), np.float32)})
-    with pytest.raises(hf.CheckpointError) as info:
+    with pytest.raises(hf.WeightsMismatchError) as info:
         hf.load(folder)
     assert f"{name}: expected (64, 32), found (64, 31)" in str(info.value)
 

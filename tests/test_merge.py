@@ -744,7 +744,7 @@ def test_registry_defaults_match_documentation():
 
 
 # ----------------------------------------------------------------------------
-# Issue 10: inputs, NaN under jit, static hyperparameters, numerics, collections
+# Input rules: inputs, NaN under jit, static hyperparameters, numerics, collections
 # ----------------------------------------------------------------------------
 
 

@@ -129,6 +129,54 @@ def test_sigkill_at_every_point_then_resume_gives_bitwise_the_uninterrupted_run(
     assert set(ends) == set(reference_ends)
 
 
+# The last commit whose checkpoints stored metrics.jsonl's text in their meta and
+# whose configs had no field added since: a workdir it wrote must resume under this code.
+OLD_RELEASE = "a1a3748"
+
+
+def _old_release(tmp_path) -> pathlib.Path:
+    """The package and test drivers of OLD_RELEASE, unpacked from git (skips where the
+    clone has no history)."""
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{OLD_RELEASE}^{{commit}}"],
+                           cwd=ROOT, capture_output=True, text=True)
+    if known.returncode != 0:
+        pytest.skip(f"commit {OLD_RELEASE} is not in this clone (shallow or exported): the "
+                    "upgrade test needs the repository's history (git fetch --unshallow)")
+    tree = tmp_path / "old"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", OLD_RELEASE, "atm_jax", "configs", "tests"],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def test_a_workdir_killed_under_the_previous_release_resumes_and_finishes(
+        cache, reference, tmp_path):
+    old = _old_release(tmp_path)
+    workdir, calls = tmp_path / "work", tmp_path / "calls"
+    env = dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(old))
+    # Killed mid-merge in ATM's first iteration (the one-shot rows merged twice before).
+    killed = subprocess.run([sys.executable, str(old / "tests" / "fault_driver.py"), str(workdir),
+                             str(calls), "merge:3"], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=old)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    meta = json.loads(max((workdir / "checkpoints").glob("[0-9]*/meta/metadata"),
+                          key=lambda p: int(p.parent.parent.name)).read_text())
+    assert "metrics" in meta and "records" not in meta  # the old layout
+    assert meta["position"]["unit"] == "atm" and "one_shot" in meta["done"]
+    for name in ("eval_every", "precision", "remat"):  # fields that release had too
+        assert name in meta["config"]
+    done = drive(cache, workdir, calls)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from checkpoint" in done.stdout
+    for name in OUTPUTS:
+        assert (workdir / name).read_bytes() == (reference / "work" / name).read_bytes(), name
+    ours = json.loads((workdir / "results.json").read_text())
+    theirs = json.loads((reference / "work" / "results.json").read_text())
+    assert ours["rows"] == theirs["rows"] and ours["curves"] == theirs["curves"]
+
+
 def test_resumed_run_does_not_redo_finished_tasks(cache, reference, tmp_path):
     workdir, calls = tmp_path / "work", tmp_path / "calls"
     # Saves: pretrained, linear probe, 2 one-shot tasks, one-shot done, ATM iteration 0,

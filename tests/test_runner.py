@@ -51,7 +51,7 @@ def test_paper_protocol_fields_of_mini():
     assert config.methods.dare.merge_kwargs.p == 0.9
     assert all(config.methods[m].alpha == 1.0 for m in config.methods)
     assert {config.methods[m].merge for m in config.methods} == {"mean", "ties", "breadcrumbs", "dare"}
-    assert schema.method_order(config) == ["task_arithmetic", "ties", "breadcrumbs", "dare",
+    assert schema.method_order(config) == ["mean", "ties", "breadcrumbs", "dare",
                                                "valft_atm", "atm"]
 
 
@@ -145,7 +145,7 @@ def test_main_end_to_end_on_tiny_data(fake_cache, tmp_path):
 
     results = json.loads((workdir / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
-    assert methods == ["pretrained", "linear_probe", "individual", "task_arithmetic", "ties",
+    assert methods == ["pretrained", "linear_probe", "individual", "mean", "ties",
                        "breadcrumbs", "dare", "valft_atm", "atm"]
     tasks = list(config.tasks)
     for row in results["rows"]:
@@ -239,7 +239,16 @@ def test_eval_every_skips_evaluations_and_later_iterations_compile_nothing(fake_
     assert [h["iteration"] for h in out["curves"]["atm"]] == [0, 2, 3]
     assert out["rows"][-1]["accuracy"] == out["curves"]["atm"][-1]["accuracy"]
     lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({line["iteration"] for line in lines}) == [0, 2, 3]
+    evaluated = sorted({line["iteration"] for line in lines if "accuracy" in line})
+    assert evaluated == [0, 2, 3]
+    # Every iteration writes its train losses, evaluated or not (iteration 1 is not).
+    tasks = sorted({line["task"] for line in lines})
+    losses = {(line["iteration"], line["task"]) for line in lines
+              if line.get("train_loss") is not None}
+    assert losses == {(k, t) for k in (1, 2, 3) for t in tasks}
+    skipped = [line for line in lines if line["iteration"] == 1]
+    assert skipped and all("accuracy" not in line and line["task_vector_norm"] > 0
+                           for line in skipped)
     assert any("evaluated every 2 iterations" in note for note in out["notes"])
     assert (tmp_path / "work" / "accuracy_vs_iteration.png").stat().st_size > 0
 
@@ -256,9 +265,9 @@ def test_valft_trains_on_the_validation_split_and_save_params_off_writes_none(
     sizes = []
     original = Finetuner.finetune
 
-    def spy(self, backbone, head, images, labels, **kwargs):
+    def spy(self, backbone, head, inputs, labels, **kwargs):
         sizes.append(len(labels))
-        return original(self, backbone, head, images, labels, **kwargs)
+        return original(self, backbone, head, inputs, labels, **kwargs)
 
     monkeypatch.setattr(Finetuner, "finetune", spy)
     runner.run_experiment(config, tmp_path / "work", log=lambda *_: None)

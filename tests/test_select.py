@@ -198,7 +198,7 @@ def test_host_method_under_jit_names_the_alternatives():
 @pytest.mark.parametrize("in_place", [True, False])
 def test_auto_under_jit_on_cpu_runs_the_host_selection_as_a_callback(monkeypatch, in_place):
     # Bisection's 31 counting passes made TIES under the caller's jit 6x slower than
-    # eager on CPU (issue 10): "auto" lowers to one host callback and stays exact.
+    # eager on CPU: "auto" lowers to one host callback and stays exact.
     # buffer_callback reads XLA's buffers in place; pure_callback (the fallback for a
     # jax without it) copied 3 x 21M float32 inputs for 0.47 s, more than the selection.
     if not in_place:

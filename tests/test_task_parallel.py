@@ -60,16 +60,26 @@ def _hook_setup():
     return finetune, finetune_tasks, calls
 
 
+def _loop(finetune_tasks, per_call, *, iterations, key, progress):
+    """A caller's own ATM loop through the hook: groups of ``per_call`` tasks."""
+    state = atm.init(_base(), _heads())
+    while state.iteration < iterations:
+        state, _ = atm.iteration(state, finetune=None, epochs=1, merge=atm.MergeSpec(), key=key,
+                                 finetune_tasks=finetune_tasks, tasks_per_call=per_call,
+                                 on_progress=progress.append)
+        progress.append(state)
+    return state
+
+
 @pytest.mark.parametrize("per_call", [None, 2])
-def test_run_and_one_shot_with_finetune_tasks_equal_the_sequential_loop(per_call):
+def test_a_loop_with_finetune_tasks_equals_the_sequential_run(per_call):
     finetune, finetune_tasks, calls = _hook_setup()
     key = jax.random.key(3)
     kwargs = dict(finetune=finetune, evaluate=None, iterations=2, epochs_per_iteration=1, key=key)
     seq = atm.run(_base(), _heads(), **kwargs)
     progress = []
-    par = atm.run(_base(), _heads(), **kwargs, finetune_tasks=finetune_tasks,
-                  tasks_per_call=per_call, on_progress=progress.append)
-    assert _leaves_equal(seq[0], par[0]) and _leaves_equal(seq[1], par[1])
+    par = _loop(finetune_tasks, per_call, iterations=2, key=key, progress=progress)
+    assert _leaves_equal(seq[0], par.base) and _leaves_equal(seq[1], par.heads)
     groups = [c[0] for c in calls]
     expected = [TASKS] if per_call is None else [("a", "b"), ("c", "d"), ("e",)]
     assert groups == expected * 2
@@ -82,14 +92,16 @@ def test_run_and_one_shot_with_finetune_tasks_equal_the_sequential_loop(per_call
     assert len(progress) == 2 * (len(expected) + 1)  # each group, each merge
     # Results were appended in task order whatever order the dict came back in.
     assert list(progress[0].finetuned_heads) == list(expected[0])
-    calls.clear()
-    evaluate = lambda params, heads: {t: 0.5 for t in heads}  # noqa: E731
-    one = atm.one_shot(_base(), _heads(), finetune=finetune, evaluate=evaluate, epochs=1,
-                       merges={"ta": atm.MergeSpec()}, key=key)
-    one_par = atm.one_shot(_base(), _heads(), finetune=finetune, evaluate=evaluate, epochs=1,
-                           merges={"ta": atm.MergeSpec()}, key=key,
-                           finetune_tasks=finetune_tasks, tasks_per_call=per_call)
-    assert _leaves_equal(one["params"], one_par["params"])
+    # The sequential hook is the sequential loop.
+    state = atm.init(_base(), _heads())
+    hook = atm.sequential(finetune)
+    while len(state.finetuned) < len(TASKS):
+        state = atm.finetune_group(state, finetune_tasks=hook, count=1, epochs=1, key=key)
+    one = atm.one_shot(_base(), _heads(), finetune=finetune, evaluate=lambda p, h: {t: 0.5 for t in h},
+                       epochs=1, merges={"ta": atm.MergeSpec()}, key=key)
+    merged = atm.one_shot_merge(state, atm.MergeSpec(), key=atm.merge_key(key, 0),
+                                evaluate=lambda p, h: {t: 0.5 for t in h})
+    assert _leaves_equal(one["params"]["ta"], merged["params"])
 
 
 def test_a_resumed_mid_iteration_state_continues_with_groups_from_there():
@@ -112,9 +124,9 @@ def test_hook_errors_name_method_task_and_iteration():
         raise DivergedError("non-finite loss nan in epoch 0 at step 2")
 
     with pytest.raises(DivergedError, match=r"atm: task \['a', 'b'\], iteration 1: non-finite"):
-        atm.run(_base(), _heads(), finetune=finetune, evaluate=None, iterations=1,
-                epochs_per_iteration=1, key=jax.random.key(0), finetune_tasks=diverging,
-                tasks_per_call=2)
+        atm.iteration(atm.init(_base(), _heads()), finetune=finetune, epochs=1,
+                      merge=atm.MergeSpec(), key=jax.random.key(0), finetune_tasks=diverging,
+                      tasks_per_call=2)
     with pytest.raises(TypeError, match=r"must return \{task: \(params, head, metrics dict\)\} "
                                         r"for the tasks \['a'\]"):
         atm.iteration(atm.init(_base(), _heads()), finetune=finetune, epochs=1,

@@ -262,7 +262,7 @@ def test_check_finite_names_leaf_and_task():
 
 
 # ----------------------------------------------------------------------------
-# Issue 10: shapes never broadcast, lists vs trees, integers, collections
+# Input rules: shapes never broadcast, lists vs trees, integers, collections
 # ----------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The paper's evidence on a run: orthogonality, task vectors as gradients, gradient
-structure, trajectory, loss bookkeeping, α-tuned baselines (issue 14).
+structure, trajectory, loss bookkeeping, α-tuned baselines.
 
 * `recorder`: what the runner writes to ``<workdir>/analysis/`` when ``config.analysis``;
 * `report`: ``analysis.json`` + figures + TensorBoard from those files;

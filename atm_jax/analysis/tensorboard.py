@@ -26,6 +26,8 @@ def write(folder, summary: dict, metrics_lines: list[dict]) -> None:
         averages: dict = {}
         for line in metrics_lines:
             method, k = line["method"], int(line["iteration"])
+            if "accuracy" not in line:  # an iteration eval_every skipped
+                continue
             writer.add_scalar(f"accuracy/{method}/{line['task']}", line["accuracy"], k)
             averages.setdefault((method, k), []).append(line["accuracy"])
         for (method, k), values in sorted(averages.items()):

@@ -44,7 +44,7 @@ import numpy as np
 from etils import epath
 
 from atm_jax import files
-from atm_jax.errors import CheckpointError, HubUnavailableError, UnsafeCheckpointError
+from atm_jax.errors import HubUnavailableError, UnsafeCheckpointError, WeightsMismatchError
 from atm_jax.models import bert, clip
 
 FAMILIES = ("clip", "bert", "roberta")
@@ -336,7 +336,7 @@ def _params_from_tensors(
         array = _contiguous(transform.from_hf(np.asarray(tensor, np.float32)))
         items.append((path, array))
     if mismatched:
-        raise CheckpointError(
+        raise WeightsMismatchError(
             f"{where}: {len(mismatched)} tensor(s) have shapes that do not match config.json "
             "(HF layout):\n  " + "\n  ".join(mismatched)
         )
@@ -353,7 +353,7 @@ def _params_from_tensors(
         )
     elif missing:
         names = [prefix + name for _, _, name in missing]
-        raise CheckpointError(
+        raise WeightsMismatchError(
             f"{where}: {len(names)} tensor(s) that config.json requires are missing"
             f"{f' (looked for prefix {prefix!r})' if prefix else ''}:\n  " + "\n  ".join(names)
         )
@@ -410,7 +410,7 @@ def load(
         The `HFCheckpoint`; params are float32 NumPy arrays.
 
     Raises:
-        CheckpointError: tensors missing or shaped unlike ``config.json`` says.
+        WeightsMismatchError: tensors missing or shaped unlike ``config.json`` says.
         UnsafeCheckpointError: only pickles exist and ``allow_pickle`` is False.
         HubUnavailableError: a hub id could not be fetched.
     """
@@ -433,7 +433,7 @@ def to_hf_tensors(family: str, config: Mapping[str, Any], params: Mapping) -> di
     """Our params as HF tensors: {HF name: float32 contiguous array in HF layout}.
 
     Raises:
-        CheckpointError: ``params`` lacks leaves the config describes, has extra ones,
+        WeightsMismatchError: ``params`` lacks leaves the config describes, has extra ones,
             or shapes differ.
     """
     expected = {path: spec.shape for path, spec in _leaves(_abstract_params(family, config))}
@@ -446,7 +446,7 @@ def to_hf_tensors(family: str, config: Mapping[str, Any], params: Mapping) -> di
         if p in expected and tuple(np.shape(a)) != tuple(expected[p])
     ]
     if problems:
-        raise CheckpointError(
+        raise WeightsMismatchError(
             f"params do not match the {family} config:\n  " + "\n  ".join(problems)
         )
     tensors = {}

@@ -1,0 +1,174 @@
+"""How task vectors become the next base: `MergeSpec`, `merge_step`, and α on validation.
+
+``merge_step(base, finetuned, spec)`` is ``base + alpha * merge(finetuned_t - base)``
+over the leaves the spec selects; ATM's iterations and the one-shot baselines both
+end in it (`atm_jax.atm`). `tuned_merge` is the fair baseline of Ilharco et al. and
+Yadav et al.: the scale α picked from a grid by the average validation accuracy,
+the test accuracy then measured once, at that α.
+
+Which leaves merge: only the ``params`` collection when ``base`` is a Flax
+variables dict (``{"params": …, "batch_stats": …}``), or only ``nnx.Param`` in an
+``nnx.State``: running statistics are not task-vector material (a mean of
+variances scaled by α can go negative), and they keep the base's values.
+``MergeSpec(collections=(…))`` widens this on purpose. Inside the merged
+collection, ``include`` / ``exclude`` regexes choose leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from atm_jax import merge as merge_lib
+from atm_jax import tree as tree_lib
+
+PyTree = Any
+
+__all__ = ["MergeSpec", "merge_step", "select_alpha", "tuned_merge"]
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class MergeSpec:
+    """How task vectors become the next base.
+
+    ``MergeSpec("ties", density=0.15, alpha=1.0)`` or, equivalently,
+    ``MergeSpec("ties", {"density": 0.15})``.
+
+    Attributes:
+      name: a registered merge (``atm_jax.merge.names()``).
+      kwargs: its hyperparameters (e.g. ``{"density": 0.15}``).
+      alpha: scale of the merged delta: ``base + alpha * merge(...)`` (α > 0).
+      include / exclude: leaf-path regexes selecting what merges; leaves left out
+        keep the base's value.
+      collections: for a Flax variables dict, the collections that merge (default
+        ``("params",)``; see the module docstring).
+    """
+    name: str
+    kwargs: Mapping[str, Any]
+    alpha: float
+    include: str | Sequence[str] | None
+    exclude: str | Sequence[str] | None
+    collections: tuple[str, ...]
+
+    def __init__(self, name: str = "mean", kwargs: Mapping[str, Any] | None = None, *,
+                 alpha: float = 1.0, include: str | Sequence[str] | None = None,
+                 exclude: str | Sequence[str] | None = None,
+                 collections: Sequence[str] = ("params",), **hparams):
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"MergeSpec kwargs={kwargs!r} must be a dict of hyperparameters; "
+                            f"or pass them as keywords: MergeSpec({name!r}, density=0.2).")
+        both = set(kwargs or {}) & set(hparams)
+        if both:
+            raise TypeError(f"MergeSpec got {sorted(both)} both in kwargs and as keywords.")
+        kwargs = {**(kwargs or {}), **hparams}
+        if isinstance(collections, str):
+            collections = (collections,)
+        for field, value in (("name", name), ("kwargs", dict(kwargs)), ("alpha", alpha),
+                             ("include", include), ("exclude", exclude),
+                             ("collections", tuple(collections))):
+            object.__setattr__(self, field, value)
+        # Raises on unknown names (listing the known ones) and on bad values.
+        merge_lib.info(self.name).check(**self.kwargs)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) \
+                or not (np.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha={alpha!r} must be a positive number (the paper uses 1).")
+
+
+def _merge_predicate(base: PyTree, spec: MergeSpec) -> Callable[[str], bool]:
+    """Which leaf paths merge: the spec's regexes, inside the merged collections
+    (`tree.split` applies the collection rule to Flax variables dicts)."""
+    if isinstance(base, Mapping) and "params" in base:
+        unknown = set(spec.collections) - set(base)
+        if unknown:
+            raise ValueError(f"MergeSpec collections {sorted(unknown)} are not in the base, "
+                             f"which has {sorted(base)}.")
+    return tree_lib.path_filter(spec.include, spec.exclude, collections=spec.collections)
+
+
+def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
+               key: jax.Array) -> tuple[PyTree, dict]:
+    """``base + alpha * merge(finetuned_t - base)`` and diagnostics.
+
+    Returns:
+      The new base and ``{"task_vector_norm": [T], "cosine": [T, T], "delta_norm",
+      "merge_seconds"}`` (plain Python numbers, ready for JSON).
+    """
+    start = time.perf_counter()
+    predicate = _merge_predicate(base, spec)
+    selected_base, rest = tree_lib.split(base, predicate)
+    stacked = tree_lib.stacked_task_vectors([tree_lib.split(f, predicate)[0] for f in finetuned],
+                                            selected_base)
+    fn = merge_lib.get(spec.name)
+    # The base tells a stack from a list of trees whatever container tops the params
+    # (per-layer lists), and checks every leaf's task axis.
+    kwargs = dict(spec.kwargs)
+    if "like" in merge_lib.info(spec.name).options:
+        kwargs["like"] = selected_base
+    with warnings.catch_warnings():
+        if set(spec.collections) - {"params"}:  # asked for on purpose: no warning
+            warnings.simplefilter("ignore", tree_lib.StateMergeWarning)
+        delta = fn(stacked, key=key, **kwargs) if merge_lib.info(spec.name).stochastic \
+            else fn(stacked, **kwargs)
+    delta = jax.block_until_ready(delta)
+    seconds = time.perf_counter() - start
+    new_base = tree_lib.join(tree_lib.apply(selected_base, delta, spec.alpha), rest)
+    gram = tree_lib.gram_matrix(stacked, like=selected_base)
+    diagnostics = {
+        "task_vector_norm": np.sqrt(np.diagonal(np.asarray(gram))).tolist(),
+        "cosine": np.asarray(tree_lib.cosine_from_gram(gram)).round(6).tolist(),
+        "delta_norm": float(tree_lib.global_norm(delta)),
+        "merge_seconds": round(seconds, 4),
+    }
+    return new_base, diagnostics
+
+
+def select_alpha(validation: Mapping[float, float]) -> float:
+    """The α with the best validation score; a tie goes to the α closest to 1 (the
+    paper's default), then to the smaller α.
+
+    Args:
+      validation: ``{α: average validation accuracy}``.
+
+    Raises:
+      ValueError: an empty grid or a non-finite score (names the α).
+    """
+    if not validation:
+        raise ValueError("select_alpha got no α: config.alpha_grid is empty.")
+    for alpha, score in validation.items():
+        if not np.isfinite(score):
+            raise ValueError(f"the validation score of α={alpha} is {score}; cannot choose α.")
+    best = max(validation.values())
+    return min((a for a, s in validation.items() if s == best), key=lambda a: (abs(a - 1.0), a))
+
+
+def tuned_merge(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec,
+                grid: Sequence[float], *, key, validate: Callable[[PyTree], Mapping[str, float]]
+                ) -> dict:
+    """Merges ``finetuned`` once per α of ``grid`` and keeps the best on validation.
+
+    Args:
+      spec: the merge (its own α is ignored).
+      key: the merge key (DARE: the same masks for every α).
+      validate: ``params -> {task: validation accuracy}``.
+
+    Returns:
+      ``{"alpha", "params", "diagnostics", "validation": {α: average accuracy}}``.
+    """
+    scores, merged = {}, {}
+    for alpha in grid:
+        params, diagnostics = merge_step(
+            base, finetuned, dataclasses.replace(spec, alpha=float(alpha)), key=key)
+        acc = validate(params)
+        scores[float(alpha)] = float(np.mean(list(acc.values())))
+        merged[float(alpha)] = (params, diagnostics)
+        best = select_alpha(scores)
+        merged = {best: merged[best]}  # hold two merged models at most
+    alpha = select_alpha(scores)
+    params, diagnostics = merged[alpha]
+    return {"alpha": alpha, "params": params, "diagnostics": diagnostics, "validation": scores}
