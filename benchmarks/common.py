@@ -30,13 +30,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def commit() -> str:
-    """The short hash of HEAD, with "+dirty" when tracked files differ from it."""
+def commit(tree: str | os.PathLike = ROOT) -> str:
+    """The short hash of ``tree``'s HEAD (default: this checkout), with "+dirty" when
+    tracked files differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=ROOT, check=True).stdout.strip()
+                              text=True, cwd=tree, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=ROOT, check=True).stdout
+                               capture_output=True, text=True, cwd=tree, check=True).stdout
         return head + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -14,6 +14,13 @@ Run::
 
   python benchmarks/merge_bench.py                 # 7 × 86M, writes benchmarks/results/
   python benchmarks/merge_bench.py --tasks 3 --blocks 2 --repeats 2 --no-write   # quick look
+  python benchmarks/merge_bench.py --against /tmp/old --rounds 2   # this tree vs another
+
+``--against TREE`` compares this checkout with another source tree (a ``git
+worktree`` of an earlier commit): per operator, the two trees' workers alternate
+``--rounds`` times (this, other, this, other, …), so slow spells of a shared machine
+hit both; the table gives each side's median over all its timed runs and the spread
+between its own rounds, which is the noise the ratio has to beat.
 """
 
 from __future__ import annotations
@@ -184,10 +191,55 @@ def _worker(impl: str, op: str, hp: dict, tasks: int, blocks: int, repeats: int)
             "peak_extra_bytes": max(0, peak - base) if has_peak else None}
 
 
-def _measure(impl, op, hp, args) -> dict | None:
-    return common.run_worker(__file__, ["--worker", json.dumps([impl, op, hp]),
-                                        "--tasks", str(args.tasks), "--blocks", str(args.blocks),
-                                        "--repeats", str(args.repeats)])
+def _measure(impl, op, hp, args, tree: pathlib.Path | None = None) -> dict | None:
+    """One worker process; ``tree``: run that source tree's merge_bench and package."""
+    script = __file__ if tree is None else tree / "benchmarks" / "merge_bench.py"
+    env = None if tree is None else {"PYTHONPATH": str(tree)}
+    return common.run_worker(script, ["--worker", json.dumps([impl, op, hp]),
+                                      "--tasks", str(args.tasks), "--blocks", str(args.blocks),
+                                      "--repeats", str(args.repeats)], env=env)
+
+
+def compare_trees(ops, args, per_task: int) -> None:
+    """This checkout against ``args.against``, the workers of each operator interleaved."""
+    other = pathlib.Path(args.against).resolve()
+    sides = {"this": None, "other": other}
+    lines = ["| operator | this tree s | other tree s | this ÷ other | this: round spread "
+             "| other: round spread |", "|---|---:|---:|---:|---:|---:|"]
+    for op, hp in ops:
+        label = _label(op, hp)
+        runs = {name: [] for name in sides}
+        for r in range(args.rounds):
+            for name, tree in sides.items():
+                print(f"  {label}: round {r + 1}/{args.rounds}, {name} tree", flush=True)
+                result = _measure("atm_jax", op, hp, args, tree)
+                if result is None:
+                    raise SystemExit(f"the worker failed ({name} tree)")
+                runs[name].append(result)
+
+        def med(name):
+            return common.median([t for r in runs[name] for t in r["times"]])
+
+        def spread(name):
+            rounds = [r["median"] for r in runs[name]]
+            return f"{(max(rounds) - min(rounds)) / min(rounds):.0%}"
+
+        lines.append(f"| {label} | {med('this'):.3f} | {med('other'):.3f} | "
+                     f"{med('this') / med('other'):.2f} | {spread('this')} | {spread('other')} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.no_write:
+        return
+    path = common.write_results("merge_bench", [
+        common.versions("jax", "numpy"), f"this tree: {common.commit()}; other tree: {other} "
+        f"({common.commit(other)})",
+        f"inputs: {args.tasks} × {per_task / 1e6:.1f}M float32 (ViT-B/16 leaf shapes); per "
+        f"operator {args.rounds} rounds of one worker per tree, alternating, each worker "
+        f"timing {args.repeats} runs after a warm-up; medians over all timed runs of a tree",
+        "round spread: (slowest − fastest round median) ÷ fastest, within one tree",
+    ], table)
+    print(f"\nwrote {path.relative_to(common.ROOT)}")
 
 
 def _label(op, hp):
@@ -213,6 +265,8 @@ def main():
     parser.add_argument("--ops", default="", help="comma-separated operator names (default: all)")
     parser.add_argument("--no-reference", action="store_true", help="skip NumPy and torch")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--against", help="another source tree to compare this one with")
+    parser.add_argument("--rounds", type=int, default=2, help="with --against: rounds per tree")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -230,6 +284,9 @@ def main():
     ops = [(op, hp) for op, hp in OPERATORS if not wanted or op in wanted]
     print(f"{args.tasks} task vectors × {per_task / 1e6:.1f}M float32 "
           f"({args.tasks * per_task * 4 / 2**30:.2f} GiB stacked), median of {args.repeats} runs")
+    if args.against:
+        compare_trees(ops, args, per_task)
+        return
     rows = []
     for op, hp in ops:
         label = _label(op, hp)
