@@ -1,4 +1,4 @@
-"""Multi-host runs: ``jax.distributed`` from flags, the start line, task placement,
+"""Multi-host runs: ``jax.distributed`` from flags, the start line, task ownership,
 privacy-aware ATM (PA-ATM, paper §6) and the few collectives the runner needs.
 
 JAX is the distributed engine: one Python process per host (or per GPU node), all
@@ -6,7 +6,8 @@ running the same program; ``jax.distributed.initialize`` connects them, after wh
 ``jax.devices()`` lists every process's devices and ``jit`` with shardings spans them
 (what "pmapped" steps mean in today's JAX).
 
-Two task placements (``config.task_placement``):
+Two task ownerships (``config.task_ownership``; the device mesh is
+``config.mesh``, `atm_jax.sharding.Placement`):
 
 * ``"all"`` (default): every process sees every task; finetunes and merges run on
   the whole mesh (or, without a data mesh, replicated on each process).
@@ -28,12 +29,12 @@ import numpy as np
 from atm_jax import closures
 from atm_jax.errors import ConfigError
 
-__all__ = ["PLACEMENTS", "initialize", "start_line", "local_placement", "owner", "owned_tasks", "allgather_tree",
+__all__ = ["TASK_OWNERSHIP", "initialize", "start_line", "local_placement", "owner", "owned_tasks", "allgather_tree",
            "broadcast_from_first", "allgather_float64",
            "gather_accuracies", "make_finetune_tasks"]
 
 PyTree = Any
-PLACEMENTS = ("all", "per_process")
+TASK_OWNERSHIP = ("all", "per_process")
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
@@ -119,30 +120,27 @@ def start_line(config_mesh: Mapping | None = None, per_process: bool = False) ->
 
 
 def local_placement(config_mesh: Mapping):
-    """PA-ATM's placement: ``config.mesh`` over this process's devices only (each
-    process finetunes its own tasks alone); None with one local device."""
+    """PA-ATM's device mesh: ``config.mesh`` over this process's devices only (each
+    process finetunes its own tasks alone); a 1 × 1 mesh with one local device."""
     from atm_jax import sharding
 
-    mesh = sharding.make_mesh(config_mesh, jax.local_devices())
-    if mesh.size == 1:
-        return None
-    return sharding.Placement(mesh, config_mesh.get("params", sharding.DEFAULT["params"]))
+    return sharding.Placement.of(config_mesh, jax.local_devices())
 
 
-# -- task placement ---------------------------------------------------------------------
+# -- task ownership ---------------------------------------------------------------------
 
 def owner(task_index: int, num_processes: int | None = None) -> int:
     """The process that owns task ``task_index`` under ``per_process`` (round robin)."""
     return task_index % (jax.process_count() if num_processes is None else num_processes)
 
 
-def owned_tasks(tasks: Sequence[str], placement: str, *, process: int | None = None,
+def owned_tasks(tasks: Sequence[str], ownership: str, *, process: int | None = None,
                 num_processes: int | None = None) -> list[str]:
     """The tasks whose data this process loads: all of them under ``"all"``, its
     round-robin share under ``"per_process"``."""
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"config.task_placement={placement!r} must be one of {PLACEMENTS}.")
-    if placement == "all":
+    if ownership not in TASK_OWNERSHIP:
+        raise ConfigError(f"config.task_ownership={ownership!r} must be one of {TASK_OWNERSHIP}.")
+    if ownership == "all":
         return list(tasks)
     process = jax.process_index() if process is None else process
     return [t for i, t in enumerate(tasks) if owner(i, num_processes) == process]

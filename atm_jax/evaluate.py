@@ -58,7 +58,7 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, inputs, labels, *,
         batch_size: rows per forward pass.
         placement: a mesh (`atm_jax.sharding.Placement`): params placed by its
             rules, every batch padded to a multiple of its devices and split over
-            them; None = one device.
+            them; None = one device (`atm_jax.sharding.Placement.single`).
 
     Returns:
         Fraction of correctly classified examples, in [0, 1].
@@ -79,17 +79,14 @@ def accuracy(apply_fn: ApplyFn, backbone: PyTree, head: dict, inputs, labels, *,
         count_correct = _make_count_correct(apply_fn)
 
     if placement is None:
-        counts = [count_correct(backbone, head, x, y, mask > 0)
-                  for (x, y), mask in batching.padded_batches([inputs, labels], batch_size)]
-    else:
-        backbone, head = placement.params(backbone), placement.params(head)
-        total = batching.padded_size(batch_size, placement.multiple)
-        batches = batching.padded_batches([inputs, labels], batch_size,
-                                          multiple=placement.multiple,
-                                          rows=placement.local_rows(total))
-        placed = batching.prefetch(
-            (tuple(placement.put(a, total) for a in (x, y, mask > 0)) for (x, y), mask in batches))
-        counts = [count_correct(backbone, head, x, y, m) for x, y, m in placed]
+        placement = Placement.single()
+    backbone, head = placement.params(backbone), placement.params(head)
+    total = batching.padded_size(batch_size, placement.multiple)
+    batches = batching.padded_batches([inputs, labels], batch_size, multiple=placement.multiple,
+                                      rows=placement.local_rows(total))
+    placed = batching.prefetch(
+        (tuple(placement.put(a, total) for a in (x, y, mask > 0)) for (x, y), mask in batches))
+    counts = [count_correct(backbone, head, x, y, m) for x, y, m in placed]
     return int(sum(jax.device_get(counts))) / len(inputs)
 
 

@@ -202,7 +202,7 @@ class Finetuner:
             propagates the batch and param shardings; no pmap), one compilation
             per mesh.
         placement: the default mesh of `finetune` (`atm_jax.sharding.Placement`;
-            None = one device, exactly the single-device program).
+            None = `Placement.single()`, a 1 × 1 mesh on the first device).
         precision, remat: the step's compute dtype and activation recomputation
             (see `make_train_step`); the defaults are the exact float32 step.
     """
@@ -212,7 +212,7 @@ class Finetuner:
                  placement: Placement | None = None, precision: str = "float32",
                  remat: bool = False):
         self.apply_fn = apply_fn
-        self.placement = placement
+        self.placement = Placement.single() if placement is None else placement
         self.augment = augment
         self.opt = opt
         self.train_head = train_head
@@ -239,24 +239,24 @@ class Finetuner:
                       epoch: int, placement: Placement | None = None) -> Iterator[dict]:
         """The batches of one epoch in its keyed order, built ahead on a thread.
 
-        Without a placement: NumPy batches of ``batch_size`` rows (the last padded
-        and masked). With one: batches padded to a multiple of the mesh size, this
-        process's rows gathered and assembled into global arrays sharded over the
-        mesh (`atm_jax.sharding.Placement`).
+        Batches of ``batch_size`` rows (the last padded and masked), padded to a
+        multiple of the mesh size; this process's rows are assembled into global
+        arrays sharded over the mesh (`atm_jax.sharding.Placement`; None: a 1 × 1
+        mesh on the first device).
         """
+        if placement is None:
+            placement = Placement.single()
         order = epoch_order(key, epoch, len(inputs))
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
         size = self.opt.batch_size
-        multiple = 1 if placement is None else placement.multiple
-        total = batching.padded_size(size, multiple)
-        rows = slice(None) if placement is None else placement.local_rows(total)
+        total = batching.padded_size(size, placement.multiple)
+        rows = placement.local_rows(total)
 
         def batches():
             for i, ((x, y), mask) in enumerate(batching.padded_batches(
-                    [inputs, labels], size, order, multiple=multiple, rows=rows)):
-                batch = {"inputs": x, "labels": y, "mask": mask}
-                if placement is not None:
-                    batch = {k: placement.put(v, total) for k, v in batch.items()}
+                    [inputs, labels], size, order, multiple=placement.multiple, rows=rows)):
+                batch = {k: placement.put(v, total)
+                         for k, v in {"inputs": x, "labels": y, "mask": mask}.items()}
                 if self.augment is not None:
                     batch["key"] = jax.random.fold_in(epoch_key, i)
                 yield batch
@@ -280,7 +280,8 @@ class Finetuner:
             key: PRNG key of the whole finetuning call.
             epoch: 0-based epoch index (mixed into the shuffle).
             bar: optional progress bar, advanced once per step.
-            placement: the mesh the batches are sharded over (None: one device).
+            placement: the mesh the batches are sharded over (None: one device,
+                `Placement.single()`).
 
         Returns:
             (state, metrics) with metrics {"loss": mean CE over the epoch's examples,
@@ -358,7 +359,8 @@ class Finetuner:
                 epoch (for logging; see `train_epoch` for the metrics).
             placement: the mesh to train on (`atm_jax.sharding.Placement`): params
                 and optimizer state placed by its rules, batches split over its
-                devices; None = one device; "default" = ``self.placement``.
+                devices; None = one device (`Placement.single()`); "default" =
+                ``self.placement``.
 
         Returns:
             (backbone, head, metrics) with metrics {"loss": [mean loss per epoch],
@@ -398,13 +400,14 @@ class Finetuner:
             raise ValueError(f"epochs={epochs!r} is invalid: must be an integer >= 1")
         if isinstance(placement, str):
             placement = self.placement
+        elif placement is None:
+            placement = Placement.single()
         return self._finetune_steps(backbone, head, inputs, labels, epochs, key, on_epoch,
                                     placement)
 
     def _finetune_steps(self, backbone, head, inputs, labels, epochs, key, on_epoch, placement):
         start = time.perf_counter()
-        if placement is not None:
-            backbone, head = placement.params(backbone), placement.params(head)
+        backbone, head = placement.params(backbone), placement.params(head)
         state = self.init_state(backbone, head)
         steps_per_epoch = batching.num_batches(len(inputs), self.opt.batch_size)
         bar = (_tqdm()(total=epochs * steps_per_epoch, leave=False, file=sys.stderr,

@@ -161,6 +161,8 @@ def _train(model: ViT, pretrain: Mapping[str, Any], log: Callable[[str], None]
     backbone, head, metrics = finetuner.finetune(
         backbone, head, images, labels, epochs=pretrain["epochs"], key=shuffle_key,
         on_epoch=on_epoch)
+    # Plain (uncommitted) arrays, as a base loaded from the cache is: the run places it.
+    backbone = jax.tree.map(jnp.asarray, jax.device_get(backbone))
     held_out_accuracy = accuracy(apply_fn, backbone, head, held_images, held_labels)
     seconds = time.perf_counter() - start
     log(f"pretrain: held-out glyph accuracy {held_out_accuracy:.4f} after "

@@ -159,7 +159,7 @@ def mini() -> ml_collections.ConfigDict:
     config.resume = "auto"
     # Multi-host: "all" = every process sees every task; "per_process" = PA-ATM (paper
     # §6): task i is loaded and finetuned only by process i % P (atm_jax.distributed).
-    config.task_placement = "all"
+    config.task_ownership = "all"
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True  # <workdir>/params/<method>.msgpack: each method's final backbone
     config.mesh = mesh()
@@ -248,7 +248,7 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.resume = "auto"
     # Multi-host: "all" = every process sees every task; "per_process" = PA-ATM (paper
     # §6): task i is loaded and finetuned only by process i % P (atm_jax.distributed).
-    config.task_placement = "all"
+    config.task_ownership = "all"
     config.checkpoint = ml_collections.ConfigDict({"keep": 3})
     config.save_params = True
     config.export_hf = True  # <workdir>/hf/<method>/: loadable by transformers

@@ -33,7 +33,7 @@ import numpy as np
 from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
-from atm_jax import distributed, files, parallel, results, schema, sharding, suites, writers
+from atm_jax import distributed, files, parallel, results, schema, sharding, suites, upgrades, writers
 from atm_jax import workdir as workdir_lib
 from atm_jax.analysis import recorder as recorder_lib
 from atm_jax.analysis import report as report_lib
@@ -80,7 +80,7 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
     """
     validate(config)
     log(distributed.start_line(dict(config.get("mesh", sharding.DEFAULT)),
-                               config.get("task_placement", "all") == "per_process"))
+                               config.get("task_ownership", "all") == "per_process"))
     suite = suites.get(config.suite)
     workdir = workdir_lib.writable(workdir)
     started = time.perf_counter()
@@ -89,13 +89,25 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
     try:
         restored = ckpt.latest()
         defaults = schema.field_defaults(config.suite)
+        saved_json = workdir_lib.saved_config(workdir)
+        # A workdir of an earlier release: its fields and rows under today's names.
+        renames = upgrades.renames_between(
+            restored.meta["config"] if restored else saved_json, config_json)
+        if renames:
+            if restored is not None:
+                restored.meta = upgrades.meta(restored.meta, renames)
+            if saved_json is not None:
+                saved_json = upgrades.config(saved_json, renames)
         # Both records of the run's config must agree with this one: the checkpoint's
         # and config.json (no checkpoint, but another run's files: keep them).
-        for saved in (restored.meta["config"] if restored else None,
-                      workdir_lib.saved_config(workdir)):
+        for saved in (restored.meta["config"] if restored else None, saved_json):
             if saved is not None:
                 workdir_lib.check_resumable(saved, config_json, config.resume, workdir,
                                             defaults=defaults)
+        if renames:  # only a workdir this run continues is changed
+            moved = upgrades.workdir_files(workdir, renames)
+            log(f"workdir written by an earlier release: renamed {renames.describe()}"
+                + (f" ({'; '.join(moved)})" if moved else ""))
         if restored is not None:
             log(f"resuming from checkpoint step {restored.step} in {workdir / 'checkpoints'} "
                 f"({workdir_lib.describe_position(restored.meta)})")
@@ -148,10 +160,10 @@ class Runner:
         self.key = jax.random.key(config.seed)
         self.key_data = np.asarray(jax.random.key_data(self.key))
         self.opt = OptimizerConfig(**config.optimizer.to_dict())
-        # The device mesh (None on one device: the single-device program). PA-ATM:
-        # each process finetunes its own tasks alone, on a mesh of its local devices.
+        # The device mesh (a 1 × 1 mesh on one device). PA-ATM: each process
+        # finetunes its own tasks alone, on a mesh of its local devices.
         self.mesh = dict(config.get("mesh", sharding.DEFAULT))
-        self.per_process = config.get("task_placement", "all") == "per_process"
+        self.per_process = config.get("task_ownership", "all") == "per_process"
         self.placement = distributed.local_placement(self.mesh) if self.per_process \
             else sharding.Placement.of(self.mesh)
         # A step-level progress bar in a terminal (or when asked); logs stay clean in CI.

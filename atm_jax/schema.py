@@ -22,7 +22,7 @@ from atm_jax import tree as tree_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import PRECISIONS, OptimizerConfig
 
-__all__ = ["HEAD_MODES", "REFERENCES", "SPLITS", "KINDS", "RESUME_MODES", "TASK_PLACEMENTS",
+__all__ = ["HEAD_MODES", "REFERENCES", "SPLITS", "KINDS", "RESUME_MODES", "TASK_OWNERSHIP",
            "PER_PROCESS_SUITES", "DISPLAY_ORDER",
            "REFERENCE_LABELS", "field", "positive_int", "integer", "flag", "check_keys",
            "allowed_fields", "field_defaults", "validate_common", "check_mesh",
@@ -33,7 +33,7 @@ REFERENCES = ("pretrained", "linear_probe", "individual")
 SPLITS = ("train", "validation")
 KINDS = ("one_shot", "atm")
 RESUME_MODES = ("auto", "force")
-TASK_PLACEMENTS = ("all", "per_process")  # atm_jax.distributed.PLACEMENTS
+TASK_OWNERSHIP = ("all", "per_process")  # atm_jax.distributed.TASK_OWNERSHIP
 # The suites whose build loads only this process's tasks (PA-ATM).
 PER_PROCESS_SUITES = ("mini",)
 DISPLAY_ORDER = ("mean", "ties", "breadcrumbs", "dare", "dare_ties",
@@ -158,15 +158,15 @@ def validate_common(config) -> None:
         raise ConfigError(f"config.resume={config.resume!r} must be one of {RESUME_MODES}: 'auto' "
                           "continues a run found in the workdir when its config is the same, "
                           "'force' continues it even when the config differs.")
-    placement = field(config, "task_placement")
-    if placement not in TASK_PLACEMENTS:
-        raise ConfigError(f"config.task_placement={placement!r} must be one of {TASK_PLACEMENTS}: "
+    ownership = field(config, "task_ownership")
+    if ownership not in TASK_OWNERSHIP:
+        raise ConfigError(f"config.task_ownership={ownership!r} must be one of {TASK_OWNERSHIP}: "
                           "'all' (every process sees every task) or 'per_process' (PA-ATM: each "
                           "task's data stays on one process).")
-    if placement == "per_process" and suite not in PER_PROCESS_SUITES:
-        raise ConfigError(f"config.task_placement='per_process' is implemented for the "
+    if ownership == "per_process" and suite not in PER_PROCESS_SUITES:
+        raise ConfigError(f"config.task_ownership='per_process' is implemented for the "
                           f"{PER_PROCESS_SUITES} suite(s), not {suite!r} (its build loads every "
-                          "task): use task_placement='all'.")
+                          "task): use task_ownership='all'.")
     keep = positive_int(config, "checkpoint.keep")
     if keep < 2:
         raise ConfigError(f"config.checkpoint.keep={keep} must be at least 2, so a damaged newest "

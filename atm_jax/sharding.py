@@ -20,12 +20,14 @@ Multi-process ready: every process builds only the rows of the global batch its
 own devices hold (`local_rows`), and the global array comes from
 ``jax.make_array_from_process_local_data``.
 
-With one device in all, `Placement.of` returns None and every caller runs the
-single-device code unchanged (bitwise the numbers of a run without a mesh).
+A run always has a placement: with one device it is a 1 × 1 mesh
+(`Placement.single`), so `finetune` and `evaluate` have one code path, and its
+numbers are bitwise those of the plain single-device program (tested).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -150,13 +152,16 @@ class Placement:
         self.multiple = int(mesh.size)
 
     @classmethod
-    def of(cls, config_mesh: Mapping) -> Placement | None:
-        """The placement of ``config.mesh`` on this machine's devices; None with a
-        single device (the unsharded code path, bitwise the single-device run)."""
-        mesh = make_mesh(config_mesh)
-        if mesh.size == 1:
-            return None
-        return cls(mesh, config_mesh.get("params", DEFAULT["params"]))
+    def of(cls, config_mesh: Mapping, devices: Sequence[jax.Device] | None = None) -> Placement:
+        """The placement of ``config.mesh`` on ``devices`` (default: every device);
+        a 1 × 1 mesh when there is one."""
+        return cls(make_mesh(config_mesh, devices), config_mesh.get("params", DEFAULT["params"]))
+
+    @classmethod
+    def single(cls, device: jax.Device | None = None) -> Placement:
+        """A 1 × 1 mesh on ``device`` (default: this process's first device): the
+        placement of a run without a mesh."""
+        return _single(jax.local_devices()[0] if device is None else device)
 
     def param_shardings(self, tree: PyTree) -> PyTree:
         """A NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
@@ -183,3 +188,8 @@ class Placement:
 
     def __repr__(self) -> str:
         return f"Placement(mesh={dict(self.mesh.shape)}, devices={self.mesh.size})"
+
+
+@functools.lru_cache(maxsize=None)
+def _single(device: jax.Device) -> Placement:
+    return Placement(Mesh(np.array([device]).reshape(1, 1), AXES))

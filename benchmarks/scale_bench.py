@@ -54,23 +54,20 @@ def worker(row_name: str, mesh: str, windows: int, steps: int) -> dict:
                                    grad_clip=train_bench.GRAD_CLIP, batch_size=row.batch)
     full = sharding.make_mesh({"task": task, "data": data})
     groups = sharding.task_meshes(full) if task > 1 else [full]
-    placements = [None if m.size == 1 else sharding.Placement(m) for m in groups]
+    placements = [sharding.Placement(m) for m in groups]
     finetuner = finetune.Finetuner(apply_fn, opt, train_head=False)
     states, batches = [], []
     for g, placement in enumerate(placements):
-        states.append(finetuner.init_state(
-            backbone if placement is None else placement.params(backbone),
-            head if placement is None else placement.params(head)))
+        states.append(finetuner.init_state(placement.params(backbone), placement.params(head)))
         host = train_bench.make_batches(row, row.batch, seed=g)
         placed = []
         for b in host:
             arrays = {"inputs": b["inputs"], "labels": b["labels"],
                       "mask": np.ones(row.batch, np.float32)}
-            if placement is not None:
-                total = placement.multiple * -(-row.batch // placement.multiple)
-                arrays = {k: placement.put(np.concatenate(
-                    [v, np.zeros((total - len(v), *v.shape[1:]), v.dtype)]), total)
-                    for k, v in arrays.items()}
+            total = placement.multiple * -(-row.batch // placement.multiple)
+            arrays = {k: placement.put(np.concatenate(
+                [v, np.zeros((total - len(v), *v.shape[1:]), v.dtype)]), total)
+                for k, v in arrays.items()}
             placed.append(arrays)
         batches.append(placed)
     holder = {"i": 0, "metrics": []}

@@ -52,8 +52,10 @@ def tiny_config():
         config.data.train_size, config.data.validation_size, config.data.test_size = 32, 8, 16
         config.optimizer.batch_size = 8
         config.pretrain.num_images, config.pretrain.batch_size, config.pretrain.held_out = 128, 32, 32
-        config.methods = {"ties": config.methods.ties, "dare": config.methods.dare,
-                          "atm": config.methods.atm}
+        # Rows run in table order (schema.DISPLAY_ORDER): mean (named task_arithmetic
+        # by earlier releases), ties, dare, then ATM.
+        config.methods = {"mean": config.methods.mean, "ties": config.methods.ties,
+                          "dare": config.methods.dare, "atm": config.methods.atm}
         config.checkpoint.keep = 2
     return config
 

@@ -4,7 +4,7 @@ on 127.0.0.1 (gloo CPU collectives), each with 2 fake CPU devices, through
 
 The reference is one process with the same global device count (4). Checked:
 the two-process run equals it bitwise and only process 0 writes files; PA-ATM
-(``task_placement="per_process"``) equals it too and no process loads another's
+(``task_ownership="per_process"``) equals it too and no process loads another's
 task; a SIGKILLed process makes the other exit with JAX's message within the
 heartbeat timeout, and a restart of both resumes to the uninterrupted result.
 """
@@ -184,7 +184,7 @@ def test_pa_atm_equals_one_process_and_keeps_each_task_on_its_process(cache, ref
     loads = tmp_path / "loads"
     loads.mkdir()
     workdir = tmp_path / "work"
-    (rc0, log0), (rc1, log1) = run_processes(cache, workdir, "--config.task_placement=per_process",
+    (rc0, log0), (rc1, log1) = run_processes(cache, workdir, "--config.task_ownership=per_process",
                                              MULTIHOST_LOADS=str(loads))
     assert (rc0, rc1) == (0, 0), log0[-3000:] + log1[-3000:]
     assert "mesh task=1 x data=2 over this process's devices (PA-ATM)" in log1
@@ -254,7 +254,7 @@ def test_round_robin_placement():
             == by_hand[p]
     assert distributed.owned_tasks(tasks, "per_process", process=2, num_processes=3) == ["c"]
     assert distributed.owned_tasks(tasks, "all", process=1, num_processes=2) == tasks
-    with pytest.raises(errors.ConfigError, match="task_placement='some'"):
+    with pytest.raises(errors.ConfigError, match="task_ownership='some'"):
         distributed.owned_tasks(tasks, "some")
 
 

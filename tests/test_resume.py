@@ -18,7 +18,8 @@ from fault_driver import tiny_config
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-OUTPUTS = ("metrics.jsonl", "params/ties.msgpack", "params/dare.msgpack", "params/atm.msgpack")
+OUTPUTS = ("metrics.jsonl", "params/ties.msgpack", "params/dare.msgpack", "params/mean.msgpack",
+           "params/atm.msgpack")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ CHAIN = (
     "step:10",     # mid-finetune: the second one-shot task, second step
     "item:1",      # mid-write of that task's finetuned model (a checkpoint item)
     "save:1",      # mid-save: orbax's temporary folder exists, no commit yet
-    "merge:2",     # mid-merge: DARE's one-shot merge done, not yet evaluated or saved
+    "merge:2",     # mid-merge: the second one-shot row's (TIES) merge, not yet evaluated or saved
     "metrics:3",   # after a metrics record reached the file, before its checkpoint
     "CORRUPT",     # (not a kill) the newest checkpoint's files damaged on disk
     "step:6",      # mid-finetune inside ATM (iteration 1, second task)
@@ -150,26 +151,63 @@ def _old_release(tmp_path) -> pathlib.Path:
     return tree
 
 
+# The previous release's driver, with its row for the mean of the task vectors under that
+# release's name (task_arithmetic), where tests/fault_driver.py has its mean row.
+OLD_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import ml_collections
+import fault_driver
+from atm_jax import recipes
+
+_tiny = fault_driver.tiny_config
+
+
+def tiny_config():
+    config = _tiny()
+    methods = dict(config.methods)
+    with config.unlocked():
+        config.methods = ml_collections.ConfigDict(
+            {"ties": methods["ties"], "dare": methods["dare"],
+             "task_arithmetic": recipes.method("one_shot", "mean"), "atm": methods["atm"]})
+    return config
+
+
+fault_driver.tiny_config = tiny_config
+fault_driver.main(sys.argv)
+"""
+
+
 def test_a_workdir_killed_under_the_previous_release_resumes_and_finishes(
         cache, reference, tmp_path):
     old = _old_release(tmp_path)
     workdir, calls = tmp_path / "work", tmp_path / "calls"
     env = dict(os.environ, ATM_JAX_CACHE=str(cache), ATM_JAX_OFFLINE="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(old))
-    # Killed mid-merge in ATM's first iteration (the one-shot rows merged twice before).
-    killed = subprocess.run([sys.executable, str(old / "tests" / "fault_driver.py"), str(workdir),
-                             str(calls), "merge:3"], env=env, capture_output=True, text=True,
+    driver = tmp_path / "old_driver.py"
+    driver.write_text(OLD_DRIVER)
+    # Killed mid-merge in ATM's first iteration (after the three one-shot merges: the
+    # one-shot unit is done, its rows and params files written under the old name).
+    killed = subprocess.run([sys.executable, str(driver), str(old / "tests"), str(workdir),
+                             str(calls), "merge:4"], env=env, capture_output=True, text=True,
                             timeout=300, cwd=old)
     assert killed.returncode == -9, killed.stderr[-3000:]
     meta = json.loads(max((workdir / "checkpoints").glob("[0-9]*/meta/metadata"),
                           key=lambda p: int(p.parent.parent.name)).read_text())
     assert "metrics" in meta and "records" not in meta  # the old layout
     assert meta["position"]["unit"] == "atm" and "one_shot" in meta["done"]
+    assert "task_arithmetic" in meta["config"]["methods"]  # the old row name
+    assert "task_placement" in meta["config"]  # the old field name
+    assert [r["method"] for r in meta["rows"]][-4:] == ["individual", "task_arithmetic", "ties",
+                                                        "dare"]
     for name in ("eval_every", "precision", "remat"):  # fields that release had too
         assert name in meta["config"]
+    assert (workdir / "params" / "task_arithmetic.msgpack").exists()
     done = drive(cache, workdir, calls)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from checkpoint" in done.stdout
+    assert "renamed task_placement -> task_ownership, task_arithmetic -> mean" in done.stdout
+    assert not (workdir / "params" / "task_arithmetic.msgpack").exists()
     for name in OUTPUTS:
         assert (workdir / name).read_bytes() == (reference / "work" / name).read_bytes(), name
     ours = json.loads((workdir / "results.json").read_text())

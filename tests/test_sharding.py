@@ -59,7 +59,8 @@ def test_unknown_mesh_field_and_good_meshes():
     assert sharding.DEFAULT == {"task": 1, "data": -1, "params": "replicated"}
     # (the tests build configs with data=1: tests/conftest.py one_device_default_mesh)
     assert dict(recipes.mini().mesh) == dict(recipes.paper_config("bert").mesh)
-    assert sharding.Placement.of({"task": 1, "data": 1}) is None  # one device: no mesh at all
+    one = sharding.Placement.of({"task": 1, "data": 1})  # one device: a 1 × 1 mesh
+    assert one.mesh.devices.shape == (1, 1) and one.mesh == sharding.Placement.single().mesh
 
 
 def test_task_meshes_are_disjoint_rows():
@@ -214,8 +215,7 @@ def test_data_parallel_on_1_2_4_8_devices_matches_one_device():
         acc = evaluate.accuracy(_mlp, params, new_head, x, y, batch_size=9, placement=placement)
         results[data] = (np.array(metrics["loss"]), metrics["accuracy"], acc,
                          np.asarray(params["w"]), np.asarray(new_head["kernel"]))
-        if placement is not None:
-            assert params["w"].sharding.mesh.size == data
+        assert params["w"].sharding.mesh.size == data
     loss1, train_acc1, acc1, w1, k1 = results[1]
     assert acc1 > 0.5  # it learned something, so equal accuracies mean something
     for data in (2, 4, 8):
@@ -225,6 +225,34 @@ def test_data_parallel_on_1_2_4_8_devices_matches_one_device():
         np.testing.assert_allclose(w, w1, atol=2e-6)
         np.testing.assert_allclose(k, k1, atol=2e-6)
         assert train_acc == train_acc1 and acc == acc1
+
+
+def test_the_one_device_placement_is_bitwise_the_plain_program():
+    # The plain single-device program, written here without a mesh: NumPy batches of the
+    # epoch's rows fed straight to the jitted step, and an argmax count over all inputs.
+    backbone, head, x, y = _problem(n=46)
+    opt = finetune.OptimizerConfig(learning_rate=5e-2, batch_size=12)
+    ft = finetune.Finetuner(_mlp, opt, train_head=True)
+    assert ft.placement.mesh.size == 1
+    key = jax.random.key(4)
+    params, new_head, metrics = ft.finetune(backbone, head, x, y, epochs=2, key=key)
+    state = ft.init_state(jax.tree.map(jnp.array, backbone), jax.tree.map(jnp.array, head))
+    losses = []
+    for epoch in range(2):
+        order = finetune.epoch_order(key, epoch, len(x))
+        index, mask = batching.batch_rows(len(x), 12, order, 1)
+        for r, m in zip(index, mask):
+            batch = {"inputs": x[r], "labels": y[r].astype(np.int32), "mask": m}
+            state, m = ft.train_step(state, batch)
+            losses.append(float(m["loss"]))
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(state["backbone"]["w"]))
+    np.testing.assert_array_equal(np.asarray(new_head["kernel"]),
+                                  np.asarray(state["head"]["kernel"]))
+    assert params["w"].sharding.mesh.size == 1
+    logits = _mlp(state["backbone"], x, False) @ state["head"]["kernel"] + state["head"]["bias"]
+    expected = float(np.mean(np.asarray(logits).argmax(-1) == y))
+    assert evaluate.accuracy(_mlp, params, new_head, x, y, batch_size=9) == expected
+    assert metrics["steps"] == len(losses)
 
 
 def test_fsdp_params_train_like_replicated():

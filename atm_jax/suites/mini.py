@@ -61,7 +61,7 @@ def backbone_shapes(config):
 def build(config, log) -> Setup:
     """Loads the tasks (fetched and cached on first use) and the pretrained base.
 
-    Under ``config.task_placement = "per_process"`` (PA-ATM) only this process's
+    Under ``config.task_ownership = "per_process"`` (PA-ATM) only this process's
     tasks are loaded (``Setup.tasks`` holds those); every task still gets its head,
     sized from the task registry's class names without opening the data.
     """
@@ -74,7 +74,7 @@ def build(config, log) -> Setup:
 
     start = time.perf_counter()
     tasks = {}
-    for name in distributed.owned_tasks(config.tasks, config.get("task_placement", "all")):
+    for name in distributed.owned_tasks(config.tasks, config.get("task_ownership", "all")):
         tasks[name] = data.load_task(name, train_size=config.data.train_size,
                                      validation_size=config.data.validation_size,
                                      test_size=config.data.test_size, seed=config.seed,
