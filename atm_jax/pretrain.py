@@ -7,17 +7,28 @@ images from `atm_jax.data.render_glyphs`, through a 62-way head that is then
 discarded. Training reuses `Finetuner` (head trained), so there is one training loop
 in the package.
 
-The result is cached under `cache_dir()/bases/<sha256>.msgpack` (+ `.json` info),
-keyed by the canonical JSON of the resolved model config, pretraining config and
-`FORMAT_VERSION`; a second call loads it in well under a second.
+The result is cached under `cache_dir()/bases/<key>.msgpack` (+ `.json` info),
+keyed by the SHA-256 of the canonical JSON of the resolved model config,
+pretraining config and `FORMAT_VERSION`; a second call loads it in well under a
+second.
+
+The base of the embedded default (configs/mini.py's recipe) ships with the package
+(`SHIPPED`: ``atm_jax/assets/bases/<key>.msgpack`` with its info and the SHA-256 of
+its bytes), so a first run does not pretrain, and every machine starts from the same
+base. A recipe with a shipped base loads it (checked against its SHA-256) before
+looking in the cache; any other recipe pretrains as before. Regenerate it with::
+
+  python -m atm_jax.pretrain --write-shipped     # pretrains mini's recipe, writes the asset
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from atm_jax import files
+from atm_jax.errors import ChecksumError
 from atm_jax.evaluate import accuracy
 from atm_jax.finetune import Finetuner, OptimizerConfig
 from atm_jax.models.heads import init_head
@@ -179,9 +191,59 @@ def _train(model: ViT, pretrain: Mapping[str, Any], log: Callable[[str], None]
     return backbone, info
 
 
+# The shipped bases: <key>.msgpack and <key>.json (its info, with "sha256" of the bytes).
+SHIPPED = pathlib.Path(__file__).resolve().parent / "assets" / "bases"
+
+
+def shipped_base(key: str, *, folder: str | os.PathLike | None = None
+                 ) -> tuple[PyTree, dict] | None:
+    """The shipped base of the recipe with cache key ``key``, or None when none ships.
+
+    Raises:
+      ChecksumError: the shipped bytes do not match their recorded SHA-256 (a
+        damaged install); reinstall the package, or regenerate the asset.
+    """
+    folder = pathlib.Path(folder) if folder is not None else SHIPPED
+    params_path, info_path = folder / f"{key}.msgpack", folder / f"{key}.json"
+    if not (params_path.exists() and info_path.exists()):
+        return None
+    raw = params_path.read_bytes()
+    info = json.loads(info_path.read_text())
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != info.get("sha256"):
+        raise ChecksumError(
+            f"the shipped base {params_path} has SHA-256 {digest}, but its info records "
+            f"{info.get('sha256')}: the install is damaged. Reinstall atm_jax, or regenerate "
+            "it with `python -m atm_jax.pretrain --write-shipped`.")
+    backbone = jax.tree.map(jnp.asarray, flax.serialization.msgpack_restore(raw))
+    return backbone, {**info, "key": key, "path": str(params_path), "from_cache": True,
+                      "shipped": True}
+
+
+def write_shipped(model_cfg, pretrain_cfg, *, folder: str | os.PathLike | None = None,
+                  log: Callable[[str], None] = print) -> pathlib.Path:
+    """Pretrains ``model_cfg`` × ``pretrain_cfg`` now (no cache, no shipped base) and
+    writes it with its info and SHA-256 as a shipped base; returns the params path."""
+    resolved = resolve_configs(model_cfg, pretrain_cfg)
+    key = cache_key(resolved)
+    backbone, info = _train(vit_from_config(resolved["model"]), resolved["pretrain"], log)
+    raw = flax.serialization.to_bytes(jax.device_get(backbone))
+    info.update(config=resolved, jax_version=jax.__version__,
+                sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw))
+    folder = pathlib.Path(folder) if folder is not None else SHIPPED
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_bytes(folder / f"{key}.msgpack", raw, all_processes=True)
+    files.write_text(folder / f"{key}.json", json.dumps(info, indent=2, sort_keys=True) + "\n",
+                     all_processes=True)
+    log(f"pretrain: wrote the shipped base {folder / f'{key}.msgpack'} ({len(raw)} bytes, "
+        f"SHA-256 {info['sha256']})")
+    return folder / f"{key}.msgpack"
+
+
 def pretrained_base(model_cfg, pretrain_cfg, *, cache_dir: str | os.PathLike | None = None,
                     log: Callable[[str], None] = print) -> tuple[PyTree, dict]:
-    """The glyph-pretrained ViT backbone for `model_cfg`, from cache or trained now.
+    """The glyph-pretrained ViT backbone for `model_cfg`: shipped with the package
+    (`shipped_base`), from the cache, or trained now.
 
     Same configs give bitwise-identical params on the same machine (seeded glyphs,
     init and shuffles; XLA on CPU is deterministic).
@@ -202,10 +264,15 @@ def pretrained_base(model_cfg, pretrain_cfg, *, cache_dir: str | os.PathLike | N
         (backbone params as a plain nested dict of arrays, info) with info
         {"held_out_accuracy", "seconds" (of the original training), "steps",
         "images" (training images processed), "config" (the resolved configs),
-        "key", "path", "from_cache", ...}.
+        "key", "path", "from_cache", "shipped" (when it is the shipped base), ...}.
     """
     resolved = resolve_configs(model_cfg, pretrain_cfg)
     key = cache_key(resolved)
+    shipped = shipped_base(key)
+    if shipped is not None:
+        log(f"pretrain: loaded the shipped base {shipped[1]['path']} (held-out glyph accuracy "
+            f"{shipped[1]['held_out_accuracy']:.4f})")
+        return shipped
     folder = pathlib.Path(cache_dir or files.cache_dir()) / "bases"
     params_path = folder / f"{key}.msgpack"
     info_path = folder / f"{key}.json"
@@ -228,3 +295,25 @@ def pretrained_base(model_cfg, pretrain_cfg, *, cache_dir: str | os.PathLike | N
     files.write_text(info_path, json.dumps(info, indent=2, sort_keys=True), all_processes=True)
     log(f"pretrain: cached base at {params_path}")
     return backbone, {**info, "key": key, "path": str(params_path), "from_cache": False}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m atm_jax.pretrain",
+        description="Pretrain the glyph ViT base of the mini suite.")
+    parser.add_argument("--write-shipped", action="store_true",
+                        help="pretrain configs/mini.py's recipe and write it as the shipped base "
+                             f"(into {SHIPPED})")
+    parser.add_argument("--folder", help="write the shipped base here instead")
+    args = parser.parse_args(argv)
+    if not args.write_shipped:
+        parser.print_help()
+        sys.exit(2)
+    from atm_jax import recipes
+
+    config = recipes.mini()
+    write_shipped(config.model, config.pretrain, folder=args.folder)
+
+
+if __name__ == "__main__":
+    main()
