@@ -28,6 +28,7 @@ __all__ = [
     "StateMergeWarning", "path_str", "leaf_paths", "structure_error", "check_compatible",
     "require_floating", "state_paths", "nnx_collections", "refuse_rng_state", "check_stacked",
     "all_finite", "check_finite", "SCOPES", "AGGREGATES", "check_hparams", "require_key",
+    "check_static", "check_range", "check_choice",
 ]
 
 class StateMergeWarning(UserWarning):
@@ -364,7 +365,7 @@ def check_finite(stacked: PyTree, *, what: str = "task vector") -> None:
 # ----------------------------------------------------------------------------
 
 
-def _check_static(name: str, value) -> None:
+def check_static(name: str, value) -> None:
     # Hyperparameters pick the kept entries on the host and shape the program, so they
     # must be concrete Python numbers: a traced value cannot be compared or rounded.
     if isinstance(value, jax.core.Tracer):
@@ -376,15 +377,15 @@ def _check_static(name: str, value) -> None:
                         f"Python numbers, e.g. {name}=0.2 (convert arrays with float(x)).")
 
 
-def _check_range(name: str, value, lo, hi, *, lo_open: bool, hi_open: bool, hint: str = ""):
-    _check_static(name, value)
+def check_range(name: str, value, lo, hi, *, lo_open: bool, hi_open: bool, hint: str = ""):
+    check_static(name, value)
     ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok or not np.isfinite(value):
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
         raise ValueError(f"{name}={value!r} is outside {interval}.{(' ' + hint) if hint else ''}")
 
 
-def _check_choice(name: str, value, choices):
+def check_choice(name: str, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {choices}.")
 
@@ -437,25 +438,25 @@ def check_hparams(**hp) -> None:
       ValueError: a value is out of range or not a known choice (names it and the range).
     """
     if "density" in hp:
-        _check_range("density", hp["density"], 0, 1, lo_open=True, hi_open=False,
+        check_range("density", hp["density"], 0, 1, lo_open=True, hi_open=False,
                      hint="It is the fraction of entries kept per task (TIES default 0.2).")
     if "p" in hp:
-        _check_range("p", hp["p"], 0, 1, lo_open=False, hi_open=True,
+        check_range("p", hp["p"], 0, 1, lo_open=False, hi_open=True,
                      hint="It is the drop probability (DARE paper: 0.9).")
     if "beta" in hp:
-        _check_range("beta", hp["beta"], 0, 1, lo_open=False, hi_open=True)
+        check_range("beta", hp["beta"], 0, 1, lo_open=False, hi_open=True)
     if "gamma" in hp:
-        _check_range("gamma", hp["gamma"], 0, 1, lo_open=True, hi_open=False)
+        check_range("gamma", hp["gamma"], 0, 1, lo_open=True, hi_open=False)
     if "beta" in hp and "gamma" in hp:
         beta, gamma = hp["beta"], hp["gamma"]
         if not beta < gamma:
             raise ValueError(f"beta={beta!r} must be smaller than gamma={gamma!r}: Breadcrumbs keeps "
                              "the magnitudes between the beta and gamma percentiles (paper: 0.85, 0.993).")
     if "scope" in hp:
-        _check_choice("scope", hp["scope"], SCOPES)
+        check_choice("scope", hp["scope"], SCOPES)
     if "aggregate" in hp:
-        _check_choice("aggregate", hp["aggregate"], AGGREGATES)
+        check_choice("aggregate", hp["aggregate"], AGGREGATES)
     if "method" in hp:
-        _check_choice("method", hp["method"], select.METHODS)
+        check_choice("method", hp["method"], select.METHODS)
     if "check_finite" in hp and hp["check_finite"] not in (True, False, "checkify"):
         raise ValueError(f"check_finite={hp['check_finite']!r} is not one of True, False, 'checkify'.")

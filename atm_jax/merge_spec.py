@@ -30,7 +30,7 @@ from atm_jax import tree as tree_lib
 
 PyTree = Any
 
-__all__ = ["MergeSpec", "merge_step", "select_alpha", "tuned_merge"]
+__all__ = ["MergeSpec", "merge_delta", "merge_step", "select_alpha", "tuned_merge"]
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -91,6 +91,42 @@ def _merge_predicate(base: PyTree, spec: MergeSpec) -> Callable[[str], bool]:
     return tree_lib.path_filter(spec.include, spec.exclude, collections=spec.collections)
 
 
+def merge_delta(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
+                key: jax.Array) -> tuple[PyTree, PyTree, PyTree, dict]:
+    """The merged delta before it is scaled: ``(selected base, rest, delta, diagnostics)``.
+
+    ``selected base`` is the part of ``base`` that merges (`tree.split` by the spec),
+    ``rest`` the part that keeps the base's values; `merge_step` applies the delta.
+    """
+    start = time.perf_counter()
+    predicate = _merge_predicate(base, spec)
+    selected_base, rest = tree_lib.split(base, predicate)
+    stacked = tree_lib.stacked_task_vectors([tree_lib.split(f, predicate)[0] for f in finetuned],
+                                            selected_base)
+    info = merge_lib.info(spec.name)
+    # The base tells a stack from a list of trees whatever container tops the params
+    # (per-layer lists), and checks every leaf's task axis.
+    kwargs = dict(spec.kwargs)
+    if "like" in info.options:
+        kwargs["like"] = selected_base
+    if info.needs_base:  # SLERP interpolates weights
+        kwargs["base"] = selected_base
+    with warnings.catch_warnings():
+        if set(spec.collections) - {"params"}:  # asked for on purpose: no warning
+            warnings.simplefilter("ignore", tree_lib.StateMergeWarning)
+        delta = info.fn(stacked, key=key, **kwargs) if info.stochastic else info.fn(stacked, **kwargs)
+    delta = jax.block_until_ready(delta)
+    seconds = time.perf_counter() - start
+    gram = tree_lib.gram_matrix(stacked, like=selected_base)
+    diagnostics = {
+        "task_vector_norm": np.sqrt(np.diagonal(np.asarray(gram))).tolist(),
+        "cosine": np.asarray(tree_lib.cosine_from_gram(gram)).round(6).tolist(),
+        "delta_norm": float(tree_lib.global_norm(delta)),
+        "merge_seconds": round(seconds, 4),
+    }
+    return selected_base, rest, delta, diagnostics
+
+
 def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
                key: jax.Array) -> tuple[PyTree, dict]:
     """``base + alpha * merge(finetuned_t - base)`` and diagnostics.
@@ -99,33 +135,8 @@ def merge_step(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec, *,
       The new base and ``{"task_vector_norm": [T], "cosine": [T, T], "delta_norm",
       "merge_seconds"}`` (plain Python numbers, ready for JSON).
     """
-    start = time.perf_counter()
-    predicate = _merge_predicate(base, spec)
-    selected_base, rest = tree_lib.split(base, predicate)
-    stacked = tree_lib.stacked_task_vectors([tree_lib.split(f, predicate)[0] for f in finetuned],
-                                            selected_base)
-    fn = merge_lib.get(spec.name)
-    # The base tells a stack from a list of trees whatever container tops the params
-    # (per-layer lists), and checks every leaf's task axis.
-    kwargs = dict(spec.kwargs)
-    if "like" in merge_lib.info(spec.name).options:
-        kwargs["like"] = selected_base
-    with warnings.catch_warnings():
-        if set(spec.collections) - {"params"}:  # asked for on purpose: no warning
-            warnings.simplefilter("ignore", tree_lib.StateMergeWarning)
-        delta = fn(stacked, key=key, **kwargs) if merge_lib.info(spec.name).stochastic \
-            else fn(stacked, **kwargs)
-    delta = jax.block_until_ready(delta)
-    seconds = time.perf_counter() - start
-    new_base = tree_lib.join(tree_lib.apply(selected_base, delta, spec.alpha), rest)
-    gram = tree_lib.gram_matrix(stacked, like=selected_base)
-    diagnostics = {
-        "task_vector_norm": np.sqrt(np.diagonal(np.asarray(gram))).tolist(),
-        "cosine": np.asarray(tree_lib.cosine_from_gram(gram)).round(6).tolist(),
-        "delta_norm": float(tree_lib.global_norm(delta)),
-        "merge_seconds": round(seconds, 4),
-    }
-    return new_base, diagnostics
+    selected_base, rest, delta, diagnostics = merge_delta(base, finetuned, spec, key=key)
+    return tree_lib.join(tree_lib.apply(selected_base, delta, spec.alpha), rest), diagnostics
 
 
 def select_alpha(validation: Mapping[float, float]) -> float:
@@ -160,10 +171,12 @@ def tuned_merge(base: PyTree, finetuned: Sequence[PyTree], spec: MergeSpec,
     Returns:
       ``{"alpha", "params", "diagnostics", "validation": {α: average accuracy}}``.
     """
+    # One merge, scaled by each α: the delta does not depend on α (DARE's masks come
+    # from the same key), so merging once gives the same params as merging per α.
+    selected_base, rest, delta, diagnostics = merge_delta(base, finetuned, spec, key=key)
     scores, merged = {}, {}
     for alpha in grid:
-        params, diagnostics = merge_step(
-            base, finetuned, dataclasses.replace(spec, alpha=float(alpha)), key=key)
+        params = tree_lib.join(tree_lib.apply(selected_base, delta, float(alpha)), rest)
         acc = validate(params)
         scores[float(alpha)] = float(np.mean(list(acc.values())))
         merged[float(alpha)] = (params, diagnostics)

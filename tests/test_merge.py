@@ -520,9 +520,9 @@ def test_no_recompilation_when_only_values_change():
     first, second = random_tree(20), random_tree(21, "tied")
     for call in calls:
         call(first, 0)
-        size = merge._merge._cache_size()
+        size = merge.sparsify._merge._cache_size()
         call(second, 1)
-        assert merge._merge._cache_size() == size
+        assert merge.sparsify._merge._cache_size() == size
 
 
 def test_every_selection_method_gives_identical_results():
@@ -690,6 +690,9 @@ NONFINITE_CASES = [(name, {}) for name in merge.names()] + [
 def test_nonfinite_task_vector_names_the_leaf(name, kw, bad):
     s = random_tree(50)
     s["enc"]["b"][1, 2] = bad
+    if merge.info(name).needs_base:  # SLERP: two models and their base
+        s = jax.tree.map(lambda x: x[:2], s)
+        kw = dict(kw, base=jax.tree.map(lambda x: np.zeros(x.shape[1:], F32), s))
     with pytest.raises(ValueError, match=r"Leaf 'enc/b' .*NaN or Inf.*task index 1"):
         merge.get(name)(s, key=rbg_key(0), **kw)
 
@@ -726,7 +729,7 @@ def test_registry_names_and_lookup():
         entry = merge.info(name)
         assert entry.name == name and entry.reference
         assert entry.compat == name.endswith("_atm_code")
-        assert entry.stochastic == name.startswith("dare")
+        assert entry.stochastic == (name.startswith("dare") or name == "della")
     _assert_tree_close(merge.info("sum")(HAND), merge.sum(HAND), exact=True)
 
 

@@ -84,10 +84,8 @@ them only to compare with their numbers:
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import math
 from fractions import Fraction
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -98,80 +96,14 @@ from jax.experimental import checkify
 
 from atm_jax import checks, select
 from atm_jax import tree as tree_lib
+from atm_jax.merge.registry import register
 
 PyTree = Any
 
-__all__ = [
-    "MergeMethod", "register", "get", "info", "names",
-    "check_hparams", "mean", "task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
-    "ties_atm_code", "breadcrumbs_atm_code",
-]
+__all__ = ["mean", "task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
+           "ties_atm_code", "breadcrumbs_atm_code", "checkify_finite", "disjoint_merge"]
 
-# Hyperparameter validation lives in atm_jax.checks (shared with the configs).
-SCOPES, AGGREGATES = checks.SCOPES, checks.AGGREGATES
 check_hparams = checks.check_hparams
-
-
-# ----------------------------------------------------------------------------
-# Registry
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeMethod:
-    """A registered merge operator with its defaults and where it comes from."""
-    name: str
-    fn: Callable[..., PyTree]
-    defaults: dict
-    reference: str
-    stochastic: bool = False
-    compat: bool = False
-    options: tuple[str, ...] = ()  # keyword arguments beyond the hyperparameters
-
-    def __call__(self, stacked: PyTree, *, key: jax.Array | None = None, **hparams) -> PyTree:
-        return self.fn(stacked, key=key, **hparams)
-
-    def check(self, **hparams) -> None:
-        """Validates hyperparameters without merging anything (configs call this)."""
-        unknown = sorted(set(hparams) - set(self.defaults) - set(self.options))
-        if unknown:
-            raise ValueError(f"merge {self.name!r} has no hyperparameter {unknown[0]!r}; "
-                             f"it takes {sorted(self.defaults) + sorted(self.options)}.")
-        check_hparams(**{**self.defaults, **hparams})
-
-
-_REGISTRY: dict[str, MergeMethod] = {}
-
-
-def register(name: str, *, reference: str, stochastic: bool = False, compat: bool = False):
-    """Decorator: registers ``fn`` under ``name``; defaults come from its signature."""
-    def wrap(fn):
-        import inspect
-        params = inspect.signature(fn).parameters
-        keyword = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "key"]
-        options = tuple(k for k in keyword if k in ("method", "check_finite", "like"))
-        defaults = {k: params[k].default for k in keyword if k not in options}
-        _REGISTRY[name] = MergeMethod(name, fn, defaults, reference, stochastic, compat, options)
-        return fn
-    return wrap
-
-
-def names(*, include_compat: bool = True) -> tuple[str, ...]:
-    """Registered merge names."""
-    return tuple(n for n, m in _REGISTRY.items() if include_compat or not m.compat)
-
-
-def info(name: str) -> MergeMethod:
-    """The registry entry for ``name`` (defaults, reference, stochastic)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown merge {name!r}; registered merges: {', '.join(_REGISTRY)}.") from None
-
-
-def get(name: str) -> Callable[..., PyTree]:
-    """The merge function ``fn(stacked, *, key=None, **hparams)`` registered as ``name``."""
-    return info(name).fn
 
 
 # ----------------------------------------------------------------------------
@@ -315,7 +247,7 @@ def _count_majority(*codes) -> bool:
     return balance <= 0
 
 
-def _checkify_finite(leaves, paths) -> None:
+def checkify_finite(leaves, paths) -> None:
     """``check_finite="checkify"``: a checkify check per leaf, usable under jax.jit."""
     for path, x in zip(paths, leaves):
         ok = jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
@@ -353,7 +285,7 @@ def _generalized(stacked, *, key=None, like=None, magnitude_ranks=None, band_ran
     leaves, treedef, paths = tree_lib.check_stacked(stacked, like=like, warn_state=True)
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
     if check_finite == "checkify":
-        _checkify_finite(leaves, paths)
+        checkify_finite(leaves, paths)
     eager_check = check_finite is True and not traced
     lo = hi = largest = None
     rank_fn = magnitude_ranks or band_ranks
@@ -523,6 +455,15 @@ def dare_ties(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
     check_hparams(p=p, aggregate=aggregate)
     return _generalized(stacked, key=key, p=p, elect=True, aggregate=aggregate,
                         check_finite=check_finite, like=like)
+
+
+def disjoint_merge(stacked: PyTree, *, aggregate: str = "mean", check_finite: bool | str = True,
+                   like: PyTree | None = None) -> PyTree:
+    """TIES' sign election and disjoint mean (or sum) with no trimming: the consensus step
+    of DARE-TIES and DELLA, for task vectors already sparsified by the caller."""
+    check_hparams(aggregate=aggregate)
+    return _generalized(stacked, elect=True, aggregate=aggregate, check_finite=check_finite,
+                        like=like)
 
 
 @register("ties_atm_code", reference="ATM authors' code (compatibility; see REFERENCE.md §3)",

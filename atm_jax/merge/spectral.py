@@ -1,0 +1,159 @@
+"""Spectral merges: TSV-M, Iso-C and Iso-CTS, one SVD-based program per layer shape.
+
+Each reads every linear layer's task update as the papers' ``Δ_t ∈ R^{m×n}``
+(``out × in``, `atm_jax.merge.matrix`), ``r = min(m, n)``; leaves with no matrix
+take the mean over tasks. ``polar(X)`` is the orthogonal factor ``P Qᵀ`` of the
+thin SVD ``X = P S Qᵀ`` (the nearest matrix with orthonormal columns).
+
+* **TSV-M** (Gargiulo et al., CVPR 2025): ``k = ⌊r/T⌋``; each task's top ``k``
+  singular triplets ``(U_t,k, Σ_t,k, V_t,k)``; ``U = [U_1,k … U_T,k]``, ``V`` alike,
+  ``Σ`` their singular values; ``Δ = polar(U) diag(Σ) polar(V)ᵀ``. Where ``k = 0``
+  (a layer narrower than the number of tasks) the layer takes the mean.
+* **Iso-C** (Marczak et al., ICML 2025): ``S = Σ_t Δ_t = U Σ Vᵀ``;
+  ``Δ = σ̄ U Vᵀ`` with ``σ̄`` the mean of all ``r`` singular values of ``S``.
+* **Iso-CTS** (same paper): the common space is ``S``'s top ``c`` directions,
+  ``c = r − T·round((r − ⌊f·r⌋)/T)`` for ``common_space_fraction = f`` (at most
+  ``T·⌊r/T⌋`` task directions, so ``c ≥ 0`` on narrow layers), so the
+  ``r − c`` task-specific directions split evenly: each task adds the top
+  ``s = (r − c)/T`` singular directions of ``Δ_t − U_c U_cᵀ Δ_t``;
+  ``Δ = σ̄ polar([U_c, U_1,s …]) polar([V_c, V_1,s …])ᵀ`` with ``σ̄`` the mean of
+  the kept singular values (``S``'s top ``c`` and each projected task's top ``s``).
+
+Signs: every product above pairs a left with its own right singular vector, so
+the result does not depend on the sign LAPACK gives each pair.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from atm_jax import checks
+from atm_jax.merge import matrix
+from atm_jax.merge.registry import register
+
+PyTree = Any
+
+__all__ = ["tsv", "iso_c", "iso_cts", "polar", "common_space_size"]
+
+
+def polar(x: jax.Array) -> jax.Array:
+    """``P Qᵀ`` from the thin SVD ``x = P S Qᵀ`` (batched over leading axes)."""
+    p, _, qt = jnp.linalg.svd(x, full_matrices=False)
+    return p @ qt
+
+
+def _columns(u: jax.Array) -> jax.Array:
+    """``[L, T, m, k]`` → ``[L, m, T·k]``: the tasks' columns side by side, task-major."""
+    num_layers, num_tasks, m, k = u.shape
+    return jnp.moveaxis(u, 1, 2).reshape(num_layers, m, num_tasks * k)
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _tsv_batch(mats: jax.Array, *, k: int) -> jax.Array:
+    if k == 0:
+        return jnp.mean(mats, axis=1)
+    u, s, vt = jnp.linalg.svd(mats, full_matrices=False)
+    u_cat = _columns(u[..., :k])
+    v_cat = _columns(jnp.swapaxes(vt[..., :k, :], -1, -2))
+    s_cat = s[..., :k].reshape(s.shape[0], -1)
+    return polar(u_cat) @ (s_cat[..., :, None] * jnp.swapaxes(polar(v_cat), -1, -2))
+
+
+def _check_common(**hp) -> None:
+    embeddings = hp.pop("embeddings", False)
+    if not isinstance(embeddings, bool):
+        raise TypeError(f"embeddings={embeddings!r} must be True or False.")
+    if "common_space_fraction" in hp:
+        checks.check_range("common_space_fraction", hp.pop("common_space_fraction"), 0, 1,
+                           lo_open=True, hi_open=True, hint="Iso-CTS default 0.8.")
+    checks.check_hparams(**hp)
+
+
+@register("tsv", reference="Gargiulo et al. 2025 (Task Singular Vectors, TSV-M), "
+          "https://arxiv.org/abs/2412.00081", validate=_check_common)
+def tsv(stacked: PyTree, *, key: jax.Array | None = None, embeddings: bool = False,
+        check_finite: bool | str = True, like: PyTree | None = None) -> PyTree:
+    """TSV-M: each task's top ``⌊r/T⌋`` singular triplets, orthogonalized, recombined.
+
+    Args:
+      stacked: task vectors, leaves ``[T, ...]``.
+      key: unused (deterministic).
+      embeddings: also merge embedding tables as matrices (default: their mean).
+      check_finite, like: see `atm_jax.merge.sparsify`.
+    """
+    del key
+    _check_common(embeddings=embeddings)
+
+    def batch(mats):
+        return _tsv_batch(mats, k=min(mats.shape[2:]) // mats.shape[1])
+    return matrix.merge_matrices(stacked, batch, embeddings=embeddings,
+                                 check_finite=check_finite, like=like)
+
+
+@jax.jit
+def _iso_c_batch(mats: jax.Array) -> jax.Array:
+    u, s, vt = jnp.linalg.svd(jnp.sum(mats, axis=1), full_matrices=False)
+    return jnp.mean(s, axis=-1)[:, None, None] * (u @ vt)
+
+
+@register("iso_c", reference="Marczak et al. 2025 (Iso-C, No Task Left Behind), "
+          "https://arxiv.org/abs/2502.04959", validate=_check_common)
+def iso_c(stacked: PyTree, *, key: jax.Array | None = None, embeddings: bool = False,
+          check_finite: bool | str = True, like: PyTree | None = None) -> PyTree:
+    """Iso-C: the summed task matrix with a flat spectrum (its mean singular value)."""
+    del key
+    _check_common(embeddings=embeddings)
+    return matrix.merge_matrices(stacked, _iso_c_batch, embeddings=embeddings,
+                                 check_finite=check_finite, like=like)
+
+
+def common_space_size(rank: int, num_tasks: int, fraction: float) -> int:
+    """Iso-CTS's common-space size ``c``: ``⌊f·r⌋`` moved so that ``r − c`` splits evenly
+    over the T tasks (Python's ``round``), never below 0 (narrow layers: all tasks'
+    share then rounds down)."""
+    specific = num_tasks * round((rank - int(fraction * rank)) / num_tasks)
+    return rank - min(specific, num_tasks * (rank // num_tasks))
+
+
+@partial(jax.jit, static_argnames=("c",))
+def _iso_cts_batch(mats: jax.Array, *, c: int) -> jax.Array:
+    num_layers, num_tasks, m, n = mats.shape
+    s_per = (min(m, n) - c) // num_tasks
+    u, s, vt = jnp.linalg.svd(jnp.sum(mats, axis=1), full_matrices=False)
+    u_c, v_c, s_c = u[..., :c], jnp.swapaxes(vt[..., :c, :], -1, -2), s[..., :c]
+    if s_per == 0:
+        u_all, v_all, kept = u_c, v_c, s_c
+    else:
+        # Each task's update with the common space projected out of its columns' span.
+        residual = mats - u_c[:, None] @ (jnp.swapaxes(u_c, -1, -2)[:, None] @ mats)
+        ut, st, vtt = jnp.linalg.svd(residual, full_matrices=False)
+        u_all = jnp.concatenate([u_c, _columns(ut[..., :s_per])], axis=-1)
+        v_all = jnp.concatenate([v_c, _columns(jnp.swapaxes(vtt[..., :s_per, :], -1, -2))], axis=-1)
+        kept = jnp.concatenate([s_c, st[..., :s_per].reshape(num_layers, -1)], axis=-1)
+    sigma = jnp.mean(kept, axis=-1)[:, None, None]
+    return sigma * (polar(u_all) @ jnp.swapaxes(polar(v_all), -1, -2))
+
+
+@register("iso_cts", reference="Marczak et al. 2025 (Iso-CTS, No Task Left Behind), "
+          "https://arxiv.org/abs/2502.04959", validate=_check_common)
+def iso_cts(stacked: PyTree, *, key: jax.Array | None = None, common_space_fraction: float = 0.8,
+            embeddings: bool = False, check_finite: bool | str = True,
+            like: PyTree | None = None) -> PyTree:
+    """Iso-CTS: a common space of the summed matrix plus each task's own directions, flat spectrum.
+
+    Args:
+      common_space_fraction: the share of the ``r`` directions taken from the sum
+        (default 0.8), adjusted so the task-specific rest splits evenly over tasks.
+    """
+    del key
+    _check_common(common_space_fraction=common_space_fraction, embeddings=embeddings)
+
+    def batch(mats):
+        rank, num_tasks = min(mats.shape[2:]), mats.shape[1]
+        return _iso_cts_batch(mats, c=common_space_size(rank, num_tasks, common_space_fraction))
+    return matrix.merge_matrices(stacked, batch, embeddings=embeddings,
+                                 check_finite=check_finite, like=like)
