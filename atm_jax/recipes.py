@@ -25,7 +25,8 @@ from atm_jax import extras
 with extras.needed("atm_jax.recipes"):
     import ml_collections
 
-__all__ = ["PAPER", "BUILDERS", "SHRINKS", "ALPHA_GRID", "method", "mesh", "analysis_methods",
+__all__ = ["PAPER", "BUILDERS", "SHRINKS", "ALPHA_GRID", "STUDY_MERGES", "STUDY_ATM", "method",
+           "mesh", "analysis_methods", "study_methods",
            "mini", "tiny", "paper_config", "runlocal", "apply_arg"]
 
 VISION_TASKS = ("cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn")
@@ -57,14 +58,16 @@ RUNLOCAL_TASKS = {"clip": ("glyph_digits", "glyph_upper", "glyph_lower"),
 
 def method(kind: str, merge: str = "mean", kwargs: dict | None = None, *, alpha: float = 1.0,
            iterations: int | None = None, split: str = "train", tune_alpha: bool = False,
-           start: str = "") -> ml_collections.ConfigDict:
+           start: str = "", alpha_from: str = "") -> ml_collections.ConfigDict:
     """One entry of ``config.methods``: a one-shot merge, or an ATM variant
     (``iterations`` × budget/iterations epochs on ``split``).
 
     ``tune_alpha`` (one-shot): α is chosen from ``config.alpha_grid`` on the
     validation split (the row reports the chosen α). ``start`` (ATM): the model the
     iterations start from instead of the pretrained base: a one-shot method of the
-    same run (post-hoc ATM, e.g. ``"ties"``) or a ``.msgpack`` params file."""
+    same run (post-hoc ATM, e.g. ``"ties"``) or a ``.msgpack`` params file.
+    ``alpha_from`` (ATM): the ``tune_alpha`` one-shot row of the same run whose
+    chosen α scales every iteration's merge (fixed over the iterations)."""
     spec = {"kind": kind, "merge": merge, "merge_kwargs": dict(kwargs or {}), "alpha": alpha}
     if kind == "atm":
         spec.update(iterations=iterations, split=split)
@@ -72,6 +75,8 @@ def method(kind: str, merge: str = "mean", kwargs: dict | None = None, *, alpha:
         spec["tune_alpha"] = True
     if start:
         spec["start"] = start
+    if alpha_from:
+        spec["alpha_from"] = alpha_from
     return ml_collections.ConfigDict(spec)
 
 
@@ -113,6 +118,46 @@ def analysis_methods(config: ml_collections.ConfigDict) -> ml_collections.Config
     if "mean" in one_shot:
         methods.valft_atm_authors = method("atm", iterations=iterations, split="validation",
                                            start="mean")
+    return config
+
+
+# The data-free merges of the study rows (`study_methods`): (merge, hyperparameters,
+# whether the paper fixes α = 1). SLERP merges two models only: not in four-task suites.
+STUDY_MERGES = {
+    "tsv": ("tsv", {}, True),            # TSV-M: α = 1 (Gargiulo et al.; FusionBench)
+    "iso_c": ("iso_c", {}, False),       # α chosen on validation in the paper
+    "iso_cts": ("iso_cts", {"common_space_fraction": 0.8}, False),
+    "wudi": ("wudi", {"steps": 300, "learning_rate": 1e-5}, True),
+    "consensus": ("consensus", {"k": 2, "lam": 0.6}, False),  # TA's α tuned in the paper
+    "della": ("della", {"density": 0.5, "epsilon": 0.15}, True),  # mergekit's λ = 1
+    "model_stock": ("model_stock", {}, True),  # its own interpolation ratio
+}
+# ATM with another inner merge, at α chosen by that merge's tuned one-shot row.
+STUDY_ATM = {"atm_ties": ("ties", "ties_tuned"), "atm_tsv": ("tsv", "tsv_tuned"),
+             "atm_iso_c": ("iso_c", "iso_c_tuned")}
+
+
+def study_methods(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds, in place, the study rows (the `:study` variant): every data-free merge of
+    `STUDY_MERGES` as a one-shot row at the paper's α where it fixes one and with α
+    chosen on validation (``<name>_tuned``), the α-tuned rows of today's one-shot
+    merges, and ATM with TIES, TSV-M and Iso-C as its inner merge (`STUDY_ATM`) at
+    the α their tuned rows chose, beside ``atm`` (the mean, α = 1)."""
+    methods = config.methods
+    for name in [n for n in methods if methods[n].kind == "one_shot"
+                 and not methods[n].get("tune_alpha", False) and f"{n}_tuned" not in methods]:
+        spec = methods[name]
+        methods[f"{name}_tuned"] = method("one_shot", spec.merge, spec.merge_kwargs.to_dict(),
+                                          tune_alpha=True)
+    for name, (merge, kwargs, fixed) in STUDY_MERGES.items():
+        if fixed:
+            methods[name] = method("one_shot", merge, kwargs)
+        methods[f"{name}_tuned"] = method("one_shot", merge, kwargs, tune_alpha=True)
+    atm_runs = [n for n in methods if methods[n].kind == "atm"]
+    iterations = methods[atm_runs[0]].iterations if atm_runs else config.budget
+    for name, (merge, source) in STUDY_ATM.items():
+        kwargs = methods[source].merge_kwargs.to_dict()
+        methods[name] = method("atm", merge, kwargs, iterations=iterations, alpha_from=source)
     return config
 
 
@@ -291,15 +336,17 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None, path: str
               ) -> ml_collections.ConfigDict:
     """A config file's argument: none for the full recipe, else a shrink of its suite
     (``tiny`` for mini, ``runlocal`` for the paper setups) and/or ``analysis``
-    (`analysis_methods`), comma-separated: ``"tiny,analysis"``."""
+    (`analysis_methods`) and/or ``study`` (`study_methods`), comma-separated:
+    ``"tiny,analysis"``, ``"tiny,study"``."""
     if arg in (None, ""):
         return config
-    shrinks = {**SHRINKS.get(config.suite, {}), "analysis": analysis_methods}
+    shrinks = {**SHRINKS.get(config.suite, {}), "analysis": analysis_methods,
+               "study": study_methods}
     for part in arg.split(","):
         if part not in shrinks:
             named = " / ".join(repr(k) for k in shrinks)
             raise ValueError(f"{path} takes no argument or {named} (comma-separated), got {arg!r}.")
-    for part in sorted(arg.split(","), key=lambda p: p == "analysis"):  # shrink first
+    for part in sorted(arg.split(","), key=lambda p: p in ("analysis", "study")):  # shrink first
         config = shrinks[part](config)
     return config
 

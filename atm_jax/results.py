@@ -41,7 +41,8 @@ def write_results(config, workdir, setup: Setup, *, rows: Sequence[dict],
     workdir = files.as_path(workdir)
     writers.write_json(workdir / "results.json", results)
     labelled = [dict(r, method=schema.REFERENCE_LABELS.get(r["method"], r["method"])
-                     + (f" (α = {r['alpha']:g} on validation)" if "alpha" in r else ""))
+                     + (f" (inner α = {r['alpha']:g} from {r['alpha_from']})" if "alpha_from" in r
+                        else f" (α = {r['alpha']:g} on validation)" if "alpha" in r else ""))
                 for r in rows]
     table = writers.results_markdown(labelled, tasks, title=f"{config.suite}: test accuracy (%)",
                                      notes=lines)
@@ -87,8 +88,10 @@ def notes(config, setup: Setup, seconds: float) -> list[str]:
     out += [
         "Normalized = accuracy ÷ the individually finetuned model's accuracy, averaged over tasks.",
         *([f"Rows marked 'α on validation' chose α from {tuple(config.alpha_grid)} by average "
-           "validation accuracy (one merge per α, test evaluated at the chosen α only); the "
-           "other rows use the paper's protocol (α as configured, 1 by default)."]
+           "validation accuracy (the delta merged once, then scaled by each α; test evaluated "
+           "at the chosen α only); 'inner α from X' rows are ATM at the α that row X chose, "
+           "fixed over the iterations; the other rows use the paper's protocol (α as "
+           "configured, 1 by default)."]
           if any(config.methods[n].get("tune_alpha", False) for n in config.methods) else []),
         *([f"ATM methods' test accuracy was evaluated every {config.eval_every} iterations "
            "and after the last (config.eval_every); the curves show those iterations."]

@@ -379,6 +379,14 @@ class Runner:
         params = {n: merged[n]["params"] for n in names}
         self.finish_unit("one_shot", params if config.save_params else None)
 
+    def chosen_alpha(self, method: str) -> float:
+        """The α the tuned one-shot row ``method`` chose (its row of this run)."""
+        for row in self.rows:
+            if row["method"] == method and "alpha" in row:
+                return float(row["alpha"])
+        raise ConfigError(f"alpha_from={method!r}: that row has not chosen an α in this run "
+                          "(it must be a one_shot method with tune_alpha=True).")
+
     def validate(self, params, heads) -> dict[str, float]:
         """Validation accuracy per task (choosing α for the ``tune_alpha`` rows)."""
         return {t: evaluate_lib.accuracy(self.setup.apply_fn, params, h,
@@ -394,6 +402,10 @@ class Runner:
         iterations = spec.iterations
         epochs = config.budget // iterations
         merge = schema.merge_spec(config, spec)
+        source = spec.get("alpha_from", "")
+        if source:  # the α its one-shot row chose on validation, fixed over the iterations
+            merge = dataclasses.replace(merge, alpha=self.chosen_alpha(source))
+            self.log(f"[{name}] inner merge {merge.name} at α = {merge.alpha:g} (chosen by {source})")
         record = self.recorder.atm_progress(name, spec.split, start=spec.get("start", "") or
                                             "pretrained") if self.recorder is not None else None
         state = self.restored_state(name) or atm_lib.init(self.start_base(spec), self.setup.heads)
@@ -416,6 +428,8 @@ class Runner:
             state = self.recorded(state, rec, iterations, record)
         self.curves[name] = list(state.history)
         self.add_row(name, state.history[-1]["accuracy"], config.budget, "atm")
+        if source:
+            self.rows[-1].update(alpha=merge.alpha, alpha_from=source)
         self.finish_unit(name, {name: state.base} if config.save_params else None)
 
     def recorded(self, state: atm_lib.State, rec: dict, iterations: int,

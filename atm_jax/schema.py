@@ -41,7 +41,11 @@ DISPLAY_ORDER = ("mean", "ties", "breadcrumbs", "dare", "dare_ties",
                  # fair baselines (α tuned on validation, sum aggregation), PH-ATM
                  "mean_tuned", "ties_tuned", "breadcrumbs_tuned", "dare_tuned",
                  "ties_sum", "ties_sum_tuned", "dare_sum", "dare_sum_tuned",
-                 "valft_atm", "valft_atm_authors", "ph_atm", "atm")
+                 # the data-free merges of the :study rows (recipes.STUDY_MERGES)
+                 "tsv", "tsv_tuned", "iso_c_tuned", "iso_cts_tuned", "wudi", "wudi_tuned",
+                 "consensus_tuned", "della", "della_tuned", "model_stock", "model_stock_tuned",
+                 "valft_atm", "valft_atm_authors", "ph_atm", "atm", "atm_ties", "atm_tsv",
+                 "atm_iso_c")
 REFERENCE_LABELS = {"pretrained": "pretrained base (no finetuning)",
                     "linear_probe": "linear probe (frozen base)",
                     "individual": "individual finetuned (not merged)"}
@@ -202,7 +206,8 @@ def validate_common(config) -> None:
 def _validate_methods(config, budget: int) -> None:
     if not config.methods:
         raise ConfigError("config.methods is empty: add at least one method.")
-    method_keys = set(recipes.method("atm", iterations=1, tune_alpha=True, start="x").keys())
+    method_keys = set(recipes.method("atm", iterations=1, tune_alpha=True, start="x",
+                                     alpha_from="x").keys())
     for name in config.methods:
         spec = config.methods[name]
         where = f"methods.{name}"
@@ -269,6 +274,13 @@ def _validate_analysis(config) -> None:
             if not grid:
                 raise ConfigError(f"{where}.tune_alpha needs a non-empty config.alpha_grid, e.g. "
                                   f"{recipes.ALPHA_GRID}.")
+        source = spec.get("alpha_from", "")
+        if source:
+            tuned = [n for n in config.methods if config.methods[n].kind == "one_shot"
+                     and config.methods[n].get("tune_alpha", False)]
+            if spec.kind != "atm" or source not in tuned:
+                raise ConfigError(f"{where}.alpha_from={source!r}: an ATM method takes its α from a "
+                                  f"one_shot method of this config with tune_alpha=True ({tuned}).")
         start = spec.get("start", "")
         if not start:
             continue
