@@ -21,6 +21,16 @@ thin SVD ``X = P S Qᵀ`` (the nearest matrix with orthonormal columns).
 
 Signs: every product above pairs a left with its own right singular vector, so
 the result does not depend on the sign LAPACK gives each pair.
+
+Decompositions (``method``): ``"svd"`` takes every singular triplet from LAPACK's
+thin SVD. ``"auto"`` (default) gets the same numbers faster where only a few
+triplets or an orthogonal factor are needed: a task's top ``k`` triplets from the
+eigenvectors of its Gram matrix ``ΔᵀΔ`` (or ``ΔΔᵀ``), refined by one Rayleigh–Ritz
+step (QR of ``Δ Q_k``, then the small SVD of ``Q_bᵀ Δ``); a polar factor from the
+eigendecomposition of ``XᵀX`` plus one Newton–Schulz step, falling back to the SVD
+when ``X`` is ill-conditioned (smallest/largest eigenvalue of ``XᵀX`` below
+1e-4). The summed matrix of Iso-C, whose whole spectrum counts, always takes the
+SVD. How close the two are: docs/data_free_merges.md.
 """
 
 from __future__ import annotations
@@ -37,13 +47,47 @@ from atm_jax.merge.registry import register
 
 PyTree = Any
 
-__all__ = ["tsv", "iso_c", "iso_cts", "polar", "common_space_size"]
+__all__ = ["tsv", "iso_c", "iso_cts", "polar", "top_triplets", "common_space_size", "METHODS"]
+
+METHODS = ("auto", "svd")
+ILL_CONDITIONED = 1e-4  # λ_min/λ_max of XᵀX below which a polar factor takes the SVD
 
 
-def polar(x: jax.Array) -> jax.Array:
-    """``P Qᵀ`` from the thin SVD ``x = P S Qᵀ`` (batched over leading axes)."""
+def _t(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _polar_svd(x):
     p, _, qt = jnp.linalg.svd(x, full_matrices=False)
     return p @ qt
+
+
+def polar(x: jax.Array, method: str = "svd") -> jax.Array:
+    """``P Qᵀ`` from the thin SVD ``x = P S Qᵀ`` (batched; ``x`` is ``[..., m, p]``, p ≤ m)."""
+    if method == "svd":
+        return _polar_svd(x)
+    w, q = jnp.linalg.eigh(_t(x) @ x)
+    ratio = w[..., :1] / jnp.maximum(w[..., -1:], jnp.finfo(x.dtype).tiny)
+    inv_sqrt = jax.lax.rsqrt(jnp.maximum(w, jnp.finfo(x.dtype).tiny))
+    p = x @ ((q * inv_sqrt[..., None, :]) @ _t(q))
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    p = p @ (1.5 * eye - 0.5 * (_t(p) @ p))  # Newton–Schulz: the rounding of the inverse root
+    return jax.lax.cond(jnp.any(ratio < ILL_CONDITIONED), _polar_svd, lambda _: p, x)
+
+
+def top_triplets(x: jax.Array, k: int, method: str = "svd"):
+    """The top ``k`` singular triplets of ``x [..., m, n]``: ``u [..., m, k]``, ``s [..., k]``,
+    ``v [..., n, k]`` (descending)."""
+    if method == "svd":
+        u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+        return u[..., :k], s[..., :k], _t(vt[..., :k, :])
+    tall = x.shape[-2] >= x.shape[-1]
+    y = x if tall else _t(x)  # [..., big, small]
+    _, q = jnp.linalg.eigh(_t(y) @ y)
+    basis, _ = jnp.linalg.qr(y @ q[..., ::-1][..., :k])  # [..., big, k]: the image of the top k
+    ub, s, vbt = jnp.linalg.svd(_t(basis) @ y, full_matrices=False)  # the small k × small SVD
+    big, small = basis @ ub, _t(vbt)
+    return (big, s, small) if tall else (small, s, big)
 
 
 def _columns(u: jax.Array) -> jax.Array:
@@ -52,21 +96,22 @@ def _columns(u: jax.Array) -> jax.Array:
     return jnp.moveaxis(u, 1, 2).reshape(num_layers, m, num_tasks * k)
 
 
-@partial(jax.jit, static_argnames=("k",))
-def _tsv_batch(mats: jax.Array, *, k: int) -> jax.Array:
+@partial(jax.jit, static_argnames=("k", "method"))
+def _tsv_batch(mats: jax.Array, *, k: int, method: str) -> jax.Array:
     if k == 0:
         return jnp.mean(mats, axis=1)
-    u, s, vt = jnp.linalg.svd(mats, full_matrices=False)
-    u_cat = _columns(u[..., :k])
-    v_cat = _columns(jnp.swapaxes(vt[..., :k, :], -1, -2))
-    s_cat = s[..., :k].reshape(s.shape[0], -1)
-    return polar(u_cat) @ (s_cat[..., :, None] * jnp.swapaxes(polar(v_cat), -1, -2))
+    u, s, v = top_triplets(mats, k, method)
+    s_cat = s.reshape(s.shape[0], -1)
+    u_cat, v_cat = polar(_columns(u), method), polar(_columns(v), method)
+    return u_cat @ (s_cat[..., :, None] * _t(v_cat))
 
 
 def _check_common(**hp) -> None:
     embeddings = hp.pop("embeddings", False)
     if not isinstance(embeddings, bool):
         raise TypeError(f"embeddings={embeddings!r} must be True or False.")
+    if "method" in hp:
+        checks.check_choice("method", hp.pop("method"), METHODS)
     if "common_space_fraction" in hp:
         checks.check_range("common_space_fraction", hp.pop("common_space_fraction"), 0, 1,
                            lo_open=True, hi_open=True, hint="Iso-CTS default 0.8.")
@@ -76,20 +121,23 @@ def _check_common(**hp) -> None:
 @register("tsv", reference="Gargiulo et al. 2025 (Task Singular Vectors, TSV-M), "
           "https://arxiv.org/abs/2412.00081", validate=_check_common)
 def tsv(stacked: PyTree, *, key: jax.Array | None = None, embeddings: bool = False,
-        check_finite: bool | str = True, like: PyTree | None = None) -> PyTree:
+        method: str = "auto", check_finite: bool | str = True,
+        like: PyTree | None = None) -> PyTree:
     """TSV-M: each task's top ``⌊r/T⌋`` singular triplets, orthogonalized, recombined.
 
     Args:
       stacked: task vectors, leaves ``[T, ...]``.
       key: unused (deterministic).
       embeddings: also merge embedding tables as matrices (default: their mean).
+      method: ``"auto"`` or ``"svd"``: how the triplets and polar factors are computed
+        (the module docstring).
       check_finite, like: see `atm_jax.merge.sparsify`.
     """
     del key
-    _check_common(embeddings=embeddings)
+    _check_common(embeddings=embeddings, method=method)
 
     def batch(mats):
-        return _tsv_batch(mats, k=min(mats.shape[2:]) // mats.shape[1])
+        return _tsv_batch(mats, k=min(mats.shape[2:]) // mats.shape[1], method=method)
     return matrix.merge_matrices(stacked, batch, embeddings=embeddings,
                                  check_finite=check_finite, like=like)
 
@@ -119,8 +167,8 @@ def common_space_size(rank: int, num_tasks: int, fraction: float) -> int:
     return rank - min(specific, num_tasks * (rank // num_tasks))
 
 
-@partial(jax.jit, static_argnames=("c",))
-def _iso_cts_batch(mats: jax.Array, *, c: int) -> jax.Array:
+@partial(jax.jit, static_argnames=("c", "method"))
+def _iso_cts_batch(mats: jax.Array, *, c: int, method: str) -> jax.Array:
     num_layers, num_tasks, m, n = mats.shape
     s_per = (min(m, n) - c) // num_tasks
     u, s, vt = jnp.linalg.svd(jnp.sum(mats, axis=1), full_matrices=False)
@@ -130,30 +178,33 @@ def _iso_cts_batch(mats: jax.Array, *, c: int) -> jax.Array:
     else:
         # Each task's update with the common space projected out of its columns' span.
         residual = mats - u_c[:, None] @ (jnp.swapaxes(u_c, -1, -2)[:, None] @ mats)
-        ut, st, vtt = jnp.linalg.svd(residual, full_matrices=False)
-        u_all = jnp.concatenate([u_c, _columns(ut[..., :s_per])], axis=-1)
-        v_all = jnp.concatenate([v_c, _columns(jnp.swapaxes(vtt[..., :s_per, :], -1, -2))], axis=-1)
-        kept = jnp.concatenate([s_c, st[..., :s_per].reshape(num_layers, -1)], axis=-1)
+        ut, st, vt_ = top_triplets(residual, s_per, method)
+        u_all = jnp.concatenate([u_c, _columns(ut)], axis=-1)
+        v_all = jnp.concatenate([v_c, _columns(vt_)], axis=-1)
+        kept = jnp.concatenate([s_c, st.reshape(num_layers, -1)], axis=-1)
     sigma = jnp.mean(kept, axis=-1)[:, None, None]
-    return sigma * (polar(u_all) @ jnp.swapaxes(polar(v_all), -1, -2))
+    return sigma * (polar(u_all, method) @ _t(polar(v_all, method)))
 
 
 @register("iso_cts", reference="Marczak et al. 2025 (Iso-CTS, No Task Left Behind), "
           "https://arxiv.org/abs/2502.04959", validate=_check_common)
 def iso_cts(stacked: PyTree, *, key: jax.Array | None = None, common_space_fraction: float = 0.8,
-            embeddings: bool = False, check_finite: bool | str = True,
+            embeddings: bool = False, method: str = "auto", check_finite: bool | str = True,
             like: PyTree | None = None) -> PyTree:
     """Iso-CTS: a common space of the summed matrix plus each task's own directions, flat spectrum.
 
     Args:
       common_space_fraction: the share of the ``r`` directions taken from the sum
         (default 0.8), adjusted so the task-specific rest splits evenly over tasks.
+      method: ``"auto"`` or ``"svd"`` (as `tsv`; the summed matrix always takes the SVD).
     """
     del key
-    _check_common(common_space_fraction=common_space_fraction, embeddings=embeddings)
+    _check_common(common_space_fraction=common_space_fraction, embeddings=embeddings,
+                  method=method)
 
     def batch(mats):
         rank, num_tasks = min(mats.shape[2:]), mats.shape[1]
-        return _iso_cts_batch(mats, c=common_space_size(rank, num_tasks, common_space_fraction))
+        return _iso_cts_batch(mats, c=common_space_size(rank, num_tasks, common_space_fraction),
+                              method=method)
     return matrix.merge_matrices(stacked, batch, embeddings=embeddings,
                                  check_finite=check_finite, like=like)
