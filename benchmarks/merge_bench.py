@@ -3,7 +3,9 @@
 Every operator of ``atm_jax.merge`` on T task vectors shaped like the CLIP
 ViT-B/16 image encoder (≈86M float32 each), against a NumPy reference and, when
 torch is installed, an official-style PyTorch TIES (flatten, ``torch.kthvalue`` per
-task, sign by sum, disjoint mean) and mean. Each (implementation, operator) runs in
+task, sign by sum, disjoint mean) and mean; the data-free merges of 2024-25 against
+FusionBench's and mergekit's own functions in their venvs (``peers.py``; their
+agreement with ours: ``peer_merges.py``). Each (implementation, operator) runs in
 its own subprocess so peak memory is its own: the process builds the stacked
 inputs, runs once to warm up (compiles), then runs ``--repeats`` times; we report
 the median time of the timed runs and the peak resident memory from the warm-up
@@ -49,9 +51,25 @@ OPERATORS = [
     ("dare_ties", {"p": 0.9}),
     ("ties_atm_code", {"density": 0.15}),
     ("breadcrumbs_atm_code", {}),
+    # The data-free merges of 2024-25 (peer: FusionBench / mergekit, `peers.py`).
+    ("tsv", {}),
+    ("iso_c", {}),
+    ("iso_cts", {"common_space_fraction": 0.8}),
+    ("consensus", {"k": 2, "lam": 0.6}),
+    ("della", {"density": 0.5, "epsilon": 0.15, "rescale": "l1"}),  # mergekit's rescale
+    ("model_stock", {}),
+    ("slerp", {"t": 0.5}),  # two tasks (the first two), with a base
 ]
+# WUDI's 300 steps over every layer take ~25 min a layer on the peer's side here: only
+# with --ops wudi; `peer_merges.py` times a subset of layers on both sides.
+ON_REQUEST = {"wudi": {"steps": 300, "learning_rate": 1e-5}}
 NUMPY_REFS = {"mean", "sum", "ties", "breadcrumbs", "dare"}
 TORCH_REFS = {"mean", "ties"}
+PEER_REFS = {"tsv", "iso_c", "iso_cts", "consensus", "della", "model_stock", "slerp", "wudi"}
+# Our hyperparameter names -> the peer worker's (`peers.py`).
+PEER_HPARAMS = {"consensus": lambda hp: {"tall_mask_lambda": hp["lam"], "k": hp["k"]},
+                "wudi": lambda hp: {"iter_num": hp["steps"]},
+                "della": lambda hp: {"density": hp["density"], "epsilon": hp["epsilon"]}}
 
 
 def _make_inputs(tasks: int, blocks: int) -> dict[str, np.ndarray]:
@@ -142,9 +160,29 @@ def torch_merge(op: str, stacked: dict, hp: dict) -> dict:
 # ----------------------------------------------------------------------------
 
 
+def _peer(op: str, hp: dict, inputs: dict, base: dict | None, repeats: int) -> dict:
+    """The peer's merge in its venv (`peers.py`): its own timing and resident peak."""
+    import peer_merges
+    import peers
+
+    stacked_bytes = sum(v.nbytes for v in inputs.values())
+    hp = PEER_HPARAMS.get(op, lambda h: dict(h))(hp)
+    _, seconds, peak = peers.run_peer(op, peer_merges.to_torch(inputs), hp, repeats=repeats,
+                                      base=None if base is None else peer_merges.to_torch(base))
+    return {"times": seconds, "median": float(np.median(seconds)), "stacked_bytes": stacked_bytes,
+            "peak_extra_bytes": None, "peak_rss_bytes": peak}
+
+
 def _worker(impl: str, op: str, hp: dict, tasks: int, blocks: int, repeats: int) -> dict:
     inputs = _make_inputs(tasks, blocks)
+    base = None
+    if op == "slerp":  # two models and the weights they were finetuned from
+        inputs = {k: v[:2] for k, v in inputs.items()}
+        rng = np.random.default_rng(1)
+        base = {k: rng.standard_normal(v.shape[1:], dtype=np.float32) * 0.02 for k, v in inputs.items()}
     stacked_bytes = sum(v.nbytes for v in inputs.values())
+    if impl == "peer":
+        return _peer(op, hp, inputs, base, repeats)
     if impl == "atm_jax":
         import jax
         import jax.numpy as jnp
@@ -156,8 +194,11 @@ def _worker(impl: str, op: str, hp: dict, tasks: int, blocks: int, repeats: int)
         fn = merge.get(op)
         key = jax.random.key(0)
 
+        kwargs = dict(hp, key=key) if merge.info(op).stochastic else dict(hp)
+        if base is not None:
+            kwargs["base"] = {k: jnp.asarray(v) for k, v in base.items()}
+
         def call():
-            kwargs = dict(hp, key=key) if merge.info(op).stochastic else hp
             return jax.block_until_ready(fn(stacked, **kwargs))
     elif impl == "numpy":
         stacked = inputs
@@ -252,6 +293,8 @@ def _fmt_time(r):
 
 
 def _fmt_mem(r):
+    if r is not None and r.get("peak_rss_bytes"):
+        return f"{r['peak_rss_bytes'] / r['stacked_bytes']:.2f}× rss"
     if r is None or r["peak_extra_bytes"] is None:
         return "–"
     return f"{1 + r['peak_extra_bytes'] / r['stacked_bytes']:.2f}×"
@@ -264,6 +307,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ops", default="", help="comma-separated operator names (default: all)")
     parser.add_argument("--no-reference", action="store_true", help="skip NumPy and torch")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip FusionBench / mergekit (their venvs: benchmarks/peers.py --setup)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--against", help="another source tree to compare this one with")
     parser.add_argument("--rounds", type=int, default=2, help="with --against: rounds per tree")
@@ -282,6 +327,7 @@ def main():
     per_task = sum(int(np.prod(s)) for s in vit_b16_shapes(args.blocks).values())
     wanted = set(filter(None, args.ops.split(",")))
     ops = [(op, hp) for op, hp in OPERATORS if not wanted or op in wanted]
+    ops += [(op, hp) for op, hp in ON_REQUEST.items() if op in wanted]
     print(f"{args.tasks} task vectors × {per_task / 1e6:.1f}M float32 "
           f"({args.tasks * per_task * 4 / 2**30:.2f} GiB stacked), median of {args.repeats} runs")
     if args.against:
@@ -297,17 +343,19 @@ def main():
         torch_ref = _measure("torch", op, hp, args) \
             if (op in TORCH_REFS and have_torch and not args.no_reference and hp.get("scope", "model") == "model") \
             else None
-        rows.append((label, ours, np_ref, torch_ref))
+        peer = _measure("peer", op, hp, args) if (op in PEER_REFS and not args.no_peers) else None
+        rows.append((label, ours, np_ref, torch_ref, peer))
 
     head = ("| operator | atm_jax s | atm_jax peak | NumPy s | NumPy peak | PyTorch s | PyTorch peak "
-            "| vs NumPy | vs PyTorch |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, ours, np_ref, torch_ref in rows:
+            "| peer s | peer peak | vs NumPy | vs PyTorch | vs peer |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, ours, np_ref, torch_ref, peer in rows:
         def speedup(ref):
             return "–" if ref is None or ours is None else f"{ref['median'] / ours['median']:.1f}×"
         lines.append(f"| {label} | {_fmt_time(ours)} | {_fmt_mem(ours)} | {_fmt_time(np_ref)} | "
                      f"{_fmt_mem(np_ref)} | {_fmt_time(torch_ref)} | {_fmt_mem(torch_ref)} | "
-                     f"{speedup(np_ref)} | {speedup(torch_ref)} |")
+                     f"{_fmt_time(peer)} | {_fmt_mem(peer)} | "
+                     f"{speedup(np_ref)} | {speedup(torch_ref)} | {speedup(peer)} |")
     table = "\n".join(lines)
     print()
     print(table)
@@ -318,7 +366,12 @@ def main():
         common.versions("jax", "numpy", "torch"),
         f"inputs: {args.tasks} × {per_task / 1e6:.1f}M float32 (ViT-B/16 leaf shapes), "
         f"median of {args.repeats} runs after one warm-up, each in its own process",
-        "peak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs",
+        "peak = (stacked inputs + peak extra resident memory from the first call on) ÷ stacked inputs; "
+        "'rss' (the peers): the worker's peak resident memory, interpreter and torch included, ÷ "
+        "stacked inputs",
+        "peers: FusionBench 0.2.33 (tsv, iso_c, iso_cts, consensus, model_stock, wudi) and mergekit "
+        "0.1.5 (della, slerp), torch 2.13.0 CPU, their own venvs (benchmarks/peers.py), same thread "
+        "count; slerp on the first two task vectors with a base",
     ], table)
     print(f"\nwrote {path.relative_to(common.ROOT)}")
 

@@ -29,8 +29,8 @@ eigenvectors of its Gram matrix ``ΔᵀΔ`` (or ``ΔΔᵀ``), refined by one Ray
 step (QR of ``Δ Q_k``, then the small SVD of ``Q_bᵀ Δ``); a polar factor from the
 eigendecomposition of ``XᵀX`` plus one Newton–Schulz step, falling back to the SVD
 when ``X`` is ill-conditioned (smallest/largest eigenvalue of ``XᵀX`` below
-1e-4). The summed matrix of Iso-C, whose whole spectrum counts, always takes the
-SVD. How close the two are: docs/data_free_merges.md.
+1e-4); Iso-C's flat spectrum likewise (the mean singular value is the mean square
+root of those eigenvalues). How close the two are: docs/data_free_merges.md.
 """
 
 from __future__ import annotations
@@ -142,21 +142,46 @@ def tsv(stacked: PyTree, *, key: jax.Array | None = None, embeddings: bool = Fal
                                  check_finite=check_finite, like=like)
 
 
-@jax.jit
-def _iso_c_batch(mats: jax.Array) -> jax.Array:
-    u, s, vt = jnp.linalg.svd(jnp.sum(mats, axis=1), full_matrices=False)
-    return jnp.mean(s, axis=-1)[:, None, None] * (u @ vt)
+def _flat_spectrum_svd(x):
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    return jnp.mean(s, axis=-1)[..., None, None] * (u @ vt)
+
+
+def flat_spectrum(x: jax.Array, method: str = "svd") -> jax.Array:
+    """``σ̄ U Vᵀ`` for ``x = U Σ Vᵀ`` (``σ̄`` the mean of all ``r`` singular values), batched."""
+    if method == "svd":
+        return _flat_spectrum_svd(x)
+    tall = x.shape[-2] >= x.shape[-1]
+    y = x if tall else _t(x)
+    w, _ = jnp.linalg.eigh(_t(y) @ y)
+    ratio = w[..., :1] / jnp.maximum(w[..., -1:], jnp.finfo(x.dtype).tiny)
+    sigma = jnp.mean(jnp.sqrt(jnp.maximum(w, 0.0)), axis=-1)[..., None, None]
+
+    def fast(y):
+        p = polar(y, "auto")
+        return sigma * (p if tall else _t(p))
+    return jax.lax.cond(jnp.any(ratio < ILL_CONDITIONED), _flat_spectrum_svd, lambda _: fast(y), x)
+
+
+@partial(jax.jit, static_argnames=("method",))
+def _iso_c_batch(mats: jax.Array, *, method: str) -> jax.Array:
+    return flat_spectrum(jnp.sum(mats, axis=1), method)
 
 
 @register("iso_c", reference="Marczak et al. 2025 (Iso-C, No Task Left Behind), "
           "https://arxiv.org/abs/2502.04959", validate=_check_common)
 def iso_c(stacked: PyTree, *, key: jax.Array | None = None, embeddings: bool = False,
-          check_finite: bool | str = True, like: PyTree | None = None) -> PyTree:
-    """Iso-C: the summed task matrix with a flat spectrum (its mean singular value)."""
+          method: str = "auto", check_finite: bool | str = True,
+          like: PyTree | None = None) -> PyTree:
+    """Iso-C: the summed task matrix with a flat spectrum (its mean singular value).
+
+    Args:
+      method: ``"auto"`` or ``"svd"`` (as `tsv`).
+    """
     del key
-    _check_common(embeddings=embeddings)
-    return matrix.merge_matrices(stacked, _iso_c_batch, embeddings=embeddings,
-                                 check_finite=check_finite, like=like)
+    _check_common(embeddings=embeddings, method=method)
+    return matrix.merge_matrices(stacked, partial(_iso_c_batch, method=method),
+                                 embeddings=embeddings, check_finite=check_finite, like=like)
 
 
 def common_space_size(rank: int, num_tasks: int, fraction: float) -> int:
@@ -196,7 +221,7 @@ def iso_cts(stacked: PyTree, *, key: jax.Array | None = None, common_space_fract
     Args:
       common_space_fraction: the share of the ``r`` directions taken from the sum
         (default 0.8), adjusted so the task-specific rest splits evenly over tasks.
-      method: ``"auto"`` or ``"svd"`` (as `tsv`; the summed matrix always takes the SVD).
+      method: ``"auto"`` or ``"svd"`` (as `tsv`; the sum's top ``c`` come from its SVD).
     """
     del key
     _check_common(common_space_fraction=common_space_fraction, embeddings=embeddings,
