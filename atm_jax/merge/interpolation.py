@@ -115,6 +115,8 @@ def _model_stock_leaves(leaves):
         pairs = num_tasks * (num_tasks - 1) / 2
         cos = (jnp.sum(cosine) - jnp.trace(cosine)) / (2 * pairs)
         ratio = num_tasks * cos / (1.0 + (num_tasks - 1) * cos)
+        # A NaN/Inf task has no angle: the whole leaf comes out NaN (its cosines would read 0).
+        ratio = jnp.where(jnp.all(jnp.isfinite(gram)), ratio, jnp.nan)
         out.append((ratio * jnp.mean(flat, axis=0)).reshape(x.shape[1:]).astype(x.dtype))
     return out
 

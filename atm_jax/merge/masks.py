@@ -57,10 +57,13 @@ def _masks_and_merge(leaves, mtl, lam, k):
         acc = jnp.promote_types(x.dtype, jnp.float32)
         total = total.astype(acc)
         count = jnp.zeros(x.shape[1:], jnp.int32)
+        bad = ~jnp.isfinite(total)
         for t in range(x.shape[0]):
             xt = x[t].astype(acc)
             count = count + (jnp.abs(xt) >= lam[t] * jnp.abs(total - xt)).astype(jnp.int32)
-        out.append(jnp.where(count >= k, total, 0).astype(x.dtype))
+            bad = bad | ~jnp.isfinite(xt)
+        # NaN/Inf inputs fail every mask comparison: they must come out NaN, not 0.
+        out.append(jnp.where(bad, jnp.nan, jnp.where(count >= k, total, 0)).astype(x.dtype))
         counts.append(count)
     return out, counts
 
@@ -176,23 +179,18 @@ def _host_leaf_ranks(path: str, x: np.ndarray) -> tuple[np.ndarray, int]:
     return _host_row_ranks(rows).reshape(x.shape), rows.shape[-1]
 
 
-def _rows(path: str, x) -> tuple:
-    """(to_rows, from_rows) for one task's leaf: DELLA ranks within these rows."""
-    v = matrix.view(path, x.shape, embeddings=True)
-    if v is not None:
-        return v.to_matrix, v.from_matrix
-    return (lambda a: a.reshape(*a.shape[:a.ndim - x.ndim], -1)), \
-        (lambda a: a.reshape(*a.shape[:-1], *x.shape))
+@partial(jax.jit, static_argnames=("view",))
+def _row_magnitudes(x, *, view):
+    """``|x|`` as DELLA's rows ``[T, rows, n]``: the matrix view's rows (one output unit),
+    or the whole leaf as one row. ``view`` (a hashable `matrix.MatrixView` or None) keys
+    the compile cache."""
+    mags = jnp.abs(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+    return view.to_matrix(mags) if view is not None else mags.reshape(x.shape[0], 1, -1)
 
 
-@partial(jax.jit, static_argnames=("to_rows",))
-def _row_magnitudes(x, *, to_rows):
-    return to_rows(jnp.abs(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
-
-
-@partial(jax.jit, static_argnames=("from_rows",))
-def _leaf_layout(ranks, *, from_rows):
-    return from_rows(ranks)
+@partial(jax.jit, static_argnames=("view", "shape"))
+def _leaf_layout(ranks, *, view, shape):
+    return view.from_matrix(ranks) if view is not None else ranks.reshape(ranks.shape[0], *shape)
 
 
 @partial(jax.jit, static_argnames=("n", "density", "epsilon", "rescale"))
@@ -253,13 +251,26 @@ def della(stacked: PyTree, *, key: jax.Array | None = None, density: float = 0.5
             ranks, n = _host_leaf_ranks(path, np.asarray(x))
             ranks = jnp.asarray(ranks)
         else:
-            to_rows, from_rows = _rows(path, x[0])
-            mags = _row_magnitudes(x, to_rows=to_rows)
+            view = matrix.view(path, x.shape[1:], embeddings=True)
+            mags = _row_magnitudes(x, view=view)
             n = mags.shape[-1]
-            ranks = _leaf_layout(_device_row_ranks(mags), from_rows=from_rows)
+            ranks = _leaf_layout(_device_row_ranks(mags), view=view, shape=tuple(x.shape[1:]))
         dropped.append(_della_leaf(x, ranks, jax.random.fold_in(key, i), n=n, density=float(density),
                                    epsilon=float(epsilon), rescale=rescale))
-    return sparsify.disjoint_merge(jax.tree.unflatten(treedef, dropped),
-                                   check_finite=False if check_finite is True else check_finite)
+    merged = sparsify.disjoint_merge(jax.tree.unflatten(treedef, dropped),
+                                     check_finite=False if check_finite is True else check_finite)
+    # A NaN/Inf entry the draw dropped must still show: NaN wherever any task's input is.
+    return jax.tree.unflatten(treedef, _nan_where_bad(leaves, jax.tree.leaves(merged)))
+
+
+@jax.jit
+def _nan_where_bad(leaves, merged):
+    out = []
+    for x, m in zip(leaves, merged):
+        bad = ~jnp.isfinite(x[0])
+        for t in range(1, x.shape[0]):
+            bad = bad | ~jnp.isfinite(x[t])
+        out.append(jnp.where(bad, jnp.nan, m).astype(m.dtype))
+    return out
 
 

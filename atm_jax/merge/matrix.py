@@ -59,10 +59,10 @@ class MatrixView:
     ``in_axes``: the leading axes that index the layer's input (Flax kernels), or 0
     for a leaf stored as ``[out, in]`` already (``transpose`` False).
     """
-    path: str
-    shape: tuple[int, ...]
-    in_axes: int
-    transpose: bool
+    path: str = dataclasses.field(compare=False)  # views of one layout share programs
+    shape: tuple[int, ...] = ()
+    in_axes: int = 1
+    transpose: bool = True
 
     @property
     def in_features(self) -> int:
@@ -102,14 +102,17 @@ class MatrixView:
 
 
 def _names(path: str) -> list[str]:
-    return [p for p in path.replace("[", "/").replace("]", "").replace("'", "").split("/") if p]
+    """Path components; dots separate them too (flat PyTorch keys: ``encoder.fc.weight``)."""
+    cleaned = path.replace("[", "/").replace("]", "").replace("'", "").replace(".", "/")
+    return [p for p in cleaned.split("/") if p]
 
 
 def view(path: str, shape, *, embeddings: bool = False) -> MatrixView | None:
     """The matrix view of a leaf at ``path`` with (one task's) ``shape``, or None.
 
     Args:
-      path: the leaf path as `atm_jax.tree.leaf_paths` writes it (``a/b/kernel``).
+      path: the leaf path as `atm_jax.tree.leaf_paths` writes it (``a/b/kernel``), or a
+        flat PyTorch key (``a.b.weight``).
       shape: the leaf's shape without the task axis.
       embeddings: also read embedding tables (``nn.Embed``'s ``embedding``, or a
         2-D ``weight`` whose path names an embedding) as matrices, rows as stored.
