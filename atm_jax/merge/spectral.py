@@ -40,6 +40,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from atm_jax import checks
 from atm_jax.merge import matrix
@@ -57,22 +58,51 @@ def _t(x):
     return jnp.swapaxes(x, -1, -2)
 
 
+@jax.jit
 def _polar_svd(x):
     p, _, qt = jnp.linalg.svd(x, full_matrices=False)
     return p @ qt
+
+
+def _conditioned(w):
+    """Per matrix: λ_min/λ_max of XᵀX (ascending ``w``) is large enough for the fast path."""
+    return w[..., 0] >= ILL_CONDITIONED * jnp.maximum(w[..., -1], jnp.finfo(w.dtype).tiny)
+
+
+@jax.jit
+def _polar_eigh(x):
+    w, q = jnp.linalg.eigh(_t(x) @ x)
+    inv_sqrt = jax.lax.rsqrt(jnp.maximum(w, jnp.finfo(x.dtype).tiny))
+    p = x @ ((q * inv_sqrt[..., None, :]) @ _t(q))
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    p = p @ (1.5 * eye - 0.5 * (_t(p) @ p))  # Newton–Schulz: the rounding of the inverse root
+    return p, _conditioned(w)
+
+
+def _exact_where_needed(fast, ok, x, exact):
+    """``fast``, with the matrices whose ``ok`` is False recomputed by ``exact``.
+
+    Concrete arrays: the host picks those matrices and only they take ``exact``.
+    Traced (under an outer ``jax.jit``): both are computed and selected, never
+    ``lax.cond``: XLA:CPU deadlocks running two conditionals that hold LAPACK calls
+    on a two-thread pool (seen here on TSV's two polar factors).
+    """
+    if isinstance(ok, jax.core.Tracer):
+        return jnp.where(ok[..., None, None], fast, exact(x))
+    bad = np.flatnonzero(~np.asarray(ok).reshape(-1))
+    if bad.size == 0:
+        return fast
+    flat = fast.reshape(-1, *fast.shape[-2:])
+    redo = exact(x.reshape(-1, *x.shape[-2:])[bad])
+    return flat.at[bad].set(redo).reshape(fast.shape)
 
 
 def polar(x: jax.Array, method: str = "svd") -> jax.Array:
     """``P Qᵀ`` from the thin SVD ``x = P S Qᵀ`` (batched; ``x`` is ``[..., m, p]``, p ≤ m)."""
     if method == "svd":
         return _polar_svd(x)
-    w, q = jnp.linalg.eigh(_t(x) @ x)
-    ratio = w[..., :1] / jnp.maximum(w[..., -1:], jnp.finfo(x.dtype).tiny)
-    inv_sqrt = jax.lax.rsqrt(jnp.maximum(w, jnp.finfo(x.dtype).tiny))
-    p = x @ ((q * inv_sqrt[..., None, :]) @ _t(q))
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    p = p @ (1.5 * eye - 0.5 * (_t(p) @ p))  # Newton–Schulz: the rounding of the inverse root
-    return jax.lax.cond(jnp.any(ratio < ILL_CONDITIONED), _polar_svd, lambda _: p, x)
+    p, ok = _polar_eigh(x)
+    return _exact_where_needed(p, ok, x, _polar_svd)
 
 
 def top_triplets(x: jax.Array, k: int, method: str = "svd"):
@@ -97,13 +127,21 @@ def _columns(u: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("k", "method"))
+def _tsv_parts(mats: jax.Array, *, k: int, method: str):
+    u, s, v = top_triplets(mats, k, method)
+    return _columns(u), s.reshape(s.shape[0], -1), _columns(v)
+
+
+@jax.jit
+def _recombine(u, s, v):
+    return u @ (s[..., :, None] * _t(v))
+
+
 def _tsv_batch(mats: jax.Array, *, k: int, method: str) -> jax.Array:
     if k == 0:
         return jnp.mean(mats, axis=1)
-    u, s, v = top_triplets(mats, k, method)
-    s_cat = s.reshape(s.shape[0], -1)
-    u_cat, v_cat = polar(_columns(u), method), polar(_columns(v), method)
-    return u_cat @ (s_cat[..., :, None] * _t(v_cat))
+    u, s, v = _tsv_parts(mats, k=k, method=method)
+    return _recombine(polar(u, method), s, polar(v, method))
 
 
 def _check_common(**hp) -> None:
@@ -142,28 +180,33 @@ def tsv(stacked: PyTree, *, key: jax.Array | None = None, embeddings: bool = Fal
                                  check_finite=check_finite, like=like)
 
 
+@jax.jit
 def _flat_spectrum_svd(x):
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)
     return jnp.mean(s, axis=-1)[..., None, None] * (u @ vt)
+
+
+@jax.jit
+def _flat_spectrum_eigh(x):
+    tall = x.shape[-2] >= x.shape[-1]
+    y = x if tall else _t(x)
+    w, q = jnp.linalg.eigh(_t(y) @ y)
+    sigma = jnp.mean(jnp.sqrt(jnp.maximum(w, 0.0)), axis=-1)[..., None, None]
+    inv_sqrt = jax.lax.rsqrt(jnp.maximum(w, jnp.finfo(x.dtype).tiny))
+    p = y @ ((q * inv_sqrt[..., None, :]) @ _t(q))
+    eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+    p = p @ (1.5 * eye - 0.5 * (_t(p) @ p))
+    return sigma * (p if tall else _t(p)), _conditioned(w)
 
 
 def flat_spectrum(x: jax.Array, method: str = "svd") -> jax.Array:
     """``σ̄ U Vᵀ`` for ``x = U Σ Vᵀ`` (``σ̄`` the mean of all ``r`` singular values), batched."""
     if method == "svd":
         return _flat_spectrum_svd(x)
-    tall = x.shape[-2] >= x.shape[-1]
-    y = x if tall else _t(x)
-    w, _ = jnp.linalg.eigh(_t(y) @ y)
-    ratio = w[..., :1] / jnp.maximum(w[..., -1:], jnp.finfo(x.dtype).tiny)
-    sigma = jnp.mean(jnp.sqrt(jnp.maximum(w, 0.0)), axis=-1)[..., None, None]
-
-    def fast(y):
-        p = polar(y, "auto")
-        return sigma * (p if tall else _t(p))
-    return jax.lax.cond(jnp.any(ratio < ILL_CONDITIONED), _flat_spectrum_svd, lambda _: fast(y), x)
+    fast, ok = _flat_spectrum_eigh(x)
+    return _exact_where_needed(fast, ok, x, _flat_spectrum_svd)
 
 
-@partial(jax.jit, static_argnames=("method",))
 def _iso_c_batch(mats: jax.Array, *, method: str) -> jax.Array:
     return flat_spectrum(jnp.sum(mats, axis=1), method)
 
@@ -193,7 +236,7 @@ def common_space_size(rank: int, num_tasks: int, fraction: float) -> int:
 
 
 @partial(jax.jit, static_argnames=("c", "method"))
-def _iso_cts_batch(mats: jax.Array, *, c: int, method: str) -> jax.Array:
+def _iso_cts_parts(mats: jax.Array, *, c: int, method: str):
     num_layers, num_tasks, m, n = mats.shape
     s_per = (min(m, n) - c) // num_tasks
     u, s, vt = jnp.linalg.svd(jnp.sum(mats, axis=1), full_matrices=False)
@@ -207,8 +250,17 @@ def _iso_cts_batch(mats: jax.Array, *, c: int, method: str) -> jax.Array:
         u_all = jnp.concatenate([u_c, _columns(ut)], axis=-1)
         v_all = jnp.concatenate([v_c, _columns(vt_)], axis=-1)
         kept = jnp.concatenate([s_c, st.reshape(num_layers, -1)], axis=-1)
-    sigma = jnp.mean(kept, axis=-1)[:, None, None]
-    return sigma * (polar(u_all, method) @ _t(polar(v_all, method)))
+    return u_all, v_all, jnp.mean(kept, axis=-1)
+
+
+@jax.jit
+def _flat_recombine(u, v, sigma):
+    return sigma[:, None, None] * (u @ _t(v))
+
+
+def _iso_cts_batch(mats: jax.Array, *, c: int, method: str) -> jax.Array:
+    u_all, v_all, sigma = _iso_cts_parts(mats, c=c, method=method)
+    return _flat_recombine(polar(u_all, method), polar(v_all, method), sigma)
 
 
 @register("iso_cts", reference="Marczak et al. 2025 (Iso-CTS, No Task Left Behind), "
