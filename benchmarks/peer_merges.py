@@ -106,6 +106,35 @@ def rel_error(ours: dict, peer: dict) -> float:
     return float(np.sqrt(num / den))
 
 
+def slerp64(stacked: dict, base: dict, t: float) -> dict:
+    """SLERP in float64 from the formula (per tensor, lerp where |cos| > 0.9995)."""
+    out = {}
+    for k, x in stacked.items():
+        b = base[k].astype(np.float64).ravel()
+        v0, v1 = b + x[0].astype(np.float64).ravel(), b + x[1].astype(np.float64).ravel()
+        cos = float(np.dot(v0, v1) / (np.linalg.norm(v0) * np.linalg.norm(v1)))
+        if abs(cos) > 0.9995:
+            w = (1 - t) * v0 + t * v1
+        else:
+            om = np.arccos(np.clip(cos, -1, 1))
+            w = (np.sin((1 - t) * om) * v0 + np.sin(t * om) * v1) / np.sin(om)
+        out[k] = (w - b).reshape(x.shape[1:])
+    return out
+
+
+def model_stock64(stacked: dict) -> dict:
+    """Model Stock in float64 from the formula (mean pairwise cosine per leaf)."""
+    out = {}
+    for k, x in stacked.items():
+        flat = x.reshape(x.shape[0], -1).astype(np.float64)
+        n = np.linalg.norm(flat, axis=1)
+        cos = [flat[i] @ flat[j] / (n[i] * n[j]) for i in range(len(flat)) for j in range(i + 1, len(flat))]
+        c = float(np.mean(cos))
+        t = len(flat) * c / (1 + (len(flat) - 1) * c)
+        out[k] = (t * flat.mean(0)).reshape(x.shape[1:])
+    return out
+
+
 def time_ours(fn, repeats: int):
     """(result as NumPy, median seconds of the warm calls)."""
     import jax
@@ -167,7 +196,11 @@ def compare(method: str, args, stacked: dict, base: dict) -> list[dict]:
                                                threads=threads, repeats=repeats)
             theirs, t_peer = from_torch(delta), float(np.median(seconds))
             ours, t_ours = time_ours(lambda st=st: merge.model_stock(st), repeats)
-            note = "" if label == "T=2" else "mean of angles (peer) vs of cosines (ours)"
+            exact = model_stock64(st)
+            note = (f"vs float64 formula: ours {rel_error(ours, exact):.1e}, peer "
+                    f"{rel_error(theirs, exact):.1e}")
+            if label != "T=2":
+                note += "; the peer averages pairwise angles, we average cosines"
             rows.append({"method": f"model_stock {label}", "error": rel_error(ours, theirs),
                          "ours": t_ours, "peer": t_peer, "note": note})
     elif method == "della":
@@ -186,8 +219,10 @@ def compare(method: str, args, stacked: dict, base: dict) -> list[dict]:
                                            threads=threads, repeats=repeats)
         theirs, t_peer = from_torch(delta), float(np.median(seconds))
         ours, t_ours = time_ours(lambda: merge.slerp(st, t=0.5, base=base), repeats)
+        exact = slerp64(st, base, 0.5)
         rows.append({"method": "slerp (T=2)", "error": rel_error(ours, theirs), "ours": t_ours,
-                     "peer": t_peer})
+                     "peer": t_peer, "note": f"vs float64 formula: ours {rel_error(ours, exact):.1e}, "
+                     f"peer {rel_error(theirs, exact):.1e} (it interpolates float32 weights)"})
     elif method == "wudi":
         rows += compare_wudi(args, stacked)
     return rows

@@ -25,6 +25,9 @@ Run::
 
   python -m atm_jax.main --config=configs/mini.py --workdir=/tmp/atm_mini
   python -m atm_jax.main --config=configs/mini.py:tiny --workdir=/tmp/atm_tiny   # seconds
+  python -m atm_jax.main --config=configs/mini.py:study --workdir=/tmp/atm_study  # + the
+      # data-free merges of 2024-25 and ATM with TIES / TSV-M / Iso-C inside
+      # (docs/data_free_merges.md)
   python -m atm_jax.main --config=configs/mini.py --config.budget=5 \\
       --config.methods.atm.iterations=5 --config.methods.valft_atm.iterations=5
 """
