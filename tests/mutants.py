@@ -391,7 +391,7 @@ EDGE_MUTATIONS = [
               SHAPES + "test_a_stacked_tree_may_have_any_container_at_its_top[list]"),
              "a list of T trees (any container) merged over the wrong axis"),
     Mutation("atm-merge-without-like", "atm_jax/merge_spec.py",
-             '    if "like" in merge_lib.info(spec.name).options:\n        kwargs["like"] = selected_base\n',
+             '    if "like" in info.options:\n        kwargs["like"] = selected_base\n',
              "",
              (SHAPES + "test_atm_merges_per_layer_list_params",),
              "ATM's merge step refuses per-layer list params"),
