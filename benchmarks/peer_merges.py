@@ -26,9 +26,9 @@ What is compared (semantics that differ on purpose are listed by the table):
   the summed task vector.
 * ``model_stock``: FusionBench's ``ModelStock`` at T = 2 (one angle: the same
   formula) and at T (it averages pairwise angles, we average cosines: REFERENCE §7).
-* ``della``: mergekit's ``della`` with our random draws injected (the same entries
-  dropped) and ``rescale="l1"`` (mergekit's); ours' default ``rescale="entry"`` is the
-  paper's 1/p.
+* ``della``: mergekit's ``della`` with our keep masks injected (the same entries
+  dropped whatever either side's rank tie-breaking) and ``rescale="l1"`` (mergekit's);
+  ours' default ``rescale="entry"`` is the paper's 1/p.
 * ``slerp``: mergekit's ``slerp`` between base + τ_0 and base + τ_1, t = 0.5.
 
 Run::
@@ -161,6 +161,21 @@ def _della_uniforms(stacked: dict, key) -> dict:
     return out
 
 
+def _della_masks(torch_stacked: dict, uniforms: dict, density: float, epsilon: float) -> dict:
+    """Our keep decisions, from the documented rule: per row of the torch layout (the last
+    axis; a 1-D leaf is one row), stable ascending magnitude ranks, keep where
+    u < density − ε + 2ε·rank/(n − 1). Injected as masks, so rank ties (frequent in long
+    float32 rows) cannot make the two sides drop different entries."""
+    out = {}
+    for name, x in torch_stacked.items():
+        mags = np.abs(x)
+        ranks = np.argsort(np.argsort(mags, axis=-1, kind="stable"), axis=-1, kind="stable")
+        n = x.shape[-1]
+        keep_p = density - epsilon + 2 * epsilon * ranks / (n - 1)
+        out[name] = (uniforms[name] < keep_p.astype(np.float32)).astype(np.uint8)
+    return out
+
+
 def compare(method: str, args, stacked: dict, base: dict) -> list[dict]:
     """Rows of the table for one method (several for variants)."""
     import jax
@@ -206,12 +221,13 @@ def compare(method: str, args, stacked: dict, base: dict) -> list[dict]:
     elif method == "della":
         key = jax.random.key(0)
         hp = {"density": 0.5, "epsilon": 0.15}
-        uniforms = to_torch(_della_uniforms(stacked, key))
+        masks = _della_masks(to_torch(stacked), to_torch(_della_uniforms(stacked, key)), **hp)
         delta, seconds, _ = peers.run_peer("della", to_torch(stacked), hp, threads=threads,
-                                           repeats=repeats, inject={"uniform": uniforms})
+                                           repeats=repeats, inject={"mask": masks})
         theirs, t_peer = from_torch(delta), float(np.median(seconds))
         ours, t_ours = time_ours(lambda: merge.della(stacked, key=key, rescale="l1", **hp), repeats)
-        rows.append({"method": "della (l1 rescale, same drops)", "error": rel_error(ours, theirs),
+        rows.append({"method": "della (l1 rescale, our keep masks injected)",
+                     "error": rel_error(ours, theirs),
                      "ours": t_ours, "peer": t_peer})
     elif method == "slerp":
         st = {k: v[:2] for k, v in stacked.items()}
