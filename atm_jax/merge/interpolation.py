@@ -35,17 +35,6 @@ PARALLEL_COSINE = 0.9995  # above this |cos Ω|, SLERP falls back to linear inte
 NORM_EPS = 1e-8
 
 
-def _prepare(stacked, like, check_finite):
-    checks.check_hparams(check_finite=check_finite)
-    leaves, treedef, paths = tree_lib.check_stacked(stacked, like=like, warn_state=True)
-    traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    if check_finite == "checkify":
-        sparsify.checkify_finite(leaves, paths)
-    if check_finite is True and not traced:
-        tree_lib.check_finite(stacked)
-    return leaves, treedef, paths
-
-
 def _acc(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -93,7 +82,8 @@ def slerp(stacked: PyTree, *, key: jax.Array | None = None, t: float = 0.5,
     if base is None:
         raise ValueError("slerp interpolates weights, so it needs the base: pass base=<the base "
                          "params the task vectors were taken from> (MergeSpec/ATM pass it).")
-    leaves, treedef, paths = _prepare(stacked, base if like is None else like, check_finite)
+    leaves, treedef, paths = sparsify.checked_leaves(
+        stacked, like=base if like is None else like, check_finite=check_finite)
     if leaves[0].shape[0] != 2:
         raise ValueError(f"slerp merges exactly two models; got {leaves[0].shape[0]} task vectors "
                          f"(leaf {paths[0]!r}). For more, use model_stock or a mean.")
@@ -129,7 +119,8 @@ def model_stock(stacked: PyTree, *, key: jax.Array | None = None, check_finite: 
     No hyperparameters. Needs at least two task vectors.
     """
     del key
-    leaves, treedef, paths = _prepare(stacked, like, check_finite)
+    leaves, treedef, paths = sparsify.checked_leaves(stacked, like=like,
+                                                       check_finite=check_finite)
     if leaves[0].shape[0] < 2:
         raise ValueError("model_stock needs at least two task vectors (it reads the angle "
                          f"between them); got {leaves[0].shape[0]} (leaf {paths[0]!r}).")

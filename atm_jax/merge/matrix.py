@@ -36,8 +36,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from atm_jax import checks
-from atm_jax import tree as tree_lib
 from atm_jax.merge import sparsify
 
 PyTree = Any
@@ -159,15 +157,9 @@ def merge_matrices(stacked: PyTree, merge_batch: Callable[[jax.Array], jax.Array
     A layer where any task holds NaN or Inf comes out NaN in full (its decomposition
     mixes every entry); the eager check raises first, naming the leaf and task.
     """
-    checks.check_hparams(check_finite=check_finite)
     if not isinstance(embeddings, bool):
         raise TypeError(f"embeddings={embeddings!r} must be True or False.")
-    leaves, treedef, paths = tree_lib.check_stacked(stacked, like=like, warn_state=True)
-    traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    if check_finite == "checkify":
-        sparsify.checkify_finite(leaves, paths)
-    if check_finite is True and not traced:
-        tree_lib.check_finite(stacked)
+    leaves, treedef, paths = sparsify.checked_leaves(stacked, like=like, check_finite=check_finite)
     views = [view(path, x.shape[1:], embeddings=embeddings) for path, x in zip(paths, leaves)]
     out: list = [None] * len(leaves)
     rest = [i for i, v in enumerate(views) if v is None]

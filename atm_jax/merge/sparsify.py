@@ -101,7 +101,8 @@ from atm_jax.merge.registry import register
 PyTree = Any
 
 __all__ = ["mean", "task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
-           "ties_atm_code", "breadcrumbs_atm_code", "checkify_finite", "disjoint_merge"]
+           "ties_atm_code", "breadcrumbs_atm_code", "checkify_finite", "checked_leaves",
+           "disjoint_merge"]
 
 check_hparams = checks.check_hparams
 
@@ -455,6 +456,18 @@ def dare_ties(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
     check_hparams(p=p, aggregate=aggregate)
     return _generalized(stacked, key=key, p=p, elect=True, aggregate=aggregate,
                         check_finite=check_finite, like=like)
+
+
+def checked_leaves(stacked: PyTree, *, like: PyTree | None, check_finite: bool | str):
+    """``(leaves, treedef, paths)`` of a stack, with the NaN policy's checks: the eager
+    check raises naming leaf and task (``True``), or a checkify check per leaf."""
+    check_hparams(check_finite=check_finite)
+    leaves, treedef, paths = tree_lib.check_stacked(stacked, like=like, warn_state=True)
+    if check_finite == "checkify":
+        checkify_finite(leaves, paths)
+    if check_finite is True and not any(isinstance(x, jax.core.Tracer) for x in leaves):
+        tree_lib.check_finite(stacked)
+    return leaves, treedef, paths
 
 
 def disjoint_merge(stacked: PyTree, *, aggregate: str = "mean", check_finite: bool | str = True,
