@@ -83,7 +83,7 @@ def inputs(tasks: int, blocks: int, seed: int = 0):
     return stacked, base
 
 
-def to_torch(tree: dict, stacked: bool = True) -> dict:
+def to_torch(tree: dict) -> dict:
     """Flax kernels ``[in, out]`` become torch weights ``[out, in]`` (named ``…/weight``)."""
     out = {}
     for name, x in tree.items():

@@ -34,15 +34,7 @@ from atm_jax.merge.registry import register
 
 PyTree = Any
 
-__all__ = ["wudi", "wudi_objective"]
-
-
-def wudi_objective(tau: jax.Array, mats: jax.Array) -> jax.Array:
-    """The WUDI loss of one layer: ``tau [m, n]``, ``mats [T, m, n]`` (for checks and plots)."""
-    norms = jnp.sum(mats * mats, axis=(1, 2))
-    weight = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-    inner = (tau[None] - mats) @ jnp.swapaxes(mats, -1, -2)
-    return jnp.sum(weight * jnp.sum(inner * inner, axis=(1, 2)))
+__all__ = ["wudi"]
 
 
 @partial(jax.jit, static_argnames=("steps", "learning_rate"))

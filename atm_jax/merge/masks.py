@@ -42,7 +42,7 @@ from atm_jax.merge.registry import register
 
 PyTree = Any
 
-__all__ = ["consensus", "della", "tall_masks", "della_keep_probability", "CONSENSUS_BASES",
+__all__ = ["consensus", "della", "della_keep_probability", "CONSENSUS_BASES",
            "RESCALES"]
 
 CONSENSUS_BASES = ("task_arithmetic", "ties")
@@ -66,15 +66,6 @@ def _masks_and_merge(leaves, mtl, lam, k):
         out.append(jnp.where(bad, jnp.nan, jnp.where(count >= k, total, 0)).astype(x.dtype))
         counts.append(count)
     return out, counts
-
-
-def tall_masks(stacked: PyTree, mtl: PyTree, lam) -> PyTree:
-    """Each task's TALL mask ``|τ_t| ≥ λ_t |τ_MTL − τ_t|``: booleans shaped ``[T, ...]``."""
-    leaves, treedef, _ = tree_lib.check_stacked(stacked)
-    lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (leaves[0].shape[0],))
-    out = [jnp.abs(x) >= lam.reshape(-1, *([1] * (x.ndim - 1))) * jnp.abs(m[None] - x)
-           for x, m in zip(leaves, jax.tree.leaves(mtl))]
-    return jax.tree.unflatten(treedef, out)
 
 
 def _check_consensus(k, lam, base, density) -> None:

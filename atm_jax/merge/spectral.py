@@ -69,14 +69,19 @@ def _conditioned(w):
     return w[..., 0] >= ILL_CONDITIONED * jnp.maximum(w[..., -1], jnp.finfo(w.dtype).tiny)
 
 
-@jax.jit
-def _polar_eigh(x):
-    w, q = jnp.linalg.eigh(_t(x) @ x)
+def _inverse_root_polar(x, w, q):
+    """``x (xᵀx)^(-1/2)`` from ``eigh(xᵀx) = (w, q)``, then one Newton–Schulz step for the
+    rounding of the inverse root."""
     inv_sqrt = jax.lax.rsqrt(jnp.maximum(w, jnp.finfo(x.dtype).tiny))
     p = x @ ((q * inv_sqrt[..., None, :]) @ _t(q))
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    p = p @ (1.5 * eye - 0.5 * (_t(p) @ p))  # Newton–Schulz: the rounding of the inverse root
-    return p, _conditioned(w)
+    return p @ (1.5 * eye - 0.5 * (_t(p) @ p))
+
+
+@jax.jit
+def _polar_eigh(x):
+    w, q = jnp.linalg.eigh(_t(x) @ x)
+    return _inverse_root_polar(x, w, q), _conditioned(w)
 
 
 def _exact_where_needed(fast, ok, x, exact):
@@ -192,10 +197,7 @@ def _flat_spectrum_eigh(x):
     y = x if tall else _t(x)
     w, q = jnp.linalg.eigh(_t(y) @ y)
     sigma = jnp.mean(jnp.sqrt(jnp.maximum(w, 0.0)), axis=-1)[..., None, None]
-    inv_sqrt = jax.lax.rsqrt(jnp.maximum(w, jnp.finfo(x.dtype).tiny))
-    p = y @ ((q * inv_sqrt[..., None, :]) @ _t(q))
-    eye = jnp.eye(y.shape[-1], dtype=y.dtype)
-    p = p @ (1.5 * eye - 0.5 * (_t(p) @ p))
+    p = _inverse_root_polar(y, w, q)
     return sigma * (p if tall else _t(p)), _conditioned(w)
 
 
