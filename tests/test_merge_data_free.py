@@ -15,10 +15,12 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from atm_jax import merge
+from atm_jax.merge import spectral
 
 F32 = np.float32
 F64 = np.float64
@@ -696,19 +698,21 @@ JIT_TREE = {"attn": CANON["attn"], "dense": CANON["dense"], "torch": CANON["torc
                          ids=("tsv", "iso_c", "wudi"))
 def test_jit_equals_eager_and_a_nan_layer_is_nan_in_full(name, kw):
     """``jax.jit(lambda s: merge.<name>(s, check_finite=False))`` equals the eager merge
-    (measured 0: bitwise equal here; tolerance 2e-7, float32 rounding). One NaN entry
+    to float32 rounding: eager method="auto" decomposes on the host through SciPy, the
+    traced one through XLA (measured 6.2e-7 tsv, 3.2e-7 iso_c, 0 wudi; tolerance 1e-6).
+    One NaN entry
     in ``torch/weight``: that layer is NaN in full (its SVD/objective mixes every
     entry); the layers batched with it and the bias still equal the clean eager merge."""
     fn = merge.get(name)
     jitted = jax.jit(lambda x: fn(x, check_finite=False, **kw))
     eager = _paths(jax.tree.map(np.asarray, fn(copy_tree(JIT_TREE), **kw)))
-    assert_close(jitted(copy_tree(JIT_TREE)), eager, 2e-7, f"{name} jit")
+    assert_close(jitted(copy_tree(JIT_TREE)), eager, 1e-6, f"{name} jit")
     bad = copy_tree(JIT_TREE)
     bad["torch"]["weight"][1, 2, 3] = np.nan
     out = _paths(jitted(bad))
     assert np.isnan(out["torch/weight"]).all()
     for p in ("attn/query/kernel", "dense/kernel", "dense/bias"):
-        assert rel_err(out[p], eager[p]) < 2e-7, p
+        assert rel_err(out[p], eager[p]) < 1e-6, p
 
 
 def _nan_tree(whole):
@@ -850,3 +854,68 @@ def test_task_count_base_and_key_requirements():
         merge.model_stock(s1)
     with pytest.raises(ValueError, match=re.escape("merge 'della' is stochastic")):
         merge.della(s2)
+
+
+# ----------------------------------------------------------------------------
+# 6. The decompositions of method="auto": host (eager) and XLA (traced) paths
+# ----------------------------------------------------------------------------
+
+def _with_condition(seed, m, p, cond):
+    """An m × p matrix with singular values spread log-evenly from 1 to 1/cond."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((m, p)))
+    v, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    return (u * np.logspace(0, -np.log10(cond), p)) @ v.T
+
+
+@pytest.mark.parametrize("cond", [3.0, 1e3, np.inf], ids=("well", "ill", "singular"))
+def test_auto_polar_and_flat_spectrum_match_numpy(cond):
+    """polar / flat_spectrum with method="auto", eagerly (SciPy on the host) and under
+    jit (XLA), against float64 NumPy SVDs: the eigen path where XᵀX is well conditioned,
+    the SVD where it is not (cond 1e3: XᵀX at 1e-6, far past the fast path's 1e-4) or
+    X is singular (its last column zeroed; there only the flat spectrum is unique).
+    Measured (eager and jit alike): well 1.7e-7 (tolerance 5e-7), ill 6.1e-6, float32's
+    SVD at cond 1e3 (tolerance 1.5e-5), singular flat spectrum 7.8e-7 (tolerance 2e-6).
+    Dropping the conditioning test puts the ill case 3.3e-4 off."""
+    x = _with_condition(7, 40, 24, 10.0 if np.isinf(cond) else cond)
+    if np.isinf(cond):
+        x[:, -1] = 0.0
+    batch = np.stack([x, 2.0 * x[::-1]])  # two matrices: the batched host loop
+    x32 = jnp.asarray(batch, dtype=jnp.float32)
+    u, s, vt = np.linalg.svd(batch, full_matrices=False)
+    want_polar = u @ vt
+    want_flat = s.mean(axis=-1)[:, None, None] * want_polar
+    fns = {"eager": lambda f: f(x32, "auto"), "jit": lambda f: jax.jit(lambda a: f(a, "auto"))(x32)}
+    tol = {3.0: 5e-7, 1e3: 1.5e-5}.get(cond, 2e-6)
+    for where, call in fns.items():
+        flat = np.asarray(call(spectral.flat_spectrum))
+        assert rel_err(flat, want_flat) < tol, (where, rel_err(flat, want_flat))
+        if not np.isinf(cond):
+            got = np.asarray(call(spectral.polar))
+            assert rel_err(got, want_polar) < tol, (where, rel_err(got, want_polar))
+
+
+@pytest.mark.parametrize("decay", [None, 10.0], ids=("flat", "steep"))
+def test_auto_top_triplets_match_numpy(decay):
+    """top_triplets with method="auto" (eager: Gram eigenpairs, refined by Rayleigh–Ritz
+    only for a steep spectrum; jit: always refined) against NumPy's float64 SVD, compared
+    as the rank-k reconstruction (sign-free) and the singular values. Flat spectrum
+    (λ_k/λ_1 ≈ 0.47): measured 7.0e-7 eager, 1.6e-6 jit; steep (σ falls 10× every 3
+    directions, λ_k/λ_1 ≈ 2e-5, the refined branch): 6.4e-7 / 7.4e-7; singular values
+    at most 8.9e-7 relative. Tolerances 3e-6 and 2e-6; without the refinement the steep
+    case's k-th singular value is 1.1e-3 off."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 50, 30))
+    if decay is not None:
+        u, _, vt = np.linalg.svd(x, full_matrices=False)
+        x = (u * decay ** (-np.arange(30) / 3.0)) @ vt
+    k = 8
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    want = (u[..., :k] * s[..., None, :k]) @ vt[..., :k, :]
+    x32 = jnp.asarray(x, dtype=jnp.float32)
+    for where, out in {"eager": spectral.top_triplets(x32, k, "auto"),
+                       "jit": jax.jit(lambda a: spectral.top_triplets(a, k, "auto"))(x32)}.items():
+        gu, gs, gv = (np.asarray(a, dtype=np.float64) for a in out)
+        got = (gu * gs[..., None, :]) @ np.swapaxes(gv, -1, -2)
+        assert rel_err(got, want) < 3e-6, (where, rel_err(got, want))
+        np.testing.assert_allclose(gs, s[..., :k], rtol=2e-6)

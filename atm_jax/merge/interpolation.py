@@ -98,7 +98,17 @@ def _model_stock_leaves(leaves):
     for x in leaves:
         num_tasks = x.shape[0]
         flat = _acc(x).reshape(num_tasks, -1)
-        gram = flat @ flat.T
+        # Pairwise dots and the sum as separate fused passes: XLA:CPU runs the [T, n] x
+        # [n, T] product and a reduction over the task axis several times slower.
+        dots = {}
+        for i in range(num_tasks):
+            for j in range(i, num_tasks):
+                dots[i, j] = dots[j, i] = jnp.vdot(flat[i], flat[j])
+        gram = jnp.stack([jnp.stack([dots[i, j] for j in range(num_tasks)])
+                          for i in range(num_tasks)])
+        total = flat[0]
+        for t in range(1, num_tasks):
+            total = total + flat[t]
         norm = jnp.sqrt(jnp.diagonal(gram))
         denom = norm[:, None] * norm[None, :]
         cosine = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)
@@ -107,7 +117,7 @@ def _model_stock_leaves(leaves):
         ratio = num_tasks * cos / (1.0 + (num_tasks - 1) * cos)
         # A NaN/Inf task has no angle: the whole leaf comes out NaN (its cosines would read 0).
         ratio = jnp.where(jnp.all(jnp.isfinite(gram)), ratio, jnp.nan)
-        out.append((ratio * jnp.mean(flat, axis=0)).reshape(x.shape[1:]).astype(x.dtype))
+        out.append((ratio * (total / num_tasks)).reshape(x.shape[1:]).astype(x.dtype))
     return out
 
 

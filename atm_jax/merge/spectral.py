@@ -25,12 +25,16 @@ the result does not depend on the sign LAPACK gives each pair.
 Decompositions (``method``): ``"svd"`` takes every singular triplet from LAPACK's
 thin SVD. ``"auto"`` (default) gets the same numbers faster where only a few
 triplets or an orthogonal factor are needed: a task's top ``k`` triplets from the
-eigenvectors of its Gram matrix ``ΔᵀΔ`` (or ``ΔΔᵀ``), refined by one Rayleigh–Ritz
-step (QR of ``Δ Q_k``, then the small SVD of ``Q_bᵀ Δ``); a polar factor from the
-eigendecomposition of ``XᵀX`` plus one Newton–Schulz step, falling back to the SVD
-when ``X`` is ill-conditioned (smallest/largest eigenvalue of ``XᵀX`` below
-1e-4); Iso-C's flat spectrum likewise (the mean singular value is the mean square
-root of those eigenvalues). How close the two are: docs/data_free_merges.md.
+top ``k`` eigenpairs of its Gram matrix ``ΔᵀΔ`` (or ``ΔΔᵀ``), refined by one
+Rayleigh–Ritz step (QR of ``Δ Q_k``, then the small SVD of ``Q_bᵀ Δ``); a polar factor
+from the eigendecomposition of ``XᵀX`` plus one Newton–Schulz step, or from the SVD
+when ``X`` is ill-conditioned (smallest/largest eigenvalue of ``XᵀX`` below 1e-4);
+Iso-C's flat spectrum likewise (the mean singular value is the mean square root of
+those eigenvalues). On concrete inputs ``"auto"`` runs on the host through SciPy's
+LAPACK, which can compute only the top ``k`` eigenpairs and screens the conditioning
+by a Cholesky estimate before any eigendecomposition; there the Rayleigh–Ritz step runs
+only where ``λ_k/λ_1 < 1e-3``. Traced (under ``jax.jit`` or a transformation), the
+same formulas run in XLA. How close the paths are: docs/data_free_merges.md.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from atm_jax import checks
 from atm_jax.merge import matrix
@@ -52,6 +57,9 @@ __all__ = ["tsv", "iso_c", "iso_cts", "polar", "top_triplets", "common_space_siz
 
 METHODS = ("auto", "svd")
 ILL_CONDITIONED = 1e-4  # λ_min/λ_max of XᵀX below which a polar factor takes the SVD
+# On the host, a task's top-k triplets come straight from its Gram's eigenpairs unless
+# λ_k/λ_1 is below this; then one Rayleigh–Ritz step refines them.
+RAYLEIGH_RITZ_BELOW = 1e-3
 
 
 def _t(x):
@@ -106,6 +114,8 @@ def polar(x: jax.Array, method: str = "svd") -> jax.Array:
     """``P Qᵀ`` from the thin SVD ``x = P S Qᵀ`` (batched; ``x`` is ``[..., m, p]``, p ≤ m)."""
     if method == "svd":
         return _polar_svd(x)
+    if _concrete(x):
+        return jnp.asarray(_host_polar(np.asarray(x).reshape(-1, *x.shape[-2:])).reshape(x.shape))
     p, ok = _polar_eigh(x)
     return _exact_where_needed(p, ok, x, _polar_svd)
 
@@ -116,6 +126,10 @@ def top_triplets(x: jax.Array, k: int, method: str = "svd"):
     if method == "svd":
         u, s, vt = jnp.linalg.svd(x, full_matrices=False)
         return u[..., :k], s[..., :k], _t(vt[..., :k, :])
+    if _concrete(x):
+        batch = x.shape[:-2]
+        u, s, v = _host_top_triplets(np.asarray(x).reshape(-1, *x.shape[-2:]), k)
+        return tuple(jnp.asarray(a.reshape(*batch, *a.shape[1:])) for a in (u, s, v))
     tall = x.shape[-2] >= x.shape[-1]
     y = x if tall else _t(x)  # [..., big, small]
     _, q = jnp.linalg.eigh(_t(y) @ y)
@@ -123,6 +137,96 @@ def top_triplets(x: jax.Array, k: int, method: str = "svd"):
     ub, s, vbt = jnp.linalg.svd(_t(basis) @ y, full_matrices=False)  # the small k × small SVD
     big, small = basis @ ub, _t(vbt)
     return (big, s, small) if tall else (small, s, big)
+
+
+
+# ---- The host path of method="auto": LAPACK through SciPy, one matrix at a time. ----
+# Used when the inputs are concrete (not traced): SciPy's eigh can compute only the top
+# k eigenpairs (driver "evr"), which XLA's eigh cannot on CPU, and a Cholesky condition
+# estimate sends an ill-conditioned polar factor straight to the SVD instead of after
+# a wasted eigendecomposition. The same formulas as the jitted path; under jax.jit or a
+# transformation the jitted path runs.
+
+
+def _concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` through SciPy's BLAS. NumPy's wheel carries another OpenBLAS, whose
+    spinning threads slow SciPy's LAPACK calls between them by ~1.5× on two cores."""
+    gemm = scipy.linalg.blas.get_blas_funcs("gemm", (a, b))
+    return gemm(1.0, a, b)
+
+
+def _host_top_one(x: np.ndarray, k: int):
+    tall = x.shape[0] >= x.shape[1]
+    y = x if tall else x.T  # [big, small]
+    n = y.shape[1]
+    w, q = scipy.linalg.eigh(_mm(y.T, y), subset_by_index=(n - k, n - 1), driver="evr",
+                             overwrite_a=True, check_finite=False)
+    w, q = w[::-1], np.ascontiguousarray(q[:, ::-1])
+    if w[-1] >= RAYLEIGH_RITZ_BELOW * w[0]:
+        s = np.sqrt(w)
+        big, small = _mm(y, q) / s, q
+    else:  # a steep spectrum: refine by one Rayleigh–Ritz step on the image of the top k
+        basis, _ = scipy.linalg.qr(_mm(y, q), mode="economic", overwrite_a=True,
+                                   check_finite=False)
+        ub, s, vbt = scipy.linalg.svd(_mm(basis.T, y), full_matrices=False, overwrite_a=True,
+                                      check_finite=False)
+        big, small = _mm(basis, ub), vbt.T
+    return (big, s, small) if tall else (small, s, big)
+
+
+def _host_top_triplets(x: np.ndarray, k: int):
+    """`top_triplets` of ``x [B, m, n]`` on the host (the Gram's top-k eigenpairs only)."""
+    u, s, v = zip(*(_host_top_one(m, k) for m in x))
+    return np.stack(u), np.stack(s), np.stack(v)
+
+
+def _host_gram_eigh(x: np.ndarray):
+    """``eigh(xᵀx)`` when ``xᵀx`` passes the conditioning test, else None (take the SVD).
+    A Cholesky factor's condition estimate (LAPACK ?pocon, within a small factor of the
+    truth) screens out the clearly ill-conditioned; the eigenvalues decide the rest."""
+    gram = _mm(x.T, x)
+    potrf, pocon = scipy.linalg.lapack.get_lapack_funcs(("potrf", "pocon"), (gram,))
+    factor, info = potrf(gram, lower=False, clean=False)
+    if info != 0:
+        return None
+    rcond, info = pocon(factor, float(np.abs(gram).sum(axis=0).max()))
+    if info != 0 or rcond < ILL_CONDITIONED / 10:
+        return None
+    w, q = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True, check_finite=False)
+    return (w, q) if w[0] >= ILL_CONDITIONED * max(w[-1], np.finfo(w.dtype).tiny) else None
+
+
+def _host_inverse_root_polar(x, w, q):
+    p = _mm(x, _mm(q * (1.0 / np.sqrt(w)), q.T))
+    return 1.5 * p - 0.5 * _mm(p, _mm(p.T, p))  # one Newton–Schulz step
+
+
+def _host_polar_one(x: np.ndarray) -> np.ndarray:
+    eig = _host_gram_eigh(x)
+    if eig is None:
+        p, _, qt = scipy.linalg.svd(x, full_matrices=False, check_finite=False)
+        return _mm(p, qt)
+    return _host_inverse_root_polar(x, *eig)
+
+
+def _host_polar(x: np.ndarray) -> np.ndarray:
+    return np.stack([_host_polar_one(m) for m in x])
+
+
+def _host_flat_spectrum_one(x: np.ndarray) -> np.ndarray:
+    tall = x.shape[0] >= x.shape[1]
+    y = x if tall else x.T
+    eig = _host_gram_eigh(y)
+    if eig is None:
+        u, s, vt = scipy.linalg.svd(x, full_matrices=False, check_finite=False)
+        return np.mean(s) * _mm(u, vt)
+    w, q = eig
+    p = np.mean(np.sqrt(np.maximum(w, 0.0))) * _host_inverse_root_polar(y, w, q)
+    return p if tall else p.T
 
 
 def _columns(u: jax.Array) -> jax.Array:
@@ -142,9 +246,17 @@ def _recombine(u, s, v):
     return u @ (s[..., :, None] * _t(v))
 
 
+def _host_tsv_one(mats: np.ndarray, k: int) -> np.ndarray:
+    u, s, v = (np.concatenate(parts, axis=-1) for parts in
+               zip(*(_host_top_one(m, k) for m in mats)))
+    return _mm(_host_polar_one(u) * s, _host_polar_one(v).T)
+
+
 def _tsv_batch(mats: jax.Array, *, k: int, method: str) -> jax.Array:
     if k == 0:
         return jnp.mean(mats, axis=1)
+    if method == "auto" and _concrete(mats):
+        return jnp.asarray(np.stack([_host_tsv_one(np.asarray(m), k) for m in mats]))
     u, s, v = _tsv_parts(mats, k=k, method=method)
     return _recombine(polar(u, method), s, polar(v, method))
 
@@ -205,12 +317,25 @@ def flat_spectrum(x: jax.Array, method: str = "svd") -> jax.Array:
     """``σ̄ U Vᵀ`` for ``x = U Σ Vᵀ`` (``σ̄`` the mean of all ``r`` singular values), batched."""
     if method == "svd":
         return _flat_spectrum_svd(x)
+    if _concrete(x):
+        flat = np.asarray(x).reshape(-1, *x.shape[-2:])
+        return jnp.asarray(np.stack([_host_flat_spectrum_one(m) for m in flat]).reshape(x.shape))
     fast, ok = _flat_spectrum_eigh(x)
     return _exact_where_needed(fast, ok, x, _flat_spectrum_svd)
 
 
+def _task_sum(mats):
+    """The sum over the task axis as T − 1 adds (XLA:CPU reduces a leading axis slowly)."""
+    total = mats[:, 0]
+    for t in range(1, mats.shape[1]):
+        total = total + mats[:, t]
+    return total
+
+
 def _iso_c_batch(mats: jax.Array, *, method: str) -> jax.Array:
-    return flat_spectrum(jnp.sum(mats, axis=1), method)
+    if method == "auto" and _concrete(mats):
+        return flat_spectrum(jnp.asarray(np.asarray(mats).sum(axis=1)), method)
+    return flat_spectrum(_task_sum(mats), method)
 
 
 @register("iso_c", reference="Marczak et al. 2025 (Iso-C, No Task Left Behind), "
@@ -237,21 +362,26 @@ def common_space_size(rank: int, num_tasks: int, fraction: float) -> int:
     return rank - min(specific, num_tasks * (rank // num_tasks))
 
 
-@partial(jax.jit, static_argnames=("c", "method"))
+@partial(jax.jit, static_argnames=("c",))
+def _common_space(mats: jax.Array, *, c: int):
+    """The summed matrix's top ``c`` triplets and each task's update with that space
+    projected out of its columns' span."""
+    u, s, vt = jnp.linalg.svd(jnp.sum(mats, axis=1), full_matrices=False)
+    u_c, v_c, s_c = u[..., :c], _t(vt[..., :c, :]), s[..., :c]
+    residual = mats - u_c[:, None] @ (_t(u_c)[:, None] @ mats)
+    return u_c, v_c, s_c, residual
+
+
 def _iso_cts_parts(mats: jax.Array, *, c: int, method: str):
     num_layers, num_tasks, m, n = mats.shape
     s_per = (min(m, n) - c) // num_tasks
-    u, s, vt = jnp.linalg.svd(jnp.sum(mats, axis=1), full_matrices=False)
-    u_c, v_c, s_c = u[..., :c], jnp.swapaxes(vt[..., :c, :], -1, -2), s[..., :c]
+    u_c, v_c, s_c, residual = _common_space(mats, c=c)
     if s_per == 0:
-        u_all, v_all, kept = u_c, v_c, s_c
-    else:
-        # Each task's update with the common space projected out of its columns' span.
-        residual = mats - u_c[:, None] @ (jnp.swapaxes(u_c, -1, -2)[:, None] @ mats)
-        ut, st, vt_ = top_triplets(residual, s_per, method)
-        u_all = jnp.concatenate([u_c, _columns(ut)], axis=-1)
-        v_all = jnp.concatenate([v_c, _columns(vt_)], axis=-1)
-        kept = jnp.concatenate([s_c, st.reshape(num_layers, -1)], axis=-1)
+        return u_c, v_c, jnp.mean(s_c, axis=-1)
+    ut, st, vt_ = top_triplets(residual, s_per, method)
+    u_all = jnp.concatenate([u_c, _columns(ut)], axis=-1)
+    v_all = jnp.concatenate([v_c, _columns(vt_)], axis=-1)
+    kept = jnp.concatenate([s_c, st.reshape(num_layers, -1)], axis=-1)
     return u_all, v_all, jnp.mean(kept, axis=-1)
 
 
