@@ -207,12 +207,20 @@ def _bisect(leaves: Sequence[jax.Array], ranks: jax.Array, joint: bool = False) 
 
 
 def _top_k(leaves: Sequence[jax.Array], ranks: np.ndarray, joint: bool) -> jax.Array:
-    flat = jnp.concatenate([jnp.abs(x.reshape(x.shape[0], -1)) for x in leaves], axis=1)
+    # Rank the magnitudes' bit patterns as integers: for non-negative floats the two
+    # orders agree, and integer compares do not depend on whether the backend flushes
+    # subnormals to zero (XLA:CPU's bfloat16 top_k does on some CPUs).
+    dtype = jnp.result_type(*leaves)
+    udt = _uint_dtype(dtype)
+    key_dtype = jnp.int32 if udt.itemsize <= 4 else jnp.int64
+    flat = jnp.concatenate([_bits(x.astype(dtype).reshape(x.shape[0], -1), udt).astype(key_dtype)
+                            for x in leaves], axis=1)
     if joint:
         flat = flat.reshape(1, -1)
     kmax = int(np.max(ranks))
     top = jax.lax.top_k(flat, kmax)[0]  # [G, kmax], descending
-    return jnp.take_along_axis(top, jnp.asarray(ranks, jnp.int32) - 1, axis=1)
+    top = jnp.take_along_axis(top, jnp.asarray(ranks, jnp.int32) - 1, axis=1)
+    return jax.lax.bitcast_convert_type(top.astype(udt), dtype)
 
 
 # ----------------------------------------------------------------------------
