@@ -144,7 +144,9 @@ def _main(config_arg: str, workdir: pathlib.Path) -> None:
         flags.FLAGS.unparse_flags()
 
 
-@pytest.mark.parametrize("name", ["vit", "roberta", "bert"])
+# RoBERTa's runlocal takes BERT's code path through main (the text suite, the encoder
+# family, the export); its model and export are checked in test_hf_models.
+@pytest.mark.parametrize("name", ["vit", "bert"])
 def test_runlocal_runs_main_end_to_end(name, runlocal):
     from atm_jax.models import hf
 
