@@ -12,7 +12,8 @@
   ``t · mean_t(τ_t)``. A pair with a zero task vector counts as cosine 0.
 
 NaN policy: a leaf where any input is NaN or Inf comes out NaN (the angle and the
-cosines mix every entry); the eager check raises first, naming leaf and task.
+cosines mix every entry); the eager check raises, naming leaf and task (SLERP runs it
+only where its own sums come out non-finite).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from atm_jax import checks
 from atm_jax import tree as tree_lib
@@ -39,14 +41,34 @@ def _acc(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+ROW = 128  # entries per partial sum of SLERP's one-pass reductions
+
+
+def _rows(x, width):
+    flat = x.ravel()
+    return jnp.pad(flat, (0, -flat.size % width)).reshape(-1, width)
+
+
+def _sums(v0, v1):
+    """``(v0·v0, v1·v1, v0·v1)`` in one pass over both (one variadic reduce), accurate
+    as a plain dot: each row of ``ROW`` entries sums apart, then the rows' sums."""
+    v0, v1 = _rows(v0, ROW), _rows(v1, ROW)
+    partial = jax.lax.reduce((v0 * v0, v1 * v1, v0 * v1), (0.0, 0.0, 0.0),
+                             lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (1,))
+    return tuple(jnp.sum(q) for q in partial)
+
+
 @jax.jit
 def _slerp_leaves(leaves, bases, t):
-    out = []
+    """The merged deltas, and per leaf whether its sums are finite (False wherever an
+    input holds NaN or Inf, so the eager check needs no pass of its own)."""
+    out, finite = [], []
     for x, b in zip(leaves, bases):
-        tau0, tau1, b = _acc(x[0]).ravel(), _acc(x[1]).ravel(), _acc(b).ravel()
+        tau0, tau1, b = _acc(x[0]), _acc(x[1]), _acc(b)
         v0, v1 = b + tau0, b + tau1
-        n0, n1 = jnp.linalg.norm(v0), jnp.linalg.norm(v1)
-        cos = jnp.dot(v0 / jnp.where(n0 > NORM_EPS, n0, 1.0), v1 / jnp.where(n1 > NORM_EPS, n1, 1.0))
+        s00, s11, s01 = _sums(v0, v1)
+        n0, n1 = jnp.sqrt(s00), jnp.sqrt(s11)
+        cos = s01 / (jnp.where(n0 > NORM_EPS, n0, 1.0) * jnp.where(n1 > NORM_EPS, n1, 1.0))
         omega = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
         sin = jnp.sin(omega)
         parallel = jnp.abs(cos) > PARALLEL_COSINE
@@ -55,8 +77,9 @@ def _slerp_leaves(leaves, bases, t):
         s1 = jnp.where(parallel, t, jnp.sin(t * omega) / safe)
         # s0 v0 + s1 v1 - b, without forming the weights' difference.
         delta = s0 * tau0 + s1 * tau1 + (s0 + s1 - 1.0) * b
-        out.append(delta.reshape(x.shape[1:]).astype(x.dtype))
-    return out
+        out.append(delta.astype(x.dtype))
+        finite.append(jnp.isfinite(s00 + s11 + s01))
+    return out, jnp.stack(finite)
 
 
 def _check_t(t) -> None:
@@ -82,13 +105,20 @@ def slerp(stacked: PyTree, *, key: jax.Array | None = None, t: float = 0.5,
     if base is None:
         raise ValueError("slerp interpolates weights, so it needs the base: pass base=<the base "
                          "params the task vectors were taken from> (MergeSpec/ATM pass it).")
+    checks.check_hparams(check_finite=check_finite)
+    # The eager check rides on the merge's own sums: only where a leaf's sums are not
+    # finite does the full check run (it raises naming leaf and task).
+    eager = check_finite is True
     leaves, treedef, paths = sparsify.checked_leaves(
-        stacked, like=base if like is None else like, check_finite=check_finite)
+        stacked, like=base if like is None else like,
+        check_finite=False if eager else check_finite)
     if leaves[0].shape[0] != 2:
         raise ValueError(f"slerp merges exactly two models; got {leaves[0].shape[0]} task vectors "
                          f"(leaf {paths[0]!r}). For more, use model_stock or a mean.")
     ref = dict(zip(tree_lib.leaf_paths(base), jax.tree.leaves(base)))
-    out = _slerp_leaves(leaves, [jnp.asarray(ref[p]) for p in paths], jnp.float32(t))
+    out, finite = _slerp_leaves(leaves, [jnp.asarray(ref[p]) for p in paths], jnp.float32(t))
+    if eager and not isinstance(finite, jax.core.Tracer) and not np.asarray(finite).all():
+        checks.check_finite(stacked)
     return jax.tree.unflatten(treedef, out)
 
 
