@@ -895,6 +895,21 @@ def test_auto_polar_and_flat_spectrum_match_numpy(cond):
             assert rel_err(got, want_polar) < tol, (where, rel_err(got, want_polar))
 
 
+@pytest.mark.parametrize("order", ["C", "F", "C.T", "F.T", "strided"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_gram_is_the_full_symmetric_product_in_every_memory_order(order, dtype):
+    """The host path's Gram (BLAS syrk, upper triangle) made symmetric equals yᵀy."""
+    base = np.random.default_rng(3).standard_normal((37, 53)).astype(dtype)
+    y = {"C": base[:, :20], "F": np.asfortranarray(base[:, :20]), "C.T": base.T[:, :20],
+         "F.T": np.asfortranarray(base).T[:, :20], "strided": base[::2, ::2]}[order]
+    want = y.astype(np.float64).T @ y.astype(np.float64)
+    got = spectral._symmetric(spectral._gram_upper(y))
+    assert got.dtype == dtype and got.shape == want.shape
+    assert np.abs(np.tril(spectral._gram_upper(y), -1)).max() == 0.0
+    # Measured: at most 1.9 eps of the largest entry.
+    np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.finfo(dtype).eps * np.abs(want).max())
+
+
 @pytest.mark.parametrize("decay", [None, 10.0], ids=("flat", "steep"))
 def test_auto_top_triplets_match_numpy(decay):
     """top_triplets with method="auto" (eager: Gram eigenpairs, refined by Rayleigh–Ritz

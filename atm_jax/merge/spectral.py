@@ -159,12 +159,26 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return gemm(1.0, a, b)
 
 
+def _gram_upper(y: np.ndarray) -> np.ndarray:
+    """``yᵀy``'s upper triangle (the lower holds zeros) by BLAS ?syrk, half a product's work;
+    ``yᵀ`` goes in without a copy whichever order ``y`` is stored in."""
+    a = y.T  # the product is a aᵀ
+    syrk = scipy.linalg.blas.get_blas_funcs("syrk", (a,))
+    if a.flags.f_contiguous:
+        return syrk(1.0, a, trans=0)
+    return syrk(1.0, a.T if a.flags.c_contiguous else np.asfortranarray(a.T), trans=1)
+
+
+def _symmetric(upper: np.ndarray) -> np.ndarray:
+    return upper + np.triu(upper, 1).T
+
+
 def _host_top_one(x: np.ndarray, k: int):
     tall = x.shape[0] >= x.shape[1]
     y = x if tall else x.T  # [big, small]
     n = y.shape[1]
-    w, q = scipy.linalg.eigh(_mm(y.T, y), subset_by_index=(n - k, n - 1), driver="evr",
-                             overwrite_a=True, check_finite=False)
+    w, q = scipy.linalg.eigh(_gram_upper(y), lower=False, subset_by_index=(n - k, n - 1),
+                             driver="evr", overwrite_a=True, check_finite=False)
     w, q = w[::-1], np.ascontiguousarray(q[:, ::-1])
     if w[-1] >= RAYLEIGH_RITZ_BELOW * w[0]:
         s = np.sqrt(w)
@@ -188,21 +202,24 @@ def _host_gram_eigh(x: np.ndarray):
     """``eigh(xᵀx)`` when ``xᵀx`` passes the conditioning test, else None (take the SVD).
     A Cholesky factor's condition estimate (LAPACK ?pocon, within a small factor of the
     truth) screens out the clearly ill-conditioned; the eigenvalues decide the rest."""
-    gram = _mm(x.T, x)
+    gram = _gram_upper(x)  # every call below reads the upper triangle only
     potrf, pocon = scipy.linalg.lapack.get_lapack_funcs(("potrf", "pocon"), (gram,))
     factor, info = potrf(gram, lower=False, clean=False)
     if info != 0:
         return None
-    rcond, info = pocon(factor, float(np.abs(gram).sum(axis=0).max()))
+    size = np.abs(gram)  # the 1-norm of the symmetric matrix, from its upper triangle
+    one_norm = float((size.sum(axis=0) + size.sum(axis=1) - np.diagonal(size)).max())
+    rcond, info = pocon(factor, one_norm)
     if info != 0 or rcond < ILL_CONDITIONED / 10:
         return None
-    w, q = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True, check_finite=False)
+    w, q = scipy.linalg.eigh(gram, lower=False, driver="evd", overwrite_a=True,
+                             check_finite=False)
     return (w, q) if w[0] >= ILL_CONDITIONED * max(w[-1], np.finfo(w.dtype).tiny) else None
 
 
 def _host_inverse_root_polar(x, w, q):
     p = _mm(x, _mm(q * (1.0 / np.sqrt(w)), q.T))
-    return 1.5 * p - 0.5 * _mm(p, _mm(p.T, p))  # one Newton–Schulz step
+    return 1.5 * p - 0.5 * _mm(p, _symmetric(_gram_upper(p)))  # one Newton–Schulz step
 
 
 def _host_polar_one(x: np.ndarray) -> np.ndarray:
