@@ -1,0 +1,518 @@
+"""Merge finetuned Hugging Face checkpoints into one, without training.
+
+    python -m atm_jax.merge_models merge.yaml out/        # or: atm-jax-merge merge.yaml out/
+
+The YAML is mergekit's, for the keys both tools share (docs/merging_checkpoints.md)::
+
+    merge_method: ties            # a data-free merge of atm_jax.merge, or linear / task_arithmetic
+    base_model: path/or/hub-id
+    models:
+      - model: finetuned/a
+      - model: finetuned/b
+        parameters: {weight: 1.0}
+    parameters: {density: 0.2, lambda: 1.0}
+    dtype: bfloat16               # default: the base's floating dtype
+    tokenizer_source: base
+
+The checkpoints are read one tensor at a time from their memory-mapped safetensors
+shards; each tensor's task vectors ``θ_i − θ_base`` (float32) go through the registry
+merge as a one-leaf tree, so every merge runs at ``scope: leaf`` (mergekit's
+semantics: one threshold per tensor), and ``θ = θ_base + λ · merge(τ)`` is cast once
+to the output dtype and appended to the shard being filled. Peak memory is a few
+tensors × the number of models, whatever the model's size. The output goes to a
+temporary folder next to ``OUT_DIR``, renamed when complete.
+
+mergekit's methods:
+
+* ``linear``: ``Σ_i w_i θ_i / Σ_i w_i`` (``normalize: false`` drops the division); no base.
+* ``task_arithmetic``: ``θ_base + λ Σ_i w_i τ_i`` (``normalize: true`` divides by
+  ``Σ_i w_i``); with unit weights it is the registry's ``sum`` at scale ``λ``.
+
+Every other name is a registry merge with its own hyperparameters under ``parameters``
+(``dare``/``dare_ties`` also take mergekit's ``density``, the kept fraction ``1 − p``);
+``weight`` must be 1 for them. DARE's random draws derive from each tensor's name and
+``seed``, so they do not depend on the order tensors are read in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MergeConfig", "read_config", "merge_checkpoints", "main", "MergeConfigError"]
+
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source")
+MODEL_KEYS = ("model", "parameters")
+MERGEKIT_ONLY = ("linear", "task_arithmetic")
+DTYPES = ("float32", "float16", "bfloat16")
+# Merges that need no base checkpoint.
+BASELESS = ("linear",)
+# Files copied from the base (or the first model) next to the merged weights.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+              "vocab.json", "merges.txt", "added_tokens.json", "spiece.model",
+              "sentencepiece.bpe.model", "tokenizer.model", "generation_config.json")
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+class MergeConfigError(ValueError):
+    """A merge YAML that cannot run as written; the message names the key, model or tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    method: str
+    models: tuple[str, ...]
+    base: str | None
+    weights: tuple[float, ...]
+    hparams: Mapping[str, Any]
+    scale: float = 1.0
+    normalize: bool | None = None
+    dtype: str | None = None
+    seed: int = 0
+    source: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+
+# ---------------------------------------------------------------------------
+# The YAML.
+
+
+def _refuse_unknown(where: str, given: Mapping, allowed: Sequence[str]) -> None:
+    unknown = [k for k in given if k not in allowed]
+    if unknown:
+        raise MergeConfigError(f"{where}: unsupported key {unknown[0]!r}; atm_jax.merge_models "
+                               f"reads {', '.join(allowed)} (mergekit's slices, layer_range and "
+                               "the like are not supported).")
+
+
+def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
+    """Parses and checks a mergekit-style merge YAML (a path or the loaded mapping)."""
+    from atm_jax import merge
+
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        import yaml
+
+        text = pathlib.Path(source).read_text()
+        raw = yaml.safe_load(text)
+        if not isinstance(raw, dict):
+            raise MergeConfigError(f"{source}: expected a YAML mapping with merge_method and "
+                                   f"models, got {type(raw).__name__}.")
+    _refuse_unknown("the merge config", raw, TOP_KEYS)
+    method = raw.get("merge_method")
+    names = (*MERGEKIT_ONLY, *merge.names())
+    if method not in names:
+        raise MergeConfigError(f"merge_method={method!r} is not a data-free merge we know; "
+                               f"choose one of {', '.join(names)}.")
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        raise MergeConfigError("models: give a list of `- model: <folder or hub id>` entries.")
+    paths, weights, per_model = [], [], []
+    for i, entry in enumerate(models):
+        entry = {"model": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise MergeConfigError(f"models[{i}]: expected `model: <folder or hub id>`, got {entry!r}.")
+        _refuse_unknown(f"models[{i}]", entry, MODEL_KEYS)
+        params = dict(entry.get("parameters") or {})
+        weights.append(float(params.pop("weight", 1.0)))
+        paths.append(str(entry["model"]))
+        per_model.append(params)
+    base = raw.get("base_model")
+    base = None if base is None else str(base)
+    if base is None and method not in BASELESS:
+        raise MergeConfigError(f"merge_method={method!r} merges task vectors, so it needs "
+                               "base_model: the checkpoint the models were finetuned from.")
+    hparams = dict(raw.get("parameters") or {})
+    for i, params in enumerate(per_model):  # per-model values must agree: one merge call
+        for key, value in params.items():
+            if key in hparams and hparams[key] != value or any(
+                    key in p and p[key] != value for p in per_model):
+                raise MergeConfigError(f"models[{i}].parameters.{key}={value!r} differs from "
+                                       "another model's; atm_jax merges with one value per "
+                                       f"hyperparameter: give {key} once under parameters.")
+            hparams[key] = value
+    scale = float(hparams.pop("lambda", 1.0))
+    normalize = hparams.pop("normalize", None)
+    seed = int(hparams.pop("seed", 0))
+    if method == "slerp" and base is not None and base in paths:
+        # mergekit's t = 0 is base_model: put it first.
+        order = [paths.index(base)] + [i for i in range(len(paths)) if paths[i] != base]
+        paths, weights = [paths[i] for i in order], [weights[i] for i in order]
+    if method not in MERGEKIT_ONLY:
+        if any(w != 1.0 for w in weights):
+            raise MergeConfigError(f"models[].parameters.weight: {method} takes no per-model "
+                                   "weights (set them to 1); scale the merge with lambda, or "
+                                   "use linear / task_arithmetic for weighted sums.")
+        if normalize is not None:
+            raise MergeConfigError(f"parameters.normalize applies to linear and task_arithmetic, "
+                                   f"not to {method}.")
+        if method in ("dare", "dare_ties") and "density" in hparams:
+            if "p" in hparams:
+                raise MergeConfigError("parameters: give density (mergekit's kept fraction) or "
+                                       "p (the drop probability), not both.")
+            hparams["p"] = 1.0 - float(hparams.pop("density"))
+        hparams = _leaf_scope(method, hparams)
+        try:
+            merge.info(method).check(**hparams)
+        except (TypeError, ValueError) as e:
+            raise MergeConfigError(f"parameters of {method}: {e}") from e
+    elif hparams:
+        raise MergeConfigError(f"parameters: {method} takes weight, normalize and lambda only; "
+                               f"got {sorted(hparams)}.")
+    dtype = raw.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    tokenizer = raw.get("tokenizer_source", "base")
+    if tokenizer != "base":
+        raise MergeConfigError(f"tokenizer_source={tokenizer!r}: only 'base' is supported (the "
+                               "tokenizer files are copied from the base model).")
+    if method == "slerp" and len(paths) != 2:
+        raise MergeConfigError(f"slerp merges exactly two models; models lists {len(paths)}.")
+    return MergeConfig(method=method, models=tuple(paths), base=base, weights=tuple(weights),
+                       hparams=hparams, scale=scale, normalize=normalize,
+                       dtype=dtype, seed=seed, source=raw)
+
+
+def _leaf_scope(method: str, hparams: dict) -> dict:
+    import inspect
+
+    from atm_jax import merge
+
+    if "scope" not in inspect.signature(merge.get(method)).parameters:
+        if "scope" in hparams:
+            raise MergeConfigError(f"parameters.scope: {method} has no scope.")
+        return hparams
+    scope = hparams.get("scope", "leaf")
+    if scope != "leaf":
+        raise MergeConfigError(f"parameters.scope={scope!r}: checkpoints merge one tensor at a "
+                               "time, so only scope: leaf (one threshold per tensor, as mergekit) "
+                               "is supported here; whole-model thresholds need the params in "
+                               "memory (atm_jax.merge.%s(..., scope='model'))." % method)
+    return {**hparams, "scope": "leaf"}
+
+
+# ---------------------------------------------------------------------------
+# Reading checkpoints one tensor at a time.
+
+
+class Checkpoint:
+    """A folder of safetensors shards, read tensor by tensor (memory-mapped)."""
+
+    def __init__(self, source: str):
+        from atm_jax.models import hf
+
+        self.source = source
+        self.folder = hf._resolve(source, allow_pickle=False, revision=None)
+        self._handles: dict[str, Any] = {}
+        index = self.folder / INDEX
+        if index.is_file():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            shards = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if not shards:
+                raise FileNotFoundError(f"{source}: no *.safetensors in {self.folder} (pickled "
+                                        ".bin checkpoints are not read; convert them first).")
+            self.weight_map = {name: shard for shard in shards
+                               for name in self._open(shard).keys()}
+
+    def _open(self, shard: str):
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.folder / shard, framework="numpy")
+        return self._handles[shard]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], str]:
+        piece = self._open(self.weight_map[name]).get_slice(name)
+        return tuple(piece.get_shape()), piece.get_dtype()
+
+    def get(self, name: str) -> np.ndarray:
+        shape, dtype = self.info(name)
+        if dtype == "BF16":  # NumPy has no bfloat16: read the raw bits (ml_dtypes)
+            return _read_bf16(self.folder / self.weight_map[name], name)
+        return self._open(self.weight_map[name]).get_tensor(name)
+
+
+def _read_bf16(path: pathlib.Path, name: str) -> np.ndarray:
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    entry = header[name]
+    start, end = entry["data_offsets"]
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size + start, shape=(end - start,))
+    return data.view(ml_dtypes.bfloat16).reshape(entry["shape"])
+
+
+# ---------------------------------------------------------------------------
+# Writing shards as they fill.
+
+
+class ShardWriter:
+    def __init__(self, folder: pathlib.Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, np.ndarray] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if self.pending and self.pending_bytes + array.nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = np.ascontiguousarray(array)
+        self.pending_bytes += array.nbytes
+        self.total += array.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.numpy import save_file
+
+        import ml_dtypes
+
+        part = self.folder / f"part-{len(self.shards):05d}.safetensors"
+        tensors = self.pending
+        if any(a.dtype == ml_dtypes.bfloat16 for a in tensors.values()):
+            _save_with_bf16(tensors, part)
+        else:
+            save_file(tensors, part, metadata={"format": "pt"})
+        self.shards.append(list(tensors))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            (self.folder / "part-00000.safetensors").rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.folder / f"part-{i:05d}.safetensors").rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        (self.folder / INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _save_with_bf16(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
+    """safetensors' NumPy writer knows no bfloat16: write the format by hand (an 8-byte
+    header length, the JSON header, the raw little-endian bytes)."""
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+             "bool": "BOOL"}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": names[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+# ---------------------------------------------------------------------------
+# The merge.
+
+
+def _output_dtype(config: MergeConfig, reference: Checkpoint, names: Sequence[str]):
+    import ml_dtypes
+
+    if config.dtype is not None:
+        return {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                "bfloat16": np.dtype(ml_dtypes.bfloat16)}[config.dtype]
+    for name in names:
+        _, dtype = reference.info(name)
+        if dtype in ("F32", "F16", "BF16", "F64"):
+            return {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                    "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}[dtype]
+    return np.dtype(np.float32)
+
+
+def _check_same_tensors(reference: Checkpoint, others: Sequence[Checkpoint]) -> list[str]:
+    names = reference.names()
+    for ckpt in others:
+        theirs = set(ckpt.names())
+        missing = [n for n in names if n not in theirs]
+        if missing:
+            raise MergeConfigError(f"model {ckpt.source!r} has no tensor {missing[0]!r} (of "
+                                   f"{reference.source!r}); all models must share one architecture.")
+        extra = sorted(theirs - set(names))
+        if extra:
+            raise MergeConfigError(f"model {ckpt.source!r} holds tensor {extra[0]!r}, which "
+                                   f"{reference.source!r} lacks.")
+        for name in names:
+            if ckpt.info(name)[0] != reference.info(name)[0]:
+                raise MergeConfigError(
+                    f"tensor {name!r}: shape {ckpt.info(name)[0]} in {ckpt.source!r} but "
+                    f"{reference.info(name)[0]} in {reference.source!r} (a resized vocabulary?); "
+                    "atm_jax does not merge tensors of different shapes.")
+    return names
+
+
+def _tensor_key(seed: int, name: str):
+    import jax
+
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _merge_tensor(config: MergeConfig, name: str, weights: list[np.ndarray],
+                  base: np.ndarray | None) -> np.ndarray:
+    """The merged float32 tensor from the models' (and the base's) float32 tensors."""
+    from atm_jax import merge
+
+    w = np.asarray(config.weights, np.float32)
+    if config.method == "linear":
+        total = sum(wi * x for wi, x in zip(w, weights))
+        return total / w.sum() if config.normalize is not False else total
+    taus = np.stack([x - base for x in weights])
+    if config.method == "task_arithmetic":
+        total = sum(wi * t for wi, t in zip(w, taus))
+        if config.normalize:
+            total = total / w.sum()
+        return base + config.scale * total
+    tree = {name: taus}
+    extra = {"base": {name: base}} if config.method == "slerp" else {}
+    fn = merge.get(config.method)
+    delta = fn(tree, key=_tensor_key(config.seed, name), **config.hparams, **extra)[name]
+    return base + config.scale * np.asarray(delta, np.float32)
+
+
+def merge_checkpoints(config: MergeConfig | str | os.PathLike | Mapping, out_dir: str | os.PathLike,
+                      *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      progress: bool = True) -> pathlib.Path:
+    """Merges the checkpoints ``config`` names into an HF folder at ``out_dir``.
+
+    Returns the folder. Nothing appears at ``out_dir`` until the merge is complete.
+    """
+    from atm_jax import __version__
+
+    if not isinstance(config, MergeConfig):
+        config = read_config(config)
+    out = pathlib.Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+    models = [Checkpoint(m) for m in config.models]
+    base = Checkpoint(config.base) if config.base is not None else None
+    reference = base if base is not None else models[0]
+    names = _check_same_tensors(reference, [m for m in models if m is not reference])
+    dtype = _output_dtype(config, reference, names)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        bar = _progress(len(names), progress)
+        start, done_bytes = time.perf_counter(), 0
+        for name in names:
+            shape, kind = reference.info(name)
+            if kind not in ("F32", "F16", "BF16", "F64"):  # integer buffers: the reference's
+                writer.add(name, np.asarray(reference.get(name)))
+            else:
+                base_t = None if base is None else np.asarray(base.get(name), np.float32)
+                merged = _merge_tensor(config, name,
+                                       [np.asarray(m.get(name), np.float32) for m in models], base_t)
+                writer.add(name, merged.astype(dtype))
+                done_bytes += merged.nbytes * (len(models) + (base is not None))
+            bar.update(1)
+            bar.set_postfix_str(f"{done_bytes / 2**30:.2f} GiB read as float32, "
+                                f"{time.perf_counter() - start:.0f} s")
+        bar.close()
+        writer.close()
+        _side_files(reference.folder, tmp, dtype)
+        _readme(tmp, config, __version__)
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="merging", disable=not enabled, file=sys.stderr)
+
+
+def _side_files(source: pathlib.Path, dest: pathlib.Path, dtype: np.dtype) -> None:
+    config = source / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["torch_dtype"] = dtype.name
+        (dest / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+
+
+def _readme(folder: pathlib.Path, config: MergeConfig, version: str) -> None:
+    import yaml
+
+    text = yaml.safe_dump(dict(config.source), sort_keys=False)
+    (folder / "README.md").write_text(
+        "# Merged with atm_jax\n\n"
+        f"`python -m atm_jax.merge_models` (atm_jax {version}), merge method "
+        f"`{config.method}`, from this config:\n\n```yaml\n{text}```\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="atm-jax-merge", description="Merge finetuned Hugging Face checkpoints (a mergekit-"
+        "style YAML) into one, tensor by tensor, without training.")
+    parser.add_argument("config", help="the merge YAML")
+    parser.add_argument("out_dir", help="the output folder (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    parser.add_argument("--max-shard-size", default="2GB",
+                        help="largest output shard, e.g. 500MB or 5GB (default 2GB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        merge_checkpoints(args.config, args.out_dir, overwrite=args.overwrite,
+                          max_shard_bytes=_parse_size(args.max_shard_size),
+                          progress=not args.no_progress)
+    except (MergeConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"atm-jax-merge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged into {args.out_dir}")
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if upper.endswith(unit) and upper[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[:-len(unit)]) * units[unit])
+    if upper.isdigit():
+        return int(upper)
+    raise SystemExit(f"atm-jax-merge: error: --max-shard-size={text!r}: give bytes or e.g. 500MB, 2GB.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""atm_jax.merge_models: mergekit-style YAML in, one merged HF checkpoint out.
+
+Checkpoints are a tiny random-init BERT (transformers) and finetuned copies made by
+adding noise; every merged tensor is compared with NumPy written from the methods'
+equations (task arithmetic, linear, TIES per tensor, SLERP), and the folder is loaded
+back by transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+import yaml
+
+from atm_jax import merge_models
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+MODELS = 3
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """A base BERT and three finetuned copies; returns (root, base tensors, model tensors)."""
+    root = tmp_path_factory.mktemp("pool")
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=24,
+                                     max_position_embeddings=12)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(root / "base")
+    base = safetensors_numpy.load_file(root / "base" / "model.safetensors")
+    rng = np.random.default_rng(0)
+    models = []
+    for i in range(MODELS):
+        tensors = {k: (v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype)
+                       if v.dtype.kind == "f" else v) for k, v in base.items()}
+        folder = root / f"ft{i}"
+        folder.mkdir()
+        safetensors_numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        shutil.copyfile(root / "base" / "config.json", folder / "config.json")
+        models.append(tensors)
+    (root / "base" / "vocab.txt").write_text("\n".join(f"tok{i}" for i in range(40)) + "\n")
+    return root, base, models
+
+
+def _yaml(root, method, parameters=None, weights=None, **extra):
+    config = {"merge_method": method, "base_model": str(root / "base"),
+              "models": [{"model": str(root / f"ft{i}"),
+                          **({"parameters": {"weight": weights[i]}} if weights else {})}
+                         for i in range(MODELS)], **extra}
+    if parameters:
+        config["parameters"] = parameters
+    path = root / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _read(folder):
+    index = folder / merge_models.INDEX
+    if index.exists():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    else:
+        shards = {"model.safetensors"}
+    out = {}
+    for shard in shards:
+        out.update(safetensors_numpy.load_file(folder / shard))
+    return out
+
+
+def _ties_tensor(taus, density):
+    """TIES on one tensor from the paper: keep each task's top-density magnitudes, elect
+    the sign of the kept sum, average the kept entries that agree with it."""
+    flat = taus.reshape(len(taus), -1)
+    keep = max(1, int(np.ceil(density * flat.shape[1])))
+    trimmed = np.zeros_like(flat)
+    for t, row in enumerate(flat):
+        top = np.argsort(-np.abs(row), kind="stable")[:keep]
+        trimmed[t, top] = row[top]
+    sign = np.sign(trimmed.sum(0))
+    agree = (np.sign(trimmed) == sign) & (trimmed != 0)
+    count = agree.sum(0)
+    merged = np.where(count > 0, (trimmed * agree).sum(0) / np.maximum(count, 1), 0.0)
+    return merged.reshape(taus.shape[1:])
+
+
+def test_task_arithmetic_and_linear_match_numpy_and_load_in_transformers(pool, tmp_path):
+    root, base, models = pool
+    weights = [0.5, 1.0, 2.0]
+    out = merge_models.merge_checkpoints(
+        _yaml(root, "task_arithmetic", {"lambda": 0.3}, weights), tmp_path / "ta", progress=False)
+    got = _read(out)
+    assert set(got) == set(base)
+    for name, b in base.items():
+        if b.dtype.kind != "f":
+            np.testing.assert_array_equal(got[name], b)
+            continue
+        want = b.astype(np.float64) + 0.3 * sum(
+            w * (m[name].astype(np.float64) - b) for w, m in zip(weights, models))
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=3e-7 * np.abs(want).max() + 1e-7)
+    loaded = transformers.AutoModel.from_pretrained(out)
+    state = loaded.state_dict()
+    name = "encoder.layer.1.attention.self.query.weight"
+    np.testing.assert_array_equal(state[name].numpy(), got[name])
+    assert (out / "vocab.txt").read_text() == (root / "base" / "vocab.txt").read_text()
+    assert "merge_method: task_arithmetic" in (out / "README.md").read_text()
+
+    out = merge_models.merge_checkpoints(_yaml(root, "linear", weights=weights),
+                                         tmp_path / "linear", progress=False)
+    got = _read(out)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    want = sum(w * m[name].astype(np.float64) for w, m in zip(weights, models)) / sum(weights)
+    np.testing.assert_allclose(got[name], want, rtol=0, atol=3e-7 * np.abs(want).max())
+
+
+def test_ties_is_per_tensor_and_matches_numpy_in_small_shards(pool, tmp_path):
+    root, base, models = pool
+    out = merge_models.merge_checkpoints(_yaml(root, "ties", {"density": 0.3}), tmp_path / "ties",
+                                         max_shard_bytes=4000, progress=False)
+    index = json.loads((out / merge_models.INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    got = _read(out)
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in got.values())
+    for name, b in base.items():
+        if b.dtype.kind != "f":
+            continue
+        taus = np.stack([m[name] - b for m in models])
+        want = b + _ties_tensor(taus, 0.3)
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=2e-7 * np.abs(want).max(),
+                                   err_msg=name)
+    # The sharded folder loads in transformers.
+    state = transformers.AutoModel.from_pretrained(out).state_dict()
+    np.testing.assert_array_equal(state["pooler.dense.weight"].numpy(), got["pooler.dense.weight"])
+
+
+def test_slerp_puts_the_base_first_and_bfloat16_rounds_once(pool, tmp_path):
+    root, base, models = pool
+    config = {"merge_method": "slerp", "base_model": str(root / "ft1"), "dtype": "bfloat16",
+              "models": [{"model": str(root / "ft0")}, {"model": str(root / "ft1")}],
+              "parameters": {"t": 0.25}}
+    out = merge_models.merge_checkpoints(config, tmp_path / "slerp", progress=False)
+    got = merge_models.Checkpoint(str(out))
+    name = "encoder.layer.0.output.dense.weight"
+    v0, v1 = models[1][name].astype(np.float64).ravel(), models[0][name].astype(np.float64).ravel()
+    omega = np.arccos(v0 @ v1 / np.linalg.norm(v0) / np.linalg.norm(v1))
+    want = (np.sin(0.75 * omega) * v0 + np.sin(0.25 * omega) * v1) / np.sin(omega)
+    merged = got.get(name)
+    assert merged.dtype == ml_dtypes.bfloat16
+    rounded = want.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    # One rounding from (nearly) the exact float32 value: at most one bf16 step apart.
+    step = np.abs(rounded) * 2.0**-7
+    assert np.all(np.abs(merged.astype(np.float32).ravel() - rounded) <= step + 1e-12)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_an_interrupted_merge_leaves_nothing_behind(pool, tmp_path, monkeypatch):
+    root, _, _ = pool
+    calls = []
+
+    def failing(*args):
+        calls.append(args[1])
+        if len(calls) == 5:
+            raise RuntimeError("interrupted")
+        return args[3]
+
+    monkeypatch.setattr(merge_models, "_merge_tensor", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        merge_models.merge_checkpoints(_yaml(root, "ties"), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(slices=[]), r"unsupported key 'slices'"),
+    (lambda c: c["models"][0].update(layer_range=[0, 2]), r"models\[0\]: unsupported key 'layer_range'"),
+    (lambda c: c.update(merge_method="frankenmerge"), r"merge_method='frankenmerge'.*choose one of"),
+    (lambda c: c.pop("base_model"), r"needs base_model"),
+    (lambda c: c.update(parameters={"scope": "model"}), r"only scope: leaf"),
+    (lambda c: c["models"][1].update(parameters={"weight": 2.0}), r"takes no per-model weights"),
+    (lambda c: c.update(parameters={"density": 1.5}), r"density"),
+    (lambda c: c.update(dtype="int8"), r"dtype='int8'"),
+])
+def test_bad_configs_are_refused_naming_the_key(pool, edit, message):
+    root, _, _ = pool
+    config = yaml.safe_load(_yaml(root, "ties").read_text())
+    edit(config)
+    with pytest.raises(merge_models.MergeConfigError, match=message):
+        merge_models.read_config(config)
+
+
+def test_missing_models_and_mismatched_tensors_name_the_culprit(pool, tmp_path, capsys):
+    root, base, _ = pool
+    config = yaml.safe_load(_yaml(root, "ties").read_text())
+    config["models"][2]["model"] = str(tmp_path / "nowhere")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert merge_models.main([str(path), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "nowhere is not a folder" in capsys.readouterr().err
+
+    resized = tmp_path / "resized"
+    resized.mkdir()
+    tensors = dict(base)
+    name = "embeddings.word_embeddings.weight"
+    tensors[name] = np.zeros((41, tensors[name].shape[1]), np.float32)
+    safetensors_numpy.save_file(tensors, resized / "model.safetensors")
+    config["models"][2]["model"] = str(resized)
+    with pytest.raises(merge_models.MergeConfigError, match=rf"tensor '{name}': shape \(41, 16\)"):
+        merge_models.merge_checkpoints(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
