@@ -214,7 +214,7 @@ class Checkpoint:
         from atm_jax.models import hf
 
         self.source = source
-        self.folder = hf._resolve(source, allow_pickle=False, revision=None)
+        self.folder = hf.local_folder(source)
         self._handles: dict[str, Any] = {}
         index = self.folder / INDEX
         if index.is_file():

@@ -231,6 +231,12 @@ def _resolve(source: str | os.PathLike, allow_pickle: bool, revision: str | None
     return pathlib.Path(folder)
 
 
+def local_folder(source: str | os.PathLike, revision: str | None = None) -> pathlib.Path:
+    """A local folder for ``source``: the folder itself, or the snapshot of a hub id with its
+    safetensors and side files (offline: the cached one, else an error naming the download)."""
+    return _resolve(source, allow_pickle=False, revision=revision)
+
+
 def _read_safetensors_file(path: pathlib.Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
     from safetensors.numpy import load_file
