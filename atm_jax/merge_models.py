@@ -48,6 +48,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 __all__ = ["MergeConfig", "read_config", "merge_checkpoints", "main", "MergeConfigError"]
@@ -63,6 +64,8 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "vocab.json", "merges.txt", "added_tokens.json", "spiece.model",
               "sentencepiece.bpe.model", "tokenizer.model", "generation_config.json")
 INDEX = "model.safetensors.index.json"
+# safetensors' names of the floating dtypes (the tensors that merge; others are copied).
+FLOATING = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DEFAULT_SHARD_BYTES = 2 << 30
 
 
@@ -137,8 +140,7 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
     hparams = dict(raw.get("parameters") or {})
     for i, params in enumerate(per_model):  # per-model values must agree: one merge call
         for key, value in params.items():
-            if key in hparams and hparams[key] != value or any(
-                    key in p and p[key] != value for p in per_model):
+            if key in hparams and hparams[key] != value:
                 raise MergeConfigError(f"models[{i}].parameters.{key}={value!r} differs from "
                                        "another model's; atm_jax merges with one value per "
                                        f"hyperparameter: give {key} once under parameters.")
@@ -186,11 +188,9 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
 
 
 def _leaf_scope(method: str, hparams: dict) -> dict:
-    import inspect
-
     from atm_jax import merge
 
-    if "scope" not in inspect.signature(merge.get(method)).parameters:
+    if "scope" not in merge.info(method).defaults:
         if "scope" in hparams:
             raise MergeConfigError(f"parameters.scope: {method} has no scope.")
         return hparams
@@ -199,7 +199,7 @@ def _leaf_scope(method: str, hparams: dict) -> dict:
         raise MergeConfigError(f"parameters.scope={scope!r}: checkpoints merge one tensor at a "
                                "time, so only scope: leaf (one threshold per tensor, as mergekit) "
                                "is supported here; whole-model thresholds need the params in "
-                               "memory (atm_jax.merge.%s(..., scope='model'))." % method)
+                               f"memory (atm_jax.merge.{method}(..., scope='model')).")
     return {**hparams, "scope": "leaf"}
 
 
@@ -242,22 +242,7 @@ class Checkpoint:
         return tuple(piece.get_shape()), piece.get_dtype()
 
     def get(self, name: str) -> np.ndarray:
-        shape, dtype = self.info(name)
-        if dtype == "BF16":  # NumPy has no bfloat16: read the raw bits (ml_dtypes)
-            return _read_bf16(self.folder / self.weight_map[name], name)
         return self._open(self.weight_map[name]).get_tensor(name)
-
-
-def _read_bf16(path: pathlib.Path, name: str) -> np.ndarray:
-    import ml_dtypes
-
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    entry = header[name]
-    start, end = entry["data_offsets"]
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size + start, shape=(end - start,))
-    return data.view(ml_dtypes.bfloat16).reshape(entry["shape"])
 
 
 # ---------------------------------------------------------------------------
@@ -282,15 +267,9 @@ class ShardWriter:
     def _flush(self) -> None:
         from safetensors.numpy import save_file
 
-        import ml_dtypes
-
         part = self.folder / f"part-{len(self.shards):05d}.safetensors"
-        tensors = self.pending
-        if any(a.dtype == ml_dtypes.bfloat16 for a in tensors.values()):
-            _save_with_bf16(tensors, part)
-        else:
-            save_file(tensors, part, metadata={"format": "pt"})
-        self.shards.append(list(tensors))
+        save_file(self.pending, part, metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> None:
@@ -309,42 +288,17 @@ class ShardWriter:
             {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def _save_with_bf16(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
-    """safetensors' NumPy writer knows no bfloat16: write the format by hand (an 8-byte
-    header length, the JSON header, the raw little-endian bytes)."""
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-             "bool": "BOOL"}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": names[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
-
-
 # ---------------------------------------------------------------------------
 # The merge.
 
 
-def _output_dtype(config: MergeConfig, reference: Checkpoint, names: Sequence[str]):
-    import ml_dtypes
-
+def _output_dtype(config: MergeConfig, reference: Checkpoint, names: Sequence[str]) -> np.dtype:
+    numpy_dtypes = {"float64": np.float64, "float32": np.float32, "float16": np.float16,
+                    "bfloat16": ml_dtypes.bfloat16}
     if config.dtype is not None:
-        return {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-                "bfloat16": np.dtype(ml_dtypes.bfloat16)}[config.dtype]
-    for name in names:
-        _, dtype = reference.info(name)
-        if dtype in ("F32", "F16", "BF16", "F64"):
-            return {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-                    "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}[dtype]
-    return np.dtype(np.float32)
+        return np.dtype(numpy_dtypes[config.dtype])
+    kinds = (reference.info(name)[1] for name in names)
+    return np.dtype(numpy_dtypes[FLOATING[next((k for k in kinds if k in FLOATING), "F32")]])
 
 
 def _check_same_tensors(reference: Checkpoint, others: Sequence[Checkpoint]) -> list[str]:
@@ -360,11 +314,12 @@ def _check_same_tensors(reference: Checkpoint, others: Sequence[Checkpoint]) -> 
             raise MergeConfigError(f"model {ckpt.source!r} holds tensor {extra[0]!r}, which "
                                    f"{reference.source!r} lacks.")
         for name in names:
-            if ckpt.info(name)[0] != reference.info(name)[0]:
+            theirs, ours = ckpt.info(name)[0], reference.info(name)[0]
+            if theirs != ours:
                 raise MergeConfigError(
-                    f"tensor {name!r}: shape {ckpt.info(name)[0]} in {ckpt.source!r} but "
-                    f"{reference.info(name)[0]} in {reference.source!r} (a resized vocabulary?); "
-                    "atm_jax does not merge tensors of different shapes.")
+                    f"tensor {name!r}: shape {theirs} in {ckpt.source!r} but {ours} in "
+                    f"{reference.source!r} (a resized vocabulary?); atm_jax does not merge "
+                    "tensors of different shapes.")
     return names
 
 
@@ -425,8 +380,7 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike | Mapping, out_dir
         bar = _progress(len(names), progress)
         start, done_bytes = time.perf_counter(), 0
         for name in names:
-            shape, kind = reference.info(name)
-            if kind not in ("F32", "F16", "BF16", "F64"):  # integer buffers: the reference's
+            if reference.info(name)[1] not in FLOATING:  # integer buffers: the reference's
                 writer.add(name, np.asarray(reference.get(name)))
             else:
                 base_t = None if base is None else np.asarray(base.get(name), np.float32)
