@@ -15,12 +15,17 @@ The YAML is mergekit's, for the keys both tools share (docs/merging_checkpoints.
     tokenizer_source: base
 
 The checkpoints are read one tensor at a time from their memory-mapped safetensors
-shards; each tensor's task vectors ``θ_i − θ_base`` (float32) go through the registry
-merge as a one-leaf tree, so every merge runs at ``scope: leaf`` (mergekit's
-semantics: one threshold per tensor), and ``θ = θ_base + λ · merge(τ)`` is cast once
-to the output dtype and appended to the shard being filled. Peak memory is a few
-tensors × the number of models, whatever the model's size. The output goes to a
-temporary folder next to ``OUT_DIR``, renamed when complete.
+shards. Each tensor's task vectors ``θ_i − θ_base`` (float32) are merged,
+``θ = θ_base + λ · merge(τ)`` is cast once to the output dtype, and the result is
+appended to the shard being filled. Peak memory is a few tensors × the number of
+models, whatever the model's size. The output goes to a temporary folder next to
+``OUT_DIR``, renamed when complete.
+
+The sparsify x consensus merges (mean, sum, ties, breadcrumbs, dare, dare_ties) run
+through `atm_jax.merge.streamed`: ``scope: leaf`` (the default here, mergekit's
+semantics) or ``scope: model`` (the official TIES, exact out of core), and equal the
+in-memory merge of all tensors bit for bit. The other registry merges run on each
+tensor as a one-leaf tree.
 
 mergekit's methods:
 
@@ -188,6 +193,8 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
 
 
 def _leaf_scope(method: str, hparams: dict) -> dict:
+    """The merge's hyperparameters with ``scope`` set: ``leaf`` unless the YAML says
+    ``model`` (mergekit's semantics are per tensor; the official TIES is per model)."""
     from atm_jax import merge
 
     if "scope" not in merge.info(method).defaults:
@@ -195,12 +202,11 @@ def _leaf_scope(method: str, hparams: dict) -> dict:
             raise MergeConfigError(f"parameters.scope: {method} has no scope.")
         return hparams
     scope = hparams.get("scope", "leaf")
-    if scope != "leaf":
-        raise MergeConfigError(f"parameters.scope={scope!r}: checkpoints merge one tensor at a "
-                               "time, so only scope: leaf (one threshold per tensor, as mergekit) "
-                               "is supported here; whole-model thresholds need the params in "
-                               f"memory (atm_jax.merge.{method}(..., scope='model')).")
-    return {**hparams, "scope": "leaf"}
+    if scope not in ("leaf", "model"):
+        raise MergeConfigError(f"parameters.scope={scope!r}: choose leaf (one threshold per "
+                               "tensor, as mergekit) or model (one per task over all tensors, as "
+                               "the official TIES).")
+    return {**hparams, "scope": scope}
 
 
 # ---------------------------------------------------------------------------
@@ -371,28 +377,25 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike | Mapping, out_dir
     names = _check_same_tensors(reference, [m for m in models if m is not reference])
     dtype = _output_dtype(config, reference, names)
 
+    floating = {n: reference.info(n)[0] for n in names if reference.info(n)[1] in FLOATING}
+    streamed = _streamed(config, models, base, floating)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        bar = _progress(len(names), progress)
-        start, done_bytes = time.perf_counter(), 0
-        for name in names:
-            if reference.info(name)[1] not in FLOATING:  # integer buffers: the reference's
-                writer.add(name, np.asarray(reference.get(name)))
-            else:
-                base_t = None if base is None else np.asarray(base.get(name), np.float32)
-                merged = _merge_tensor(config, name,
-                                       [np.asarray(m.get(name), np.float32) for m in models], base_t)
-                writer.add(name, merged.astype(dtype))
-                done_bytes += merged.nbytes * (len(models) + (base is not None))
-            bar.update(1)
-            bar.set_postfix_str(f"{done_bytes / 2**30:.2f} GiB read as float32, "
-                                f"{time.perf_counter() - start:.0f} s")
-        bar.close()
-        writer.close()
+        if streamed is not None and streamed.passes():
+            bar = _progress(len(floating) * streamed.passes(), progress, "thresholds")
+            streamed.count(lambda name: bar.update(1))
+            bar.close()
+        for zero_positive in (True, False):
+            _write_merged(config, names, floating, models, base, reference, dtype, tmp,
+                          max_shard_bytes, progress, streamed, zero_positive)
+            if not zero_positive or streamed is None or not streamed.rerun_negative:
+                break
+            for stale in tmp.iterdir():  # the model-wide zero-mass rule chose "-": again
+                stale.unlink()
         _side_files(reference.folder, tmp, dtype)
         _readme(tmp, config, __version__)
         if out.exists():
@@ -408,10 +411,59 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike | Mapping, out_dir
     return out
 
 
-def _progress(total: int, enabled: bool):
+def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoint | None,
+              shapes: Mapping[str, tuple[int, ...]]):
+    """The out-of-core driver of a sparsify x consensus merge (None for other methods)."""
+    from atm_jax import merge
+    from atm_jax.merge import sparsify, streamed
+
+    if config.method not in sparsify.PROGRAM_NAMES or base is None:
+        return None
+    hparams = {k: v for k, v in {**merge.info(config.method).defaults, **config.hparams}.items()
+               if k in merge.info(config.method).defaults or k == "method"}
+    program = sparsify.program(config.method, **hparams)
+
+    def task_vectors(name: str) -> np.ndarray:
+        base_t = np.asarray(base.get(name), np.float32)
+        return np.stack([np.asarray(m.get(name), np.float32) - base_t for m in models])
+
+    return streamed.StreamedMerge(program, shapes, task_vectors,
+                                  key_for=lambda name: _tensor_key(config.seed, name),
+                                  sources=[m.source for m in models])
+
+
+def _write_merged(config, names, floating, models, base, reference, dtype, tmp, max_shard_bytes,
+                  progress, streamed, zero_positive) -> None:
+    """The merge pass: every tensor merged (or copied) and written to shards in ``tmp``."""
+    writer = ShardWriter(tmp, max_shard_bytes)
+    bar = _progress(len(names), progress, "merging")
+    deltas = streamed.deltas(zero_positive=zero_positive) if streamed is not None else None
+    start, done_bytes = time.perf_counter(), 0
+    for name in names:
+        if name not in floating:  # integer buffers: the reference's
+            writer.add(name, np.asarray(reference.get(name)))
+        else:
+            base_t = None if base is None else np.asarray(base.get(name), np.float32)
+            if deltas is not None:
+                delta_name, delta = next(deltas)
+                assert delta_name == name, (delta_name, name)
+                merged = base_t + config.scale * delta
+            else:
+                merged = _merge_tensor(config, name,
+                                       [np.asarray(m.get(name), np.float32) for m in models], base_t)
+            writer.add(name, merged.astype(dtype))
+            done_bytes += merged.nbytes * (len(models) + (base is not None))
+        bar.update(1)
+        bar.set_postfix_str(f"{done_bytes / 2**30:.2f} GiB read as float32, "
+                            f"{time.perf_counter() - start:.0f} s")
+    bar.close()
+    writer.close()
+
+
+def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tensor", desc="merging", disable=not enabled, file=sys.stderr)
+    return tqdm(total=total, unit="tensor", desc=desc, disable=not enabled, file=sys.stderr)
 
 
 def _side_files(source: pathlib.Path, dest: pathlib.Path, dtype: np.dtype) -> None:

@@ -58,7 +58,8 @@ try:
 except ImportError:  # pragma: no cover - jax without it: pure_callback (one copy more)
     _buffer_callback = None
 
-__all__ = ["kth_largest_magnitude", "thresholds", "on_host", "host_callback_available", "METHODS"]
+__all__ = ["kth_largest_magnitude", "thresholds", "on_host", "host_callback_available", "METHODS",
+           "StreamedThresholds"]
 
 METHODS = ("auto", "host", "bisect", "top_k")
 
@@ -167,6 +168,95 @@ def _host_thresholds(groups: Sequence[Sequence[np.ndarray]],
         with ThreadPoolExecutor(min(_workers(), len(groups))) as pool:
             results = list(pool.map(_host_group, groups, ranks))
     return np.stack([v for v, _ in results]), np.stack([m for _, m in results])
+
+
+# ----------------------------------------------------------------------------
+# Streamed selection: arrays seen one at a time, in two passes
+# ----------------------------------------------------------------------------
+
+
+class StreamedThresholds:
+    """Exact k-th largest magnitudes over float32 arrays that arrive one at a time.
+
+    For a model too large to hold (`atm_jax.merge_models` reads checkpoints tensor
+    by tensor), the same values as :func:`thresholds` from two passes over the
+    arrays, in any order, with memory independent of their number:
+
+    1. ``add(group, x)`` for every array: a histogram of the high 16 bits of the
+       magnitudes' bit patterns per group; then ``bracket()`` finds the bucket of
+       each wanted rank and the rank left inside it.
+    2. ``add(group, x)`` again for every array: a histogram of the low 16 bits of
+       the entries inside those buckets; then ``values()`` gives the exact patterns.
+
+    ``ranks``: ``[G, m]`` ints, 1-based from the top, as :func:`thresholds`. A group
+    is one task's vector (or all tasks pooled). Non-finite entries sort first, as
+    NaN's bit pattern does: ``nonfinite`` counts them per group for the caller.
+    """
+
+    _HIGH = 1 << 15  # high halves of non-negative float32 patterns: 15 bits
+
+    def __init__(self, ranks):
+        self.ranks = np.asarray(ranks, np.int64)
+        if self.ranks.ndim != 2 or self.ranks.min() < 1:
+            raise ValueError(f"ranks must be [groups, m] ints >= 1, got {ranks!r}.")
+        groups = self.ranks.shape[0]
+        self.high = np.zeros((groups, self._HIGH), np.int64)
+        self.low = None  # [G, m, 65536] after bracket()
+        self.bucket = self.inside = None
+        self.sizes = np.zeros(groups, np.int64)
+
+    @property
+    def nonfinite(self) -> np.ndarray:
+        """Entries per group whose magnitude is Inf or NaN (pattern >= 0x7F800000)."""
+        return self.high[:, 0x7F80:].sum(axis=1)
+
+    def add(self, group: int, x: np.ndarray) -> None:
+        if x.dtype != np.float32:
+            raise TypeError(f"StreamedThresholds reads float32 arrays, got {x.dtype}.")
+        flat = np.ascontiguousarray(x).reshape(-1).view(np.uint32)
+        buf = np.empty(min(_CHUNK, flat.size), np.uint32)
+        for start in range(0, flat.size, _CHUNK):
+            n = min(_CHUNK, flat.size - start)
+            bits = np.bitwise_and(flat[start:start + n], np.uint32(0x7FFFFFFF), out=buf[:n])
+            if self.low is None:
+                self.high[group] += np.bincount(bits >> 16, minlength=self._HIGH)
+                continue
+            top = bits >> 16
+            for j, b in enumerate(self.bucket[group]):
+                inside = bits[top == b]
+                if inside.size:
+                    self.low[group, j] += np.bincount(inside & 0xFFFF, minlength=1 << 16)
+        if self.low is None:
+            self.sizes[group] += flat.size
+
+    def bracket(self) -> None:
+        """Ends the first pass: the bucket of every rank and the rank left inside it."""
+        if self.ranks.max() > self.sizes.min():
+            raise ValueError(f"ranks must lie in [1, {self.sizes.min()}], got up to {self.ranks.max()}.")
+        self.bucket, self.inside = _locate(self.high, self.ranks)
+        self.low = np.zeros((*self.ranks.shape, 1 << 16), np.int64)
+
+    def values(self) -> np.ndarray:
+        """Ends the second pass: ``[G, m]`` float32 magnitudes."""
+        low = np.empty(self.ranks.shape, np.int64)
+        for j in range(self.ranks.shape[1]):
+            low[:, j] = _locate(self.low[:, j], self.inside[:, j:j + 1])[0][:, 0]
+        patterns = (self.bucket.astype(np.uint32) << 16) | low.astype(np.uint32)
+        return patterns.view(np.float32)
+
+
+def _locate(counts: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``counts`` (a histogram over ascending keys) and each 1-based rank from
+    the top: the key holding that rank and the rank left inside the key."""
+    from_top = np.cumsum(counts[:, ::-1], axis=1)  # from_top[g, i]: entries at keys >= K-1-i
+    keys = np.empty(ranks.shape, np.int64)
+    inside = np.empty(ranks.shape, np.int64)
+    width = counts.shape[1]
+    for g in range(counts.shape[0]):
+        i = np.searchsorted(from_top[g], ranks[g], side="left")
+        keys[g] = width - 1 - i
+        inside[g] = ranks[g] - np.where(i > 0, from_top[g][np.maximum(i - 1, 0)], 0)
+    return keys, inside
 
 
 # ----------------------------------------------------------------------------

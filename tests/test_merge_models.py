@@ -162,14 +162,15 @@ def test_slerp_puts_the_base_first_and_bfloat16_rounds_once(pool, tmp_path):
 def test_an_interrupted_merge_leaves_nothing_behind(pool, tmp_path, monkeypatch):
     root, _, _ = pool
     calls = []
+    add = merge_models.ShardWriter.add
 
-    def failing(*args):
-        calls.append(args[1])
+    def failing(self, name, array):
+        calls.append(name)
         if len(calls) == 5:
             raise RuntimeError("interrupted")
-        return args[3]
+        add(self, name, array)
 
-    monkeypatch.setattr(merge_models, "_merge_tensor", failing)
+    monkeypatch.setattr(merge_models.ShardWriter, "add", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         merge_models.merge_checkpoints(_yaml(root, "ties"), tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -180,7 +181,7 @@ def test_an_interrupted_merge_leaves_nothing_behind(pool, tmp_path, monkeypatch)
     (lambda c: c["models"][0].update(layer_range=[0, 2]), r"models\[0\]: unsupported key 'layer_range'"),
     (lambda c: c.update(merge_method="frankenmerge"), r"merge_method='frankenmerge'.*choose one of"),
     (lambda c: c.pop("base_model"), r"needs base_model"),
-    (lambda c: c.update(parameters={"scope": "model"}), r"only scope: leaf"),
+    (lambda c: c.update(parameters={"scope": "tensor"}), r"scope='tensor': choose leaf"),
     (lambda c: c["models"][1].update(parameters={"weight": 2.0}), r"takes no per-model weights"),
     (lambda c: c.update(parameters={"density": 1.5}), r"density"),
     (lambda c: c.update(dtype="int8"), r"dtype='int8'"),
@@ -212,3 +213,107 @@ def test_missing_models_and_mismatched_tensors_name_the_culprit(pool, tmp_path, 
     with pytest.raises(merge_models.MergeConfigError, match=rf"tensor '{name}': shape \(41, 16\)"):
         merge_models.merge_checkpoints(config, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# Whole-model merges out of core: equal to the in-memory merge of all tensors.
+
+
+def _in_memory(base, models, method, scale=1.0, **hparams):
+    """The registry merge of every floating tensor at once, in memory, as base + λ·δ."""
+    import jax
+
+    from atm_jax import merge
+
+    names = [n for n, b in base.items() if b.dtype.kind == "f"]
+    tree = {n: np.stack([m[n].astype(np.float32) - base[n].astype(np.float32) for m in models])
+            for n in names}
+    delta = merge.get(method)(tree, **hparams)
+    return {n: base[n].astype(np.float32) + scale * np.asarray(jax.device_get(delta[n])) for n in names}
+
+
+@pytest.mark.parametrize("method,parameters", [
+    ("ties", {"density": 0.3, "scope": "model", "lambda": 0.7}),
+    ("breadcrumbs", {"beta": 0.3, "gamma": 0.9, "scope": "model"}),
+    ("ties_atm_code", {"density": 0.2}),
+])
+def test_whole_model_thresholds_out_of_core_equal_the_in_memory_merge(pool, tmp_path, method,
+                                                                      parameters):
+    root, base, models = pool
+    out = merge_models.merge_checkpoints(_yaml(root, method, parameters), tmp_path / "out",
+                                         max_shard_bytes=4000, progress=False)
+    got = _read(out)
+    hparams = {k: v for k, v in parameters.items() if k != "lambda"}
+    want = _in_memory(base, models, method, parameters.get("lambda", 1.0), **hparams)
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+    if method == "ties":  # and not the per-tensor merge: some tensor differs
+        leaf = _in_memory(base, models, method, 0.7, density=0.3, scope="leaf")
+        assert any(not np.array_equal(leaf[n], want[n]) for n in want)
+
+
+def _write(folder, tensors, order=None):
+    """A checkpoint folder; ``order`` splits it into one shard per tensor, in that order."""
+    folder.mkdir()
+    if order is None:
+        safetensors_numpy.save_file(tensors, folder / "model.safetensors")
+        return folder
+    weight_map = {}
+    for i, name in enumerate(order):
+        shard = f"model-{i:05d}.safetensors"
+        safetensors_numpy.save_file({name: tensors[name]}, folder / shard)
+        weight_map[name] = shard
+    (folder / merge_models.INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_the_zero_mass_sign_is_decided_over_the_whole_model(tmp_path):
+    # Tensor a: entry 0 cancels exactly (1 and -1), entry 1 elects +: a's own majority is +.
+    # Tensor b: two entries elect -: over the model the majority is -, so a[0] = -1 (the
+    # official rule), where a per-tensor rule would give +1.
+    base = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    models = [{"a": np.array([1.0, 5.0], np.float32), "b": np.array([-2.0, -3.0], np.float32)},
+              {"a": np.array([-1.0, 5.0], np.float32), "b": np.array([-2.0, -3.0], np.float32)}]
+    config = {"merge_method": "ties", "base_model": str(_write(tmp_path / "base", base)),
+              "models": [{"model": str(_write(tmp_path / f"m{i}", m))} for i, m in enumerate(models)],
+              "parameters": {"density": 1.0}}
+    got = _read(merge_models.merge_checkpoints(config, tmp_path / "out", progress=False))
+    np.testing.assert_array_equal(got["a"], [-1.0, 5.0])
+    np.testing.assert_array_equal(got["b"], [-2.0, -3.0])
+    want = _in_memory(base, models, "ties", density=1.0, scope="leaf")
+    np.testing.assert_array_equal(want["a"], got["a"])
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_streamed_merges_do_not_depend_on_the_tensor_order(pool, tmp_path, method):
+    root, base, models = pool
+    parameters = {"density": 0.5, "seed": 3} if method == "dare_ties" else {"density": 0.3,
+                                                                            "scope": "model"}
+    config = yaml.safe_load(_yaml(root, method, parameters).read_text())
+    first = _read(merge_models.merge_checkpoints(config, tmp_path / "a", progress=False))
+    order = sorted(base, reverse=True)
+    config["base_model"] = str(_write(tmp_path / "base_reversed", base, order))
+    for i, m in enumerate(models):
+        config["models"][i]["model"] = str(_write(tmp_path / f"ft{i}_reversed", m, order[::2] +
+                                                  order[1::2]))
+    second = _read(merge_models.merge_checkpoints(config, tmp_path / "b", progress=False))
+    assert set(first) == set(second)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_a_merged_checkpoint_gives_the_in_memory_merges_forward_pass(pool, tmp_path):
+    root, base, models = pool
+    out = merge_models.merge_checkpoints(_yaml(root, "ties", {"density": 0.3, "scope": "model"}),
+                                         tmp_path / "out", progress=False)
+    want = _in_memory(base, models, "ties", density=0.3, scope="model")
+    reference = transformers.BertModel(transformers.BertConfig.from_pretrained(root / "base"))
+    state = {n: torch.from_numpy(w) for n, w in want.items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in n for n in missing)
+    loaded = transformers.AutoModel.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 3, 0], [2, 7, 7, 4, 8]])
+    with torch.no_grad():
+        a = loaded.eval()(input_ids=ids).last_hidden_state.numpy()
+        b = reference.eval()(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_array_equal(a, b)

@@ -227,3 +227,50 @@ def test_bisect_refuses_groups_past_int32_counts():
         jax.eval_shape(lambda v: select.thresholds([v], [[1]], method="bisect"), big)
     ok = jax.ShapeDtypeStruct((1, 2**31 - 1), jnp.float32)
     assert jax.eval_shape(lambda v: select.thresholds([v], [[1]], method="bisect"), ok).shape == (1, 1)
+
+
+def _streamed(arrays_per_group, ranks, order):
+    """StreamedThresholds fed ``arrays_per_group[g]`` in the given array order, twice."""
+    s = select.StreamedThresholds(ranks)
+    for pass_index in range(2):
+        for i in order:
+            for g, arrays in enumerate(arrays_per_group):
+                s.add(g, arrays[i])
+        if pass_index == 0:
+            s.bracket()
+    return s.values()
+
+
+def test_streamed_thresholds_match_sort_in_any_order():
+    # Per group: a hard vector (ties, signed zeros, subnormals), a wide-range normal
+    # vector and a constant one, so ranks land in crowded and in sparse buckets.
+    rng = np.random.default_rng(4)
+    groups = [[_hard_vector(jnp.float32, 300, seed=g),
+               (rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000)).astype(np.float32),
+               np.full(700, -0.375, np.float32)] for g in range(3)]
+    n = 6000
+    ranks = np.array([[1, 2, 700, 3000, n], [5, 4999, 5001, 5300, 5999], [n, 1, 701, 702, 42]])
+    for order in ([0, 1, 2], [2, 0, 1]):
+        got = _streamed(groups, ranks, order)
+        for g in range(3):
+            want = _ref(np.concatenate(groups[g]), ranks[g]).astype(np.float32)
+            np.testing.assert_array_equal(got[g].view(np.uint32), want.view(np.uint32))
+    # Neighbouring patterns at the top of one 16-bit bucket (keys 0xFFFF, 0xFFFE, ...).
+    edge = np.array([0x3F80FFFF, 0x3F80FFFE, 0x3F80FFFE, 0x3F80FFFD, 0x3F81FFFF], np.uint32)
+    got = _streamed([[edge.view(np.float32)]], [[1, 2, 3, 4, 5]], [0])
+    np.testing.assert_array_equal(got[0].view(np.uint32), np.sort(edge)[::-1])
+    pooled = [[a for arrays in groups for a in arrays]]
+    got = _streamed(pooled, [[1, 9000, 3 * n]], range(9))
+    np.testing.assert_array_equal(got[0], _ref(np.concatenate(pooled[0]), [1, 9000, 3 * n]))
+
+
+def test_streamed_thresholds_count_nonfinite_and_check_ranks():
+    s = select.StreamedThresholds([[3]])
+    s.add(0, np.array([1.0, np.nan, -np.inf], np.float32))
+    assert s.nonfinite.tolist() == [2]
+    t = select.StreamedThresholds([[4]])
+    t.add(0, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"ranks must lie in \[1, 3\]"):
+        t.bracket()
+    with pytest.raises(TypeError, match="float32"):
+        select.StreamedThresholds([[1]]).add(0, np.ones(3, np.float64))

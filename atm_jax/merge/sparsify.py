@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import builtins
 import math
-from fractions import Fraction
 from functools import partial
 from typing import Any
 
@@ -96,34 +95,17 @@ from jax.experimental import checkify
 
 from atm_jax import checks, select
 from atm_jax import tree as tree_lib
+from atm_jax.merge.programs import PROGRAM_NAMES, Program, program
 from atm_jax.merge.registry import register
 
 PyTree = Any
 
 __all__ = ["mean", "task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties",
            "ties_atm_code", "breadcrumbs_atm_code", "checkify_finite", "checked_leaves",
-           "disjoint_merge"]
+           "disjoint_merge", "Program", "program", "PROGRAM_NAMES", "merge_leaves", "sign_counts",
+           "needs_negative"]  # Program / program / PROGRAM_NAMES: from atm_jax.merge.programs
 
 check_hparams = checks.check_hparams
-
-
-# ----------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------
-
-
-def _exact(fraction: float, n: int) -> Fraction:
-    """``fraction * n`` in exact arithmetic, reading ``fraction`` as the decimal the
-    user typed (float ``0.993 * 1000`` is 993.0000000000001, whose ceiling is off by one)."""
-    return Fraction(repr(float(fraction))) * n
-
-
-def _ceil(fraction: float, n: int) -> int:
-    return math.ceil(_exact(fraction, n))
-
-
-def _floor(fraction: float, n: int) -> int:
-    return math.floor(_exact(fraction, n))
 
 
 def _size(x) -> int:
@@ -242,10 +224,8 @@ def _majority_needs_negative(codes) -> bool | jax.Array:
 def _count_majority(*codes) -> bool:
     codes = [np.asarray(c) for c in codes]
     if not builtins.sum(int(np.count_nonzero(c == 2)) for c in codes):
-        return False
-    balance = builtins.sum(int(np.count_nonzero(c == 1)) - int(np.count_nonzero(c == -1))
-                           for c in codes)
-    return balance <= 0
+        return False  # the common case: one pass, no balance needed
+    return needs_negative(1, builtins.sum(sign_counts(c)[1] for c in codes))
 
 
 def checkify_finite(leaves, paths) -> None:
@@ -278,10 +258,38 @@ def _check_output(out, paths, stacked, largest, aggregate: str) -> None:
                      "check_finite=False returns the Inf values.")
 
 
-def _generalized(stacked, *, key=None, like=None, magnitude_ranks=None, band_ranks=None,
-                 scope="model", joint=False, p=None, elect=False, aggregate="mean", method="auto",
-                 check_finite=True):
+def merge_leaves(leaves, program: Program, lo, hi, keys, zero_positive: bool):
+    """One jitted merge of ``leaves`` (``[T, ...]`` each) at given thresholds.
+
+    ``lo`` / ``hi``: per leaf, the ``[T]`` lowest (and, for a band, highest) kept
+    magnitude, or None; ``keys``: per leaf, DARE's key; ``zero_positive``: the side
+    zero-mass entries take (:func:`needs_negative` over the whole merge decides it).
+    Returns (merged leaves, int8 sign codes per leaf or None), as the registry merges
+    compute them: callers that stream a model leaf by leaf (`atm_jax.merge_models`)
+    get the same values bit for bit.
+    """
+    p_arr = jnp.float32(program.p if program.p is not None else 0.0)
+    return _merge(leaves, lo, hi, keys, p_arr, jnp.bool_(zero_positive),
+                  _task_scale(leaves[0].shape[0]), **program.static())
+
+
+def sign_counts(code) -> tuple[int, int]:
+    """``(ambiguous entries, #positive - #negative elected signs)`` of one leaf's codes."""
+    c = np.asarray(code)
+    return int(np.count_nonzero(c == 2)), int(np.count_nonzero(c == 1)) - int(np.count_nonzero(c == -1))
+
+
+def needs_negative(ambiguous: int, balance: int) -> bool:
+    """The official zero-mass rule over a whole merge: the negative side when some entry
+    is ambiguous and the elected signs do not sum to a positive majority."""
+    return ambiguous > 0 and balance <= 0
+
+
+def _generalized(stacked, program: Program, *, key=None, like=None, check_finite=True):
     """Shared driver: thresholds on the host/device, then one jitted merge."""
+    magnitude_ranks, band_ranks, scope, joint = (program.magnitude_ranks, program.band_ranks,
+                                                 program.scope, program.joint)
+    p, elect, aggregate, method = program.p, program.elect, program.aggregate, program.method
     check_hparams(check_finite=check_finite)
     leaves, treedef, paths = tree_lib.check_stacked(stacked, like=like, warn_state=True)
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
@@ -320,8 +328,7 @@ def _generalized(stacked, *, key=None, like=None, magnitude_ranks=None, band_ran
     keys = [jax.random.fold_in(key, i) for i in range(len(leaves))] if dropout else None
     p_arr = jnp.float32(p if dropout else 0.0)
     scale = _task_scale(leaves[0].shape[0])
-    static = dict(band=band_ranks is not None, magnitude=magnitude_ranks is not None, elect=elect,
-                  aggregate=aggregate, dropout=dropout)
+    static = program.static()
 
     def run(zero_positive):
         if dropout and not traced:
@@ -364,7 +371,7 @@ def mean(stacked: PyTree, *, key: jax.Array | None = None, check_finite: bool | 
     (`atm_jax.recipes`); ``task_arithmetic`` here is the sum.
     """
     del key
-    return _generalized(stacked, aggregate="mean", check_finite=check_finite, like=like)
+    return _generalized(stacked, program("mean"), check_finite=check_finite, like=like)
 
 
 @register("sum", reference="Ilharco et al. 2023, https://arxiv.org/abs/2212.04089")
@@ -377,20 +384,10 @@ def sum(stacked: PyTree, *, key: jax.Array | None = None,  # noqa: A001 - the re
     ``merge.task_arithmetic`` (the same function) or ``merge.get("sum")``.
     """
     del key
-    return _generalized(stacked, aggregate="sum", check_finite=check_finite, like=like)
+    return _generalized(stacked, program("sum"), check_finite=check_finite, like=like)
 
 
 task_arithmetic = sum  # Ilharco et al.'s name for the sum of task vectors
-
-
-def _top_fraction(density: float):
-    return lambda n: [min(n, max(1, _ceil(density, n)))]
-
-
-def _band(beta: float, gamma: float):
-    # Drop floor(beta*n) smallest and n - ceil(gamma*n) largest: keep descending
-    # ranks [n - ceil(gamma*n) + 1, n - floor(beta*n)]; never empty when beta < gamma.
-    return lambda n: [n - _ceil(gamma, n) + 1, n - _floor(beta, n)]
 
 
 @register("ties", reference="Yadav et al. 2023 (TIES-Merging), https://arxiv.org/abs/2306.01708")
@@ -410,9 +407,8 @@ def ties(stacked: PyTree, *, key: jax.Array | None = None, density: float = 0.2,
       check_finite: see the module docstring (True, False or ``"checkify"``).
     """
     del key
-    check_hparams(density=density, scope=scope, aggregate=aggregate, method=method)
-    return _generalized(stacked, magnitude_ranks=_top_fraction(density), scope=scope, elect=True,
-                        aggregate=aggregate, method=method, check_finite=check_finite, like=like)
+    return _generalized(stacked, program("ties", density=density, scope=scope, aggregate=aggregate,
+                                         method=method), check_finite=check_finite, like=like)
 
 
 @register("breadcrumbs", reference="Davari & Belilovsky 2024 (Model Breadcrumbs), "
@@ -431,9 +427,9 @@ def breadcrumbs(stacked: PyTree, *, key: jax.Array | None = None, beta: float = 
       aggregate: ``"mean"`` (the ATM paper's baselines) or ``"sum"``.
     """
     del key
-    check_hparams(beta=beta, gamma=gamma, scope=scope, aggregate=aggregate, method=method)
-    return _generalized(stacked, band_ranks=_band(beta, gamma), scope=scope, aggregate=aggregate,
-                        method=method, check_finite=check_finite, like=like)
+    return _generalized(stacked, program("breadcrumbs", beta=beta, gamma=gamma, scope=scope,
+                                         aggregate=aggregate, method=method),
+                        check_finite=check_finite, like=like)
 
 
 @register("dare", reference="Yu et al. 2024 (DARE), https://arxiv.org/abs/2311.03099", stochastic=True)
@@ -442,9 +438,8 @@ def dare(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
          like: PyTree | None = None) -> PyTree:
     """DARE: drop each entry w.p. ``p``, rescale by ``1/(1-p)``, then mean (or sum)."""
     checks.require_key("dare", key)
-    check_hparams(p=p, aggregate=aggregate)
-    return _generalized(stacked, key=key, p=p, aggregate=aggregate, check_finite=check_finite,
-                        like=like)
+    return _generalized(stacked, program("dare", p=p, aggregate=aggregate), key=key,
+                        check_finite=check_finite, like=like)
 
 
 @register("dare_ties", reference="Yu et al. 2024 (DARE) + Yadav et al. 2023 (TIES)", stochastic=True)
@@ -453,8 +448,7 @@ def dare_ties(stacked: PyTree, *, key: jax.Array | None = None, p: float = 0.9,
          like: PyTree | None = None) -> PyTree:
     """DARE's random drop and rescale, then TIES sign election and disjoint mean."""
     checks.require_key("dare_ties", key)
-    check_hparams(p=p, aggregate=aggregate)
-    return _generalized(stacked, key=key, p=p, elect=True, aggregate=aggregate,
+    return _generalized(stacked, program("dare_ties", p=p, aggregate=aggregate), key=key,
                         check_finite=check_finite, like=like)
 
 
@@ -475,8 +469,8 @@ def disjoint_merge(stacked: PyTree, *, aggregate: str = "mean", check_finite: bo
     """TIES' sign election and disjoint mean (or sum) with no trimming: the consensus step
     of DARE-TIES and DELLA, for task vectors already sparsified by the caller."""
     check_hparams(aggregate=aggregate)
-    return _generalized(stacked, elect=True, aggregate=aggregate, check_finite=check_finite,
-                        like=like)
+    return _generalized(stacked, Program(elect=True, aggregate=aggregate),
+                        check_finite=check_finite, like=like)
 
 
 @register("ties_atm_code", reference="ATM authors' code (compatibility; see REFERENCE.md §3)",
@@ -486,9 +480,8 @@ def ties_atm_code(stacked: PyTree, *, key: jax.Array | None = None, density: flo
                 like: PyTree | None = None) -> PyTree:
     """What the ATM authors ran as "TIES": one pooled top-k, no election, plain mean."""
     del key
-    check_hparams(density=density, method=method)
-    return _generalized(stacked, magnitude_ranks=_top_fraction(density), scope="model", joint=True,
-                        aggregate="mean", method=method, check_finite=check_finite, like=like)
+    return _generalized(stacked, program("ties_atm_code", density=density, method=method),
+                        check_finite=check_finite, like=like)
 
 
 @register("breadcrumbs_atm_code", reference="ATM authors' code (compatibility; see REFERENCE.md §3)",
@@ -499,6 +492,5 @@ def breadcrumbs_atm_code(stacked: PyTree, *, key: jax.Array | None = None, beta:
     """What the ATM authors ran as "Breadcrumbs": a 15th–99.3rd percentile band per task
     over the whole model (≈84% kept), plain mean."""
     del key
-    check_hparams(beta=beta, gamma=gamma, method=method)
-    return _generalized(stacked, band_ranks=_band(beta, gamma), scope="model", aggregate="mean",
-                        method=method, check_finite=check_finite, like=like)
+    return _generalized(stacked, program("breadcrumbs_atm_code", beta=beta, gamma=gamma,
+                                         method=method), check_finite=check_finite, like=like)
