@@ -309,9 +309,12 @@ def _output_dtype(config: MergeConfig, reference: Checkpoint, names: Sequence[st
 
 def _check_same_tensors(reference: Checkpoint, others: Sequence[Checkpoint]) -> list[str]:
     names = reference.names()
+    # Integer buffers (position ids and the like) are copied from the reference, so a
+    # model may lack them (many BERT exports omit embeddings.position_ids).
+    needed = [n for n in names if reference.info(n)[1] in FLOATING]
     for ckpt in others:
         theirs = set(ckpt.names())
-        missing = [n for n in names if n not in theirs]
+        missing = [n for n in needed if n not in theirs]
         if missing:
             raise MergeConfigError(f"model {ckpt.source!r} has no tensor {missing[0]!r} (of "
                                    f"{reference.source!r}); all models must share one architecture.")
@@ -319,11 +322,11 @@ def _check_same_tensors(reference: Checkpoint, others: Sequence[Checkpoint]) -> 
         if extra:
             raise MergeConfigError(f"model {ckpt.source!r} holds tensor {extra[0]!r}, which "
                                    f"{reference.source!r} lacks.")
-        for name in names:
-            theirs, ours = ckpt.info(name)[0], reference.info(name)[0]
-            if theirs != ours:
+        for name in (n for n in names if n in theirs):
+            theirs_shape, ours = ckpt.info(name)[0], reference.info(name)[0]
+            if theirs_shape != ours:
                 raise MergeConfigError(
-                    f"tensor {name!r}: shape {theirs} in {ckpt.source!r} but {ours} in "
+                    f"tensor {name!r}: shape {theirs_shape} in {ckpt.source!r} but {ours} in "
                     f"{reference.source!r} (a resized vocabulary?); atm_jax does not merge "
                     "tensors of different shapes.")
     return names

@@ -317,3 +317,19 @@ def test_a_merged_checkpoint_gives_the_in_memory_merges_forward_pass(pool, tmp_p
         a = loaded.eval()(input_ids=ids).last_hidden_state.numpy()
         b = reference.eval()(input_ids=ids).last_hidden_state.numpy()
     np.testing.assert_array_equal(a, b)
+
+
+def test_integer_buffers_come_from_the_base_even_when_a_model_lacks_them(tmp_path):
+    ids = np.arange(6, dtype=np.int64).reshape(1, 6)
+    base = {"w": np.zeros(4, np.float32), "position_ids": ids}
+    models = [{"w": np.full(4, 1.0, np.float32)}, {"w": np.full(4, 3.0, np.float32),
+                                                   "position_ids": ids + 1}]
+    config = {"merge_method": "mean", "base_model": str(_write(tmp_path / "base", base)),
+              "models": [{"model": str(_write(tmp_path / f"m{i}", m))} for i, m in enumerate(models)]}
+    got = _read(merge_models.merge_checkpoints(config, tmp_path / "out", progress=False))
+    np.testing.assert_array_equal(got["position_ids"], ids)
+    np.testing.assert_array_equal(got["w"], np.full(4, 2.0, np.float32))
+    with pytest.raises(merge_models.MergeConfigError, match=r"has no tensor 'w'"):
+        merge_models.merge_checkpoints({**config, "models": [
+            {"model": str(_write(tmp_path / "m_empty", {"x": np.zeros(1, np.float32)}))}]},
+            tmp_path / "out2", progress=False)
