@@ -20,11 +20,17 @@ from collections.abc import Callable
 __all__ = ["AtmJaxError", "ConfigError", "SourceUnavailableError", "ChecksumError",
            "TokenizerUnavailableError", "DatasetNotPreparedError", "ImageFolderError",
            "WeightsMismatchError", "UnsafeCheckpointError", "HubUnavailableError",
-           "CheckpointFormatError", "DivergedError", "MissingExtraError", "renamed_keyword"]
+           "CheckpointFormatError", "DivergedError", "MissingExtraError", "MergeConfigError",
+           "renamed_keyword"]
 
 
 class AtmJaxError(Exception):
     """Base of the errors whose message tells the user what to do."""
+
+
+class MergeConfigError(AtmJaxError, ValueError):
+    """A checkpoint merge (`atm_jax.merge_models`) that cannot run as written; the message
+    names the YAML key, the model or the tensor."""
 
 
 class ConfigError(AtmJaxError, ValueError):

@@ -56,7 +56,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["MergeConfig", "read_config", "merge_checkpoints", "main", "MergeConfigError"]
+from atm_jax.errors import MergeConfigError
+from atm_jax.hf_folders import FLOATING, INDEX, Checkpoint, ShardWriter, open_model
+
+__all__ = ["MergeConfig", "read_config", "merge_checkpoints", "main", "MergeConfigError",
+           "Checkpoint", "ShardWriter", "INDEX"]
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source")
 MODEL_KEYS = ("model", "parameters")
@@ -68,14 +72,7 @@ BASELESS = ("linear",)
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
               "vocab.json", "merges.txt", "added_tokens.json", "spiece.model",
               "sentencepiece.bpe.model", "tokenizer.model", "generation_config.json")
-INDEX = "model.safetensors.index.json"
-# safetensors' names of the floating dtypes (the tensors that merge; others are copied).
-FLOATING = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DEFAULT_SHARD_BYTES = 2 << 30
-
-
-class MergeConfigError(ValueError):
-    """A merge YAML that cannot run as written; the message names the key, model or tensor."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,91 +207,6 @@ def _leaf_scope(method: str, hparams: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Reading checkpoints one tensor at a time.
-
-
-class Checkpoint:
-    """A folder of safetensors shards, read tensor by tensor (memory-mapped)."""
-
-    def __init__(self, source: str):
-        from atm_jax.models import hf
-
-        self.source = source
-        self.folder = hf.local_folder(source)
-        self._handles: dict[str, Any] = {}
-        index = self.folder / INDEX
-        if index.is_file():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            shards = sorted(p.name for p in self.folder.glob("*.safetensors"))
-            if not shards:
-                raise FileNotFoundError(f"{source}: no *.safetensors in {self.folder} (pickled "
-                                        ".bin checkpoints are not read; convert them first).")
-            self.weight_map = {name: shard for shard in shards
-                               for name in self._open(shard).keys()}
-
-    def _open(self, shard: str):
-        from safetensors import safe_open
-
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.folder / shard, framework="numpy")
-        return self._handles[shard]
-
-    def names(self) -> list[str]:
-        return list(self.weight_map)
-
-    def info(self, name: str) -> tuple[tuple[int, ...], str]:
-        piece = self._open(self.weight_map[name]).get_slice(name)
-        return tuple(piece.get_shape()), piece.get_dtype()
-
-    def get(self, name: str) -> np.ndarray:
-        return self._open(self.weight_map[name]).get_tensor(name)
-
-
-# ---------------------------------------------------------------------------
-# Writing shards as they fill.
-
-
-class ShardWriter:
-    def __init__(self, folder: pathlib.Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, np.ndarray] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        if self.pending and self.pending_bytes + array.nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = np.ascontiguousarray(array)
-        self.pending_bytes += array.nbytes
-        self.total += array.nbytes
-
-    def _flush(self) -> None:
-        from safetensors.numpy import save_file
-
-        part = self.folder / f"part-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, part, metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
-        count = len(self.shards)
-        if count == 1:
-            (self.folder / "part-00000.safetensors").rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            (self.folder / f"part-{i:05d}.safetensors").rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        (self.folder / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------
 # The merge.
 
 
@@ -338,16 +250,16 @@ def _tensor_key(seed: int, name: str):
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _merge_tensor(config: MergeConfig, name: str, weights: list[np.ndarray],
-                  base: np.ndarray | None) -> np.ndarray:
-    """The merged float32 tensor from the models' (and the base's) float32 tensors."""
+def _merge_tensor(config: MergeConfig, name: str, models: Sequence, base: np.ndarray | None
+                  ) -> np.ndarray:
+    """The merged float32 tensor ``name`` of the models (given the base's, float32)."""
     from atm_jax import merge
 
     w = np.asarray(config.weights, np.float32)
     if config.method == "linear":
-        total = sum(wi * x for wi, x in zip(w, weights))
+        total = sum(wi * m.weights(name, base) for wi, m in zip(w, models))
         return total / w.sum() if config.normalize is not False else total
-    taus = np.stack([x - base for x in weights])
+    taus = np.stack([m.task_vector(name, base) for m in models])
     if config.method == "task_arithmetic":
         total = sum(wi * t for wi, t in zip(w, taus))
         if config.normalize:
@@ -374,10 +286,10 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike | Mapping, out_dir
     out = pathlib.Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
-    models = [Checkpoint(m) for m in config.models]
     base = Checkpoint(config.base) if config.base is not None else None
+    models = [open_model(m, i, base) for i, m in enumerate(config.models)]
     reference = base if base is not None else models[0]
-    names = _check_same_tensors(reference, [m for m in models if m is not reference])
+    names = _check_same_tensors(reference, [m for m in models if isinstance(m, Checkpoint)])
     dtype = _output_dtype(config, reference, names)
 
     floating = {n: reference.info(n)[0] for n in names if reference.info(n)[1] in FLOATING}
@@ -428,7 +340,7 @@ def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoin
 
     def task_vectors(name: str) -> np.ndarray:
         base_t = np.asarray(base.get(name), np.float32)
-        return np.stack([np.asarray(m.get(name), np.float32) - base_t for m in models])
+        return np.stack([m.task_vector(name, base_t) for m in models])
 
     return streamed.StreamedMerge(program, shapes, task_vectors,
                                   key_for=lambda name: _tensor_key(config.seed, name),
@@ -452,8 +364,7 @@ def _write_merged(config, names, floating, models, base, reference, dtype, tmp, 
                 assert delta_name == name, (delta_name, name)
                 merged = base_t + config.scale * delta
             else:
-                merged = _merge_tensor(config, name,
-                                       [np.asarray(m.get(name), np.float32) for m in models], base_t)
+                merged = _merge_tensor(config, name, models, base_t)
             writer.add(name, merged.astype(dtype))
             done_bytes += merged.nbytes * (len(models) + (base is not None))
         bar.update(1)
@@ -505,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         merge_checkpoints(args.config, args.out_dir, overwrite=args.overwrite,
                           max_shard_bytes=_parse_size(args.max_shard_size),
                           progress=not args.no_progress)
-    except (MergeConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # MergeConfigError, bad tensors
         print(f"atm-jax-merge: error: {e}", file=sys.stderr)
         return 2
     print(f"merged into {args.out_dir}")

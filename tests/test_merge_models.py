@@ -333,3 +333,54 @@ def test_integer_buffers_come_from_the_base_even_when_a_model_lacks_them(tmp_pat
         merge_models.merge_checkpoints({**config, "models": [
             {"model": str(_write(tmp_path / "m_empty", {"x": np.zeros(1, np.float32)}))}]},
             tmp_path / "out2", progress=False)
+
+
+def _adapter(folder, modules, rank, alpha, seed):
+    """A PEFT LoRA adapter folder over the pool's BERT; returns {base tensor: dense ΔW}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    tensors, dense = {}, {}
+    for module, (out_dim, in_dim) in modules.items():
+        a = rng.standard_normal((rank, in_dim)).astype(np.float32)
+        b = 0.1 * rng.standard_normal((out_dim, rank)).astype(np.float32)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+        dense[f"{module}.weight"] = (alpha / rank) * (b.astype(np.float64) @ a.astype(np.float64))
+    safetensors_numpy.save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["query", "value"],
+         "base_model_name_or_path": "tiny-bert"}))
+    return dense
+
+
+def test_lora_adapters_merge_as_their_dense_task_vectors(pool, tmp_path):
+    root, base, models = pool
+    modules = {"encoder.layer.0.attention.self.query": (16, 16),
+               "encoder.layer.1.attention.self.value": (16, 16)}
+    dense = [_adapter(tmp_path / f"lora{i}", modules, rank=2, alpha=8, seed=i) for i in range(2)]
+    config = {"merge_method": "task_arithmetic", "base_model": str(root / "base"),
+              "models": [{"model": str(tmp_path / "lora0")}, {"model": str(tmp_path / "lora1")},
+                         {"model": str(root / "ft0")}], "parameters": {"lambda": 0.5}}
+    got = _read(merge_models.merge_checkpoints(config, tmp_path / "out", progress=False))
+    for name, b in base.items():
+        if b.dtype.kind != "f":
+            continue
+        tau = sum(d.get(name, 0.0) for d in dense) + (models[0][name].astype(np.float64) - b)
+        want = b.astype(np.float64) + 0.5 * tau
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=4e-7 * np.abs(want).max(),
+                                   err_msg=name)
+    # Whole-model TIES over adapters: equal to the in-memory merge of the dense vectors.
+    config = {**config, "merge_method": "ties", "parameters": {"density": 0.3, "scope": "model"}}
+    got = _read(merge_models.merge_checkpoints(config, tmp_path / "ties", progress=False))
+    dense_models = [{n: (b + d[n]).astype(np.float32) if n in d else b for n, b in base.items()}
+                    for d in dense]
+    want = _in_memory(base, [*dense_models, models[0]], "ties", density=0.3, scope="model")
+    for name in modules:
+        name = f"{name}.weight"
+        # The reference's task vectors are (θ + ΔW) − θ in float32: one rounding each.
+        np.testing.assert_allclose(got[name], want[name], rtol=0,
+                                   atol=2.4e-7 * np.abs(want[name]).max(), err_msg=name)
+    with pytest.raises(merge_models.MergeConfigError, match=r"models\[0\]: .*lora0 is a LoRA "
+                       r"adapter; give base_model.*\(tiny-bert, says"):
+        merge_models.merge_checkpoints({**config, "merge_method": "linear", "base_model": None,
+                                        "parameters": {}}, tmp_path / "bad", progress=False)

@@ -53,7 +53,7 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Fetched from the hub: config and weights only (never tokenizer or pickles unasked).
-HUB_PATTERNS = ("config.json", "*.safetensors", SAFETENSORS_INDEX)
+HUB_PATTERNS = ("config.json", "*.safetensors", SAFETENSORS_INDEX, "adapter_config.json")
 HUB_PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 # Tensors HF keeps as buffers (older checkpoints saved them); never weights.
 BUFFER_SUFFIXES = ("position_ids", "token_type_ids")
