@@ -35,7 +35,9 @@ mergekit's methods:
 
 Every other name is a registry merge with its own hyperparameters under ``parameters``
 (``dare``/``dare_ties`` also take mergekit's ``density``, the kept fraction ``1 − p``);
-``weight`` must be 1 for them. DARE's random draws derive from each tensor's name and
+``weight`` must be 1 for them; mergekit's ``normalize`` there picks ``aggregate``
+(true: ``mean``, false: ``sum``; the registry's default is ``mean``, where mergekit's
+dare_ties defaults to false). DARE's random draws derive from each tensor's name and
 ``seed``, so they do not depend on the order tensors are read in.
 """
 
@@ -160,8 +162,17 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
                                    "weights (set them to 1); scale the merge with lambda, or "
                                    "use linear / task_arithmetic for weighted sums.")
         if normalize is not None:
-            raise MergeConfigError(f"parameters.normalize applies to linear and task_arithmetic, "
-                                   f"not to {method}.")
+            # mergekit's normalize divides by the agreeing weights: aggregate mean vs sum.
+            if "aggregate" not in merge.info(method).defaults:
+                raise MergeConfigError(f"parameters.normalize: {method} has no normalize (it "
+                                       "applies to linear, task_arithmetic and the merges with "
+                                       "an aggregate).")
+            aggregate = "mean" if normalize else "sum"
+            if hparams.get("aggregate", aggregate) != aggregate:
+                raise MergeConfigError(f"parameters: normalize={normalize} means aggregate="
+                                       f"{aggregate!r}, but aggregate={hparams['aggregate']!r} "
+                                       "is given too; give one of them.")
+            hparams["aggregate"] = aggregate
         if method in ("dare", "dare_ties") and "density" in hparams:
             if "p" in hparams:
                 raise MergeConfigError("parameters: give density (mergekit's kept fraction) or "

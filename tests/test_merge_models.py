@@ -185,6 +185,9 @@ def test_an_interrupted_merge_leaves_nothing_behind(pool, tmp_path, monkeypatch)
     (lambda c: c["models"][1].update(parameters={"weight": 2.0}), r"takes no per-model weights"),
     (lambda c: c.update(parameters={"density": 1.5}), r"density"),
     (lambda c: c.update(dtype="int8"), r"dtype='int8'"),
+    (lambda c: c.update(parameters={"normalize": False, "aggregate": "mean"}),
+     r"normalize=False means aggregate='sum'"),
+    (lambda c: c.update(merge_method="tsv", parameters={"normalize": True}), r"tsv has no normalize"),
 ])
 def test_bad_configs_are_refused_naming_the_key(pool, edit, message):
     root, _, _ = pool
