@@ -105,6 +105,9 @@ def open_model(source: str, index: int, base: Checkpoint | None):
 
 
 class ShardWriter:
+    """Tensors appended to part files of at most ``max_bytes`` in ``folder``; ``close``
+    names them as transformers expects and writes the index."""
+
     def __init__(self, folder: pathlib.Path, max_bytes: int):
         self.folder, self.max_bytes = folder, max_bytes
         self.pending: dict[str, np.ndarray] = {}
@@ -126,6 +129,26 @@ class ShardWriter:
         save_file(self.pending, part, metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
+
+    def patch(self, fixes: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Sets entries of tensors already added, ``{name: (flat indices, values)}``, before
+        ``close``: in memory if still pending, else by rewriting the part files holding them."""
+        from safetensors.numpy import load_file, save_file
+
+        for name, (index, values) in fixes.items():
+            if name in self.pending:
+                self.pending[name].reshape(-1)[index] = values
+        for i, names in enumerate(self.shards):
+            if not any(n in fixes for n in names):
+                continue
+            part = self.folder / f"part-{i:05d}.safetensors"
+            tensors = {n: np.array(a) for n, a in load_file(part).items()}
+            for name in names:
+                if name in fixes:
+                    tensors[name].reshape(-1)[fixes[name][0]] = fixes[name][1]
+            fresh = part.with_suffix(".patched")
+            save_file(tensors, fresh, metadata={"format": "pt"})
+            fresh.replace(part)
 
     def close(self) -> None:
         if self.pending or not self.shards:

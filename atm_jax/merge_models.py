@@ -315,13 +315,8 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike | Mapping, out_dir
             bar = _progress(len(floating) * streamed.passes(), progress, "thresholds")
             streamed.count(lambda name: bar.update(1))
             bar.close()
-        for zero_positive in (True, False):
-            _write_merged(config, names, floating, models, base, reference, dtype, tmp,
-                          max_shard_bytes, progress, streamed, zero_positive)
-            if not zero_positive or streamed is None or not streamed.rerun_negative:
-                break
-            for stale in tmp.iterdir():  # the model-wide zero-mass rule chose "-": again
-                stale.unlink()
+        _write_merged(config, names, floating, models, base, reference, dtype, tmp,
+                      max_shard_bytes, progress, streamed)
         _side_files(reference.folder, tmp, dtype)
         _readme(tmp, config, __version__)
         if out.exists():
@@ -359,11 +354,12 @@ def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoin
 
 
 def _write_merged(config, names, floating, models, base, reference, dtype, tmp, max_shard_bytes,
-                  progress, streamed, zero_positive) -> None:
+                  progress, streamed) -> None:
     """The merge pass: every tensor merged (or copied) and written to shards in ``tmp``."""
     writer = ShardWriter(tmp, max_shard_bytes)
     bar = _progress(len(names), progress, "merging")
-    deltas = streamed.deltas(zero_positive=zero_positive) if streamed is not None else None
+    deltas = streamed.deltas() if streamed is not None else None
+    fixes = {}  # the zero-mass entries' values on the "-" side, as written
     start, done_bytes = time.perf_counter(), 0
     for name in names:
         if name not in floating:  # integer buffers: the reference's
@@ -374,6 +370,10 @@ def _write_merged(config, names, floating, models, base, reference, dtype, tmp, 
                 delta_name, delta = next(deltas)
                 assert delta_name == name, (delta_name, name)
                 merged = base_t + config.scale * delta
+                if name in streamed.alternatives:
+                    index, other = streamed.alternatives[name]
+                    fixes[name] = (index, (base_t.reshape(-1)[index] + config.scale * other
+                                           ).astype(dtype))
             else:
                 merged = _merge_tensor(config, name, models, base_t)
             writer.add(name, merged.astype(dtype))
@@ -382,6 +382,8 @@ def _write_merged(config, names, floating, models, base, reference, dtype, tmp, 
         bar.set_postfix_str(f"{done_bytes / 2**30:.2f} GiB read as float32, "
                             f"{time.perf_counter() - start:.0f} s")
     bar.close()
+    if streamed is not None and streamed.negative_side:
+        writer.patch(fixes)
     writer.close()
 
 
@@ -423,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="largest output shard, e.g. 500MB or 5GB (default 2GB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    _compilation_cache()
     try:
         merge_checkpoints(args.config, args.out_dir, overwrite=args.overwrite,
                           max_shard_bytes=_parse_size(args.max_shard_size),
@@ -432,6 +435,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"merged into {args.out_dir}")
     return 0
+
+
+def _compilation_cache() -> None:
+    """Keeps the merge programs XLA compiles (a few per method) in the local cache, so a
+    second merge starts at once; a ``JAX_COMPILATION_CACHE_DIR`` the user set wins."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    from atm_jax import files
+
+    jax.config.update("jax_compilation_cache_dir", str(files.cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _parse_size(text: str) -> int:

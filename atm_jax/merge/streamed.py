@@ -12,12 +12,14 @@ once (the registry function on the whole tree) bit for bit:
   the tensors before the merge pass; memory independent of the model's size).
 * TIES' zero-mass rule: entries whose trimmed values cancel exactly take the sign
   of the model-wide sum of elected signs. The merge pass assumes "+" and counts the
-  signs as it goes; in the rare case that the count says "-", the caller runs the
-  merge pass again with ``zero_positive=False`` (as the in-memory merge reruns its
-  program).
+  signs as it goes. For the few tensors holding such entries it also merges them on
+  the "-" side and keeps the entries that differ (``alternatives``); when the count
+  says "-" (:attr:`StreamedMerge.negative_side`), the caller writes those entries
+  instead, which gives what the in-memory merge's second run of its program gives.
 
-DARE's random draws come from ``key_for(name)``, so they do not depend on the order
-the tensors are read in (the in-memory merge derives them from the leaf index).
+DARE's random draws come from ``key_for(name)`` (folded with the chunk index, see
+``CHUNK``), so they do not depend on the order the tensors are read in (the in-memory
+merge derives them from the leaf index).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ import numpy as np
 from atm_jax import select
 from atm_jax.merge import sparsify
 
-__all__ = ["StreamedMerge"]
+__all__ = ["StreamedMerge", "CHUNK"]
+
+# Entries per jitted merge call: a tensor is merged in chunks of this many entries (the
+# last one padded to a power of two), so a model compiles a handful of programs
+# whatever its shapes. The merge is elementwise, so chunking changes no value; DARE's
+# draws come from the tensor's key folded with the chunk index.
+CHUNK = 1 << 18
 
 
 class StreamedMerge:
@@ -55,6 +63,8 @@ class StreamedMerge:
         self.task_vectors, self.key_for, self.sources = task_vectors, key_for, list(sources)
         self.model_thresholds = None  # [T, m] float32 when program.whole_model
         self.ambiguous = self.balance = 0
+        # name -> (flat indices, values): the entries that differ on the "-" side.
+        self.alternatives: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- the two counting passes -------------------------------------------
 
@@ -91,10 +101,12 @@ class StreamedMerge:
 
     # -- the merge pass ----------------------------------------------------
 
-    def deltas(self, *, zero_positive: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-        """``(name, merged delta)`` per tensor, float32, in ``names`` order."""
+    def deltas(self) -> Iterator[tuple[str, np.ndarray]]:
+        """``(name, merged delta)`` per tensor, float32, in ``names`` order, with zero-mass
+        entries on the "+" side (see ``alternatives`` and ``negative_side``)."""
         program = self.program
         self.ambiguous = self.balance = 0
+        self.alternatives = {}
         for name in self.names:
             taus = self.task_vectors(name)
             lo = hi = None
@@ -112,22 +124,48 @@ class StreamedMerge:
                     hi, lo = [thr[:, 0]], [thr[:, 1]]
                 else:
                     lo = [thr[:, 0]]
-            keys = [self.key_for(name)] if program.p is not None else None
-            outs, codes = sparsify.merge_leaves([jnp.asarray(taus)], program, lo, hi, keys,
-                                                zero_positive)
-            merged = np.asarray(outs[0])
+            key = self.key_for(name) if program.p is not None else None
+            merged = np.empty(taus.shape[1:], np.float32)
+            flat = taus.reshape(taus.shape[0], -1)
+            for start in range(0, flat.shape[1], CHUNK):
+                piece = self._merge_piece(name, flat[:, start:start + CHUNK], lo, hi,
+                                          None if key is None else jax.random.fold_in(key, start // CHUNK),
+                                          start)
+                merged.reshape(-1)[start:start + CHUNK] = piece
             if not np.isfinite(merged).all():
                 self._raise_nonfinite(name, taus)
-            if codes is not None:
-                ambiguous, balance = sparsify.sign_counts(codes[0])
-                self.ambiguous += ambiguous
-                self.balance += balance
             yield name, merged
 
+    def _merge_piece(self, name, x, lo, hi, key, offset) -> np.ndarray:
+        """One chunk ``[T, n]`` of a tensor merged, padded with zeros to a power of two so
+        that few programs compile (zero task vectors merge to 0 and elect no sign); counts
+        its signs and keeps its entries that differ on the "-" side."""
+        n = x.shape[1]
+        width = max(1 << 12, 1 << (n - 1).bit_length())
+        if width != n:
+            x = np.concatenate([x, np.zeros((x.shape[0], width - n), x.dtype)], axis=1)
+        x = jnp.asarray(x)
+        keys = None if key is None else [key]
+        outs, codes = sparsify.merge_leaves([x], self.program, lo, hi, keys, True)
+        merged = np.asarray(outs[0])[:n]
+        if codes is not None:
+            ambiguous, balance = sparsify.sign_counts(codes[0])
+            self.ambiguous += ambiguous
+            self.balance += balance
+            if ambiguous:
+                other = np.asarray(sparsify.merge_leaves([x], self.program, lo, hi, keys,
+                                                         False)[0][0])[:n]
+                index = np.flatnonzero(other != merged)
+                old_index, old_values = self.alternatives.get(name, (np.zeros(0, np.int64),
+                                                                     np.zeros(0, np.float32)))
+                self.alternatives[name] = (np.concatenate([old_index, index + offset]),
+                                           np.concatenate([old_values, other[index]]))
+        return merged
+
     @property
-    def rerun_negative(self) -> bool:
-        """After a full merge pass with ``zero_positive=True``: whether the model-wide
-        zero-mass rule asks for the negative side, so the pass must run again."""
+    def negative_side(self) -> bool:
+        """After the merge pass: whether the model-wide zero-mass rule takes the "-" side,
+        so the ``alternatives`` replace those entries."""
         return self.program.elect and sparsify.needs_negative(self.ambiguous, self.balance)
 
     def _raise_nonfinite(self, name: str, taus: np.ndarray) -> None:
