@@ -11,29 +11,49 @@ expects (``model-0000i-of-0000n.safetensors`` + the index, or ``model.safetensor
 from __future__ import annotations
 
 import json
+import mmap
 import pathlib
-from typing import Any
+import struct
 
 import numpy as np
 
 from atm_jax.errors import MergeConfigError
 
-__all__ = ["Checkpoint", "AdapterModel", "ShardWriter", "open_model", "INDEX", "FLOATING"]
+__all__ = ["Checkpoint", "AdapterModel", "ShardWriter", "open_model", "local_folder",
+           "numpy_dtype", "INDEX", "FLOATING"]
 
 INDEX = "model.safetensors.index.json"
 # safetensors' names of the floating dtypes (the tensors that merge; others are copied).
 FLOATING = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# The safetensors dtypes read as NumPy views (others go through safetensors' reader).
+_NUMPY = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+          "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+          "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
+
+
+def numpy_dtype(code: str) -> np.dtype | None:
+    """NumPy's dtype for a safetensors dtype code, or None; bfloat16 through ml_dtypes,
+    imported only when a checkpoint holds it (importing it costs ≈0.6 s)."""
+    if code == "BF16" and code not in _NUMPY:
+        import ml_dtypes
+
+        _NUMPY[code] = np.dtype(ml_dtypes.bfloat16)
+    return _NUMPY.get(code)
 
 
 class Checkpoint:
-    """A folder of safetensors shards, read tensor by tensor (memory-mapped)."""
+    """A folder of safetensors shards, read tensor by tensor.
+
+    Each shard is memory-mapped once; ``get`` returns a read-only NumPy view of a
+    tensor's bytes in the page cache (no copy), read from the shard's header layout
+    (8-byte length, JSON header, data); dtypes NumPy cannot view go through
+    safetensors' own reader.
+    """
 
     def __init__(self, source: str):
-        from atm_jax.models import hf
-
         self.source = source
-        self.folder = hf.local_folder(source)
-        self._handles: dict[str, Any] = {}
+        self.folder = local_folder(source)
+        self._shards: dict[str, tuple[dict, mmap.mmap, int]] = {}
         index = self.folder / INDEX
         if index.is_file():
             self.weight_map = json.loads(index.read_text())["weight_map"]
@@ -43,32 +63,58 @@ class Checkpoint:
                 raise FileNotFoundError(f"{source}: no *.safetensors in {self.folder} (pickled "
                                         ".bin checkpoints are not read; convert them first).")
             self.weight_map = {name: shard for shard in shards
-                               for name in self._open(shard).keys()}
+                               for name in self._layout(shard)[0] if name != "__metadata__"}
 
-    def _open(self, shard: str):
-        from safetensors import safe_open
-
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.folder / shard, framework="numpy")
-        return self._handles[shard]
+    def _layout(self, shard: str) -> tuple[dict, mmap.mmap, int]:
+        """(header, memory map, offset of the data) of one shard."""
+        if shard not in self._shards:
+            path = self.folder / shard
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) \
+                    if path.stat().st_size > 8 + size else None
+            if mapped is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
+                mapped.madvise(mmap.MADV_SEQUENTIAL)  # tensors are read front to back
+            self._shards[shard] = (header, mapped, 8 + size)
+        return self._shards[shard]
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
-        piece = self._open(self.weight_map[name]).get_slice(name)
-        return tuple(piece.get_shape()), piece.get_dtype()
+        entry = self._layout(self.weight_map[name])[0][name]
+        return tuple(entry["shape"]), entry["dtype"]
 
     def get(self, name: str) -> np.ndarray:
-        return self._open(self.weight_map[name]).get_tensor(name)
+        """The tensor, a read-only view of the mapped file where NumPy can view its dtype."""
+        shard = self.weight_map[name]
+        header, mapped, data = self._layout(shard)
+        entry = header[name]
+        dtype = numpy_dtype(entry["dtype"])
+        start, end = entry["data_offsets"]
+        if dtype is None or mapped is None:
+            from safetensors import safe_open
+
+            with safe_open(self.folder / shard, framework="numpy") as f:
+                return f.get_tensor(name)
+        return np.frombuffer(mapped, dtype, (end - start) // dtype.itemsize,
+                             data + start).reshape(entry["shape"])
 
     def weights(self, name: str, base: np.ndarray | None) -> np.ndarray:
         """The tensor as float32 (``base``: the base's, unused here)."""
         return np.asarray(self.get(name), np.float32)
 
-    def task_vector(self, name: str, base: np.ndarray) -> np.ndarray:
-        """``θ − θ_base`` of one tensor, float32."""
-        return np.asarray(self.get(name), np.float32) - base
+    def task_vector(self, name: str, base: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``θ − θ_base`` of one tensor, float32 (written into ``out`` if given)."""
+        x = self.get(name)
+        if x.dtype == np.float32:
+            return np.subtract(x, base, out=out)
+        if out is None:
+            out = np.empty(x.shape, np.float32)
+        out[...] = x
+        out -= base
+        return out
 
 
 class AdapterModel:
@@ -85,16 +131,30 @@ class AdapterModel:
     def weights(self, name: str, base: np.ndarray) -> np.ndarray:
         return base + self.adapter.task_vector(name, base)
 
-    def task_vector(self, name: str, base: np.ndarray) -> np.ndarray:
-        return self.adapter.task_vector(name, base)
+    def task_vector(self, name: str, base: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        tau = self.adapter.task_vector(name, base)
+        if out is None:
+            return tau
+        out[...] = tau
+        return out
+
+
+def local_folder(source: str) -> pathlib.Path:
+    """A local folder as it is, else `atm_jax.models.hf.local_folder` (hub ids; it imports
+    JAX, which a weighted average of local checkpoints never needs)."""
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from atm_jax.models import hf
+
+    return hf.local_folder(source)
 
 
 def open_model(source: str, index: int, base: Checkpoint | None):
     """``models[index]`` of a merge: a checkpoint folder, or a LoRA adapter over ``base``."""
     from atm_jax import lora
-    from atm_jax.models import hf
 
-    if not lora.is_adapter(hf.local_folder(source)):
+    if not lora.is_adapter(local_folder(source)):
         return Checkpoint(source)
     if base is None:
         hint = lora.Adapter(source).base_model

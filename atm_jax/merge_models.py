@@ -55,11 +55,10 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from atm_jax.errors import MergeConfigError
-from atm_jax.hf_folders import FLOATING, INDEX, Checkpoint, ShardWriter, open_model
+from atm_jax.hf_folders import FLOATING, INDEX, Checkpoint, ShardWriter, numpy_dtype, open_model
 
 __all__ = ["MergeConfig", "read_config", "merge_checkpoints", "main", "MergeConfigError",
            "Checkpoint", "ShardWriter", "INDEX"]
@@ -105,8 +104,6 @@ def _refuse_unknown(where: str, given: Mapping, allowed: Sequence[str]) -> None:
 
 def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
     """Parses and checks a mergekit-style merge YAML (a path or the loaded mapping)."""
-    from atm_jax import merge
-
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
@@ -119,7 +116,9 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
                                    f"models, got {type(raw).__name__}.")
     _refuse_unknown("the merge config", raw, TOP_KEYS)
     method = raw.get("merge_method")
-    names = (*MERGEKIT_ONLY, *merge.names())
+    if method not in MERGEKIT_ONLY:  # the registry imports JAX: only when a merge needs it
+        from atm_jax import merge
+    names = MERGEKIT_ONLY if method in MERGEKIT_ONLY else (*MERGEKIT_ONLY, *merge.names())
     if method not in names:
         raise MergeConfigError(f"merge_method={method!r} is not a data-free merge we know; "
                                f"choose one of {', '.join(names)}.")
@@ -222,12 +221,11 @@ def _leaf_scope(method: str, hparams: dict) -> dict:
 
 
 def _output_dtype(config: MergeConfig, reference: Checkpoint, names: Sequence[str]) -> np.dtype:
-    numpy_dtypes = {"float64": np.float64, "float32": np.float32, "float16": np.float16,
-                    "bfloat16": ml_dtypes.bfloat16}
+    codes = {name: code for code, name in FLOATING.items()}  # "bfloat16" -> "BF16", ...
     if config.dtype is not None:
-        return np.dtype(numpy_dtypes[config.dtype])
+        return numpy_dtype(codes[config.dtype])
     kinds = (reference.info(name)[1] for name in names)
-    return np.dtype(numpy_dtypes[FLOATING[next((k for k in kinds if k in FLOATING), "F32")]])
+    return numpy_dtype(next((k for k in kinds if k in FLOATING), "F32"))
 
 
 def _check_same_tensors(reference: Checkpoint, others: Sequence[Checkpoint]) -> list[str]:
@@ -264,18 +262,30 @@ def _tensor_key(seed: int, name: str):
 def _merge_tensor(config: MergeConfig, name: str, models: Sequence, base: np.ndarray | None
                   ) -> np.ndarray:
     """The merged float32 tensor ``name`` of the models (given the base's, float32)."""
+    w = np.asarray(config.weights, np.float32)
+    if config.method in MERGEKIT_ONLY:  # weighted sums, in place: one buffer per tensor
+        shape = models[0].info(name)[0] if base is None else base.shape
+        total, buf = np.zeros(shape, np.float32), np.empty(shape, np.float32)
+        for wi, m in zip(w, models):
+            if config.method == "linear":
+                buf[...] = m.weights(name, base)
+            else:
+                m.task_vector(name, base, out=buf)
+            if wi != 1:
+                buf *= wi
+            total += buf
+        if config.method == "linear":
+            return total / w.sum() if config.normalize is not False else total
+        if config.normalize:
+            total /= w.sum()
+        total *= np.float32(config.scale)
+        total += base
+        return total
+    taus = np.empty((len(models), *base.shape), np.float32)
+    for i, m in enumerate(models):
+        m.task_vector(name, base, out=taus[i])
     from atm_jax import merge
 
-    w = np.asarray(config.weights, np.float32)
-    if config.method == "linear":
-        total = sum(wi * m.weights(name, base) for wi, m in zip(w, models))
-        return total / w.sum() if config.normalize is not False else total
-    taus = np.stack([m.task_vector(name, base) for m in models])
-    if config.method == "task_arithmetic":
-        total = sum(wi * t for wi, t in zip(w, taus))
-        if config.normalize:
-            total = total / w.sum()
-        return base + config.scale * total
     tree = {name: taus}
     extra = {"base": {name: base}} if config.method == "slerp" else {}
     fn = merge.get(config.method)
@@ -335,6 +345,8 @@ def merge_checkpoints(config: MergeConfig | str | os.PathLike | Mapping, out_dir
 def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoint | None,
               shapes: Mapping[str, tuple[int, ...]]):
     """The out-of-core driver of a sparsify x consensus merge (None for other methods)."""
+    if config.method in MERGEKIT_ONLY or base is None:
+        return None
     from atm_jax import merge
     from atm_jax.merge import sparsify, streamed
 
@@ -346,7 +358,10 @@ def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoin
 
     def task_vectors(name: str) -> np.ndarray:
         base_t = np.asarray(base.get(name), np.float32)
-        return np.stack([m.task_vector(name, base_t) for m in models])
+        out = np.empty((len(models), *base_t.shape), np.float32)
+        for i, m in enumerate(models):
+            m.task_vector(name, base_t, out=out[i])
+        return out
 
     return streamed.StreamedMerge(program, shapes, task_vectors,
                                   key_for=lambda name: _tensor_key(config.seed, name),
@@ -439,15 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _compilation_cache() -> None:
     """Keeps the merge programs XLA compiles (a few per method) in the local cache, so a
-    second merge starts at once; a ``JAX_COMPILATION_CACHE_DIR`` the user set wins."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    import jax
-
+    second merge starts at once; a ``JAX_COMPILATION_CACHE_DIR`` the user set wins. Set
+    through the environment, which JAX reads when (and only if) a merge imports it."""
     from atm_jax import files
 
-    jax.config.update("jax_compilation_cache_dir", str(files.cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(files.cache_dir() / "xla")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def _parse_size(text: str) -> int:
