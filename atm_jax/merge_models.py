@@ -253,6 +253,11 @@ def _check_same_tensors(reference: Checkpoint, others: Sequence[Checkpoint]) -> 
     return names
 
 
+def _tensor_seed(seed: int, name: str) -> int:
+    """A tensor's seed for the streamed merges' DARE draws: ``seed`` and its name's CRC-32."""
+    return (seed << 32) | zlib.crc32(name.encode())
+
+
 def _tensor_key(seed: int, name: str):
     import jax
 
@@ -356,15 +361,24 @@ def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoin
                if k in merge.info(config.method).defaults or k == "method"}
     program = sparsify.program(config.method, **hparams)
 
+    # One buffer for every tensor's task vectors (the largest so far): fresh pages of a
+    # new array per tensor cost a page fault each. The driver is done with a tensor's
+    # task vectors before it asks for the next tensor's.
+    buffer = np.empty(0, np.float32)
+
     def task_vectors(name: str) -> np.ndarray:
+        nonlocal buffer
         base_t = np.asarray(base.get(name), np.float32)
-        out = np.empty((len(models), *base_t.shape), np.float32)
+        size = len(models) * base_t.size
+        if buffer.size < size:
+            buffer = np.empty(size, np.float32)
+        out = buffer[:size].reshape(len(models), *base_t.shape)
         for i, m in enumerate(models):
             m.task_vector(name, base_t, out=out[i])
         return out
 
     return streamed.StreamedMerge(program, shapes, task_vectors,
-                                  key_for=lambda name: _tensor_key(config.seed, name),
+                                  seed_for=lambda name: _tensor_seed(config.seed, name),
                                   sources=[m.source for m in models])
 
 

@@ -121,13 +121,16 @@ def compare(ours: pathlib.Path, theirs: pathlib.Path, base: pathlib.Path | None,
         return {"note": f"tensor sets differ: {sorted(set(a) ^ set(b))[:3]}"}
     floating = [n for n in a if a[n].dtype.kind in "fV" or str(a[n].dtype) == "bfloat16"]
     if not stochastic:
-        worst, where = 0.0, ""
+        worst, where, differ, size = 0.0, "", 0, 0
         for n in floating:
             x, y = a[n].astype(np.float64), b[n].astype(np.float64)
-            rel = float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30))
+            scale = max(np.abs(y).max(), 1e-30)
+            rel = float(np.abs(x - y).max() / scale)
+            differ += int(np.count_nonzero(np.abs(x - y) > 1e-6 * scale))
+            size += x.size
             if rel > worst:
                 worst, where = rel, n
-        return {"max_rel": worst, "worst_tensor": where}
+        return {"max_rel": worst, "worst_tensor": where, "differ": differ, "size": size}
     ref = load_folder(base)
     changed = {k: [] for k in ("ours", "theirs")}
     norms = {k: 0.0 for k in ("ours", "theirs")}
@@ -282,6 +285,8 @@ def main() -> None:
         d = r["diff"]
         if "max_rel" in d:
             agree = f"max rel \\|Δ\\| {d['max_rel']:.1e}"
+            if d["differ"]:
+                agree += f"; {d['differ']} of {d['size']} entries > 1e-6"
         elif "norm_ratio" in d:
             agree = (f"changed {d['changed_ours']:.3f} vs {d['changed_theirs']:.3f}, "
                      f"‖δ‖ ratio {d['norm_ratio']:.3f}")

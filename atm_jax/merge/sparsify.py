@@ -84,6 +84,7 @@ them only to compare with their numbers:
 from __future__ import annotations
 
 import builtins
+import functools
 import math
 from functools import partial
 from typing import Any
@@ -268,9 +269,15 @@ def merge_leaves(leaves, program: Program, lo, hi, keys, zero_positive: bool):
     compute them: callers that stream a model leaf by leaf (`atm_jax.merge_models`)
     get the same values bit for bit.
     """
-    p_arr = jnp.float32(program.p if program.p is not None else 0.0)
-    return _merge(leaves, lo, hi, keys, p_arr, jnp.bool_(zero_positive),
-                  _task_scale(leaves[0].shape[0]), **program.static())
+    p_arr, side, scale = _constants(program.p, bool(zero_positive), leaves[0].shape[0])
+    return _merge(leaves, lo, hi, keys, p_arr, side, scale, **program.static())
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(p, zero_positive: bool, num_tasks: int):
+    """The program's scalar arguments, made once: a streamed model calls it per chunk."""
+    return (jnp.float32(p if p is not None else 0.0), jnp.bool_(zero_positive),
+            _task_scale(num_tasks))
 
 
 def sign_counts(code) -> tuple[int, int]:

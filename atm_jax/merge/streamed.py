@@ -17,16 +17,21 @@ once (the registry function on the whole tree) bit for bit:
   says "-" (:attr:`StreamedMerge.negative_side`), the caller writes those entries
   instead, which gives what the in-memory merge's second run of its program gives.
 
-DARE's random draws come from ``key_for(name)`` (folded with the chunk index, see
-``CHUNK``), so they do not depend on the order the tensors are read in (the in-memory
-merge derives them from the leaf index).
+DARE's masks are drawn here, in NumPy (PCG64 seeded with ``seed_for(name)`` and the
+chunk index, see ``CHUNK``): a keep draw is ``uniform < 1 − p`` and kept entries are
+divided by ``1 − p``, as in `atm_jax.merge.sparsify`, but faster than JAX's threefry
+on CPU, where DARE is bound by its random numbers
+(benchmarks/results/merge_models_bench_*.md). The draws do not depend
+on the order the tensors are read in; they are not those of the in-memory
+``merge.dare`` (JAX keys folded by leaf index).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,7 +43,7 @@ __all__ = ["StreamedMerge", "CHUNK"]
 # Entries per jitted merge call: a tensor is merged in chunks of this many entries (the
 # last one padded to a power of two), so a model compiles a handful of programs
 # whatever its shapes. The merge is elementwise, so chunking changes no value; DARE's
-# draws come from the tensor's key folded with the chunk index.
+# draws are seeded with the tensor's seed and the chunk index.
 CHUNK = 1 << 18
 
 
@@ -50,17 +55,21 @@ class StreamedMerge:
       shapes: ``name -> shape`` of the tensors that merge (one task's), in the order
         they are written.
       task_vectors: ``name -> [T, ...] float32`` task vectors of one tensor.
-      key_for: ``name -> PRNG key`` (DARE's draws); unused by deterministic merges.
+      seed_for: ``name -> non-negative int`` seeding DARE's draws of that tensor; unused by
+        deterministic merges.
       sources: a name per task, for error messages.
     """
 
     def __init__(self, program: sparsify.Program, shapes: Mapping[str, Sequence[int]],
                  task_vectors: Callable[[str], np.ndarray], *,
-                 key_for: Callable[[str], jax.Array] | None = None, sources: Sequence[str] = ()):
+                 seed_for: Callable[[str], int] | None = None, sources: Sequence[str] = ()):
         self.program, self.names = program, list(shapes)
         # Entries per task over all tensors: the n of a whole-model threshold.
         self.entries = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes.values())
-        self.task_vectors, self.key_for, self.sources = task_vectors, key_for, list(sources)
+        self.task_vectors, self.seed_for, self.sources = task_vectors, seed_for, list(sources)
+        # DARE's drop happens in _merge_piece; the program then elects and aggregates.
+        self._consensus = dataclasses.replace(program, p=None)
+        self._pool = ThreadPoolExecutor(2) if program.p is not None else None
         self.model_thresholds = None  # [T, m] float32 when program.whole_model
         self.ambiguous = self.balance = 0
         # name -> (flat indices, values): the entries that differ on the "-" side.
@@ -124,19 +133,35 @@ class StreamedMerge:
                     hi, lo = [thr[:, 0]], [thr[:, 1]]
                 else:
                     lo = [thr[:, 0]]
-            key = self.key_for(name) if program.p is not None else None
+            seed = self.seed_for(name) if program.p is not None else None
             merged = np.empty(taus.shape[1:], np.float32)
             flat = taus.reshape(taus.shape[0], -1)
             for start in range(0, flat.shape[1], CHUNK):
-                piece = self._merge_piece(name, flat[:, start:start + CHUNK], lo, hi,
-                                          None if key is None else jax.random.fold_in(key, start // CHUNK),
-                                          start)
-                merged.reshape(-1)[start:start + CHUNK] = piece
+                piece = flat[:, start:start + CHUNK]
+                if seed is not None:
+                    piece = self._drop(piece, [seed, start // CHUNK])
+                merged.reshape(-1)[start:start + CHUNK] = self._merge_piece(name, piece, lo, hi,
+                                                                            start)
             if not np.isfinite(merged).all():
                 self._raise_nonfinite(name, taus)
             yield name, merged
 
-    def _merge_piece(self, name, x, lo, hi, key, offset) -> np.ndarray:
+    def _drop(self, x: np.ndarray, seed: list[int]) -> np.ndarray:
+        """DARE on a chunk ``[T, n]``: each entry kept with probability ``1 − p`` and divided
+        by it. Task ``t`` draws from PCG64 seeded with ``seed + [t]``; the tasks run on two
+        threads (NumPy releases the GIL), which changes no draw."""
+        keep_prob = np.float32(1) - np.float32(self.program.p)
+        out = np.empty(x.shape, np.float32)
+
+        def one(t: int) -> None:
+            uniform = np.random.default_rng([*seed, t]).random(x.shape[1], dtype=np.float32)
+            np.divide(x[t], keep_prob, out=out[t])
+            out[t] *= uniform < keep_prob
+
+        list(self._pool.map(one, range(x.shape[0])))
+        return out
+
+    def _merge_piece(self, name, x, lo, hi, offset) -> np.ndarray:
         """One chunk ``[T, n]`` of a tensor merged, padded with zeros to a power of two so
         that few programs compile (zero task vectors merge to 0 and elect no sign); counts
         its signs and keeps its entries that differ on the "-" side."""
@@ -145,15 +170,14 @@ class StreamedMerge:
         if width != n:
             x = np.concatenate([x, np.zeros((x.shape[0], width - n), x.dtype)], axis=1)
         x = jnp.asarray(x)
-        keys = None if key is None else [key]
-        outs, codes = sparsify.merge_leaves([x], self.program, lo, hi, keys, True)
+        outs, codes = sparsify.merge_leaves([x], self._consensus, lo, hi, None, True)
         merged = np.asarray(outs[0])[:n]
         if codes is not None:
             ambiguous, balance = sparsify.sign_counts(codes[0])
             self.ambiguous += ambiguous
             self.balance += balance
             if ambiguous:
-                other = np.asarray(sparsify.merge_leaves([x], self.program, lo, hi, keys,
+                other = np.asarray(sparsify.merge_leaves([x], self._consensus, lo, hi, None,
                                                          False)[0][0])[:n]
                 index = np.flatnonzero(other != merged)
                 old_index, old_values = self.alternatives.get(name, (np.zeros(0, np.int64),
