@@ -101,6 +101,18 @@ class Checkpoint:
         return np.frombuffer(mapped, dtype, (end - start) // dtype.itemsize,
                              data + start).reshape(entry["shape"])
 
+    def release(self, name: str) -> None:
+        """Unmaps the pages of a tensor read for the last time (they stay in the page cache,
+        but leave this process's resident memory)."""
+        header, mapped, data = self._layout(self.weight_map[name])
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, end = header[name]["data_offsets"]
+        first = (data + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = (data + end) // mmap.PAGESIZE * mmap.PAGESIZE  # the page shared with the next stays
+        if last > first:
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def weights(self, name: str, base: np.ndarray | None) -> np.ndarray:
         """The tensor as float32 (``base``: the base's, unused here)."""
         return np.asarray(self.get(name), np.float32)
@@ -127,6 +139,9 @@ class AdapterModel:
         self.source = source
         self.adapter = lora.Adapter(source)
         self.adapter.resolve(base.names())  # fails now, naming the module, if it cannot apply
+
+    def release(self, name: str) -> None:
+        del name  # the adapter's tensors are small
 
     def weights(self, name: str, base: np.ndarray) -> np.ndarray:
         return base + self.adapter.task_vector(name, base)

@@ -375,6 +375,7 @@ def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoin
         out = buffer[:size].reshape(len(models), *base_t.shape)
         for i, m in enumerate(models):
             m.task_vector(name, base_t, out=out[i])
+            m.release(name)
         return out
 
     return streamed.StreamedMerge(program, shapes, task_vectors,
@@ -407,6 +408,8 @@ def _write_merged(config, names, floating, models, base, reference, dtype, tmp, 
                 merged = _merge_tensor(config, name, models, base_t)
             writer.add(name, merged.astype(dtype))
             done_bytes += merged.nbytes * (len(models) + (base is not None))
+            for ckpt in (*models, *([base] if base is not None else [])):
+                ckpt.release(name)
         bar.update(1)
         bar.set_postfix_str(f"{done_bytes / 2**30:.2f} GiB read as float32, "
                             f"{time.perf_counter() - start:.0f} s")
