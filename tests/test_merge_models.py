@@ -394,3 +394,17 @@ def test_lora_adapters_merge_as_their_dense_task_vectors(pool, tmp_path):
                        r"adapter; give base_model.*\(tiny-bert, says"):
         merge_models.merge_checkpoints({**config, "merge_method": "linear", "base_model": None,
                                         "parameters": {}}, tmp_path / "bad", progress=False)
+
+
+def test_weighted_averages_never_import_jax(pool, tmp_path):
+    # linear / task_arithmetic are NumPy only: JAX's import alone costs ≈1 s a merge.
+    import subprocess
+    import sys
+
+    root, _, _ = pool
+    script = ("import sys\nfrom atm_jax import merge_models\n"
+              f"merge_models.main([{str(_yaml(root, 'task_arithmetic'))!r}, "
+              f"{str(tmp_path / 'out')!r}, '--no-progress'])\n"
+              "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)[:5]\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert (tmp_path / "out" / "model.safetensors").is_file()

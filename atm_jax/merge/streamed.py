@@ -69,7 +69,7 @@ class StreamedMerge:
         self.task_vectors, self.seed_for, self.sources = task_vectors, seed_for, list(sources)
         # DARE's drop happens in _merge_piece; the program then elects and aggregates.
         self._consensus = dataclasses.replace(program, p=None)
-        self._pool = ThreadPoolExecutor(2) if program.p is not None else None
+        self._pool = None  # DARE's two draw threads, while deltas() runs
         self.model_thresholds = None  # [T, m] float32 when program.whole_model
         self.ambiguous = self.balance = 0
         # name -> (flat indices, values): the entries that differ on the "-" side.
@@ -113,6 +113,10 @@ class StreamedMerge:
     def deltas(self) -> Iterator[tuple[str, np.ndarray]]:
         """``(name, merged delta)`` per tensor, float32, in ``names`` order, with zero-mass
         entries on the "+" side (see ``alternatives`` and ``negative_side``)."""
+        with ThreadPoolExecutor(2) as self._pool:
+            yield from self._deltas()
+
+    def _deltas(self) -> Iterator[tuple[str, np.ndarray]]:
         program = self.program
         self.ambiguous = self.balance = 0
         self.alternatives = {}
