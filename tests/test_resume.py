@@ -55,18 +55,26 @@ def _events(path: pathlib.Path) -> list[tuple[str, str]]:
 
 
 # Each run of the chain is killed at one point and the next run resumes from what the
-# previous one left; the order walks through every unit of the run.
+# previous one left; one point per kind of boundary or partial write, in run order (the
+# counts are per run, from where it resumed; the comments say where each kill lands,
+# checked by printing the resume lines of each run). Checkpoint writes run on a
+# background thread, so a kill mid-finetune can also lose the save queued just before.
 CHAIN = (
-    "eval:3",      # mid-evaluation inside the linear probe
-    "step:10",     # mid-finetune: the second one-shot task, second step
-    "item:1",      # mid-write of that task's finetuned model (a checkpoint item)
-    "save:1",      # mid-save: orbax's temporary folder exists, no commit yet
-    "merge:2",     # mid-merge: the second one-shot row's (TIES) merge, not yet evaluated or saved
-    "metrics:3",   # after a metrics record reached the file, before its checkpoint
+    "eval:3",      # fresh run, mid-evaluation inside the linear probe: only the pretrained
+                   # step is on disk
+    "item:1",      # resumes after pretrained; mid-write of the first one-shot task's
+                   # finetuned model (a checkpoint item)
+    "save:1",      # resumes after the linear probe; mid-save of that task's step: orbax's
+                   # temporary folder exists, no commit yet
+    "metrics:3",   # resumes there again; both one-shot tasks saved, killed between the
+                   # one-shot merges, after the TIES row's record reached metrics.jsonl
+                   # (the individual and mean rows' before it), before the unit's checkpoint
     "CORRUPT",     # (not a kill) the newest checkpoint's files damaged on disk
-    "step:6",      # mid-finetune inside ATM (iteration 1, second task)
-    "merge:1",     # mid-merge inside ATM
-    "params:1",    # while writing the final params of the ATM method
+    "step:14",     # falls back to the older step (one-shot, one task done), finishes
+                   # one-shot; mid-finetune inside ATM (iteration 1, second task)
+    "merge:1",     # resumes in ATM; mid-merge of ATM's iteration 1
+    "params:1",    # resumes in ATM (iteration 1's finetunes done); while writing the ATM
+                   # method's final params
     "results:1",   # while writing results.md / plots, after the last checkpoint
 )
 
@@ -114,8 +122,11 @@ def test_sigkill_at_every_point_then_resume_gives_bitwise_the_uninterrupted_run(
         kept |= set(meta["items"])
     assert {p.name for p in (workdir / "checkpoints" / "items").iterdir()} <= kept
     assert warned, "the damaged checkpoint was not reported"
-    # Every kill after the first resumed, and from ever later points.
+    # Every kill after the first resumed, and from ever later points, inside the
+    # one-shot unit and inside ATM too (the chain walks through every unit).
     assert len(resumed_from) == len(CHAIN) - 2
+    assert any("(in one_shot," in line for line in resumed_from), resumed_from
+    assert any("(in atm," in line for line in resumed_from), resumed_from
     for name in OUTPUTS:
         assert (workdir / name).read_bytes() == (reference / "work" / name).read_bytes(), name
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
