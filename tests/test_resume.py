@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -258,6 +259,26 @@ def quiet(*_):
     pass
 
 
+_QUICK = {}  # the finished `_quick_config` run, made once for this module
+
+
+@pytest.fixture(scope="module")
+def quick_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("quick")
+
+
+@pytest.fixture
+def finished_quick_run(fake_cache, quick_root, tmp_path):
+    """A copy (in tmp_path / "work") of the finished `_quick_config` run, which this
+    module runs once: the tests that start by running it to the end and then resume it
+    edit or resume their own copy."""
+    if not _QUICK:
+        runner.run_experiment(_quick_config(), quick_root / "work", log=quiet)
+        _QUICK["workdir"] = quick_root / "work"
+    shutil.copytree(_QUICK["workdir"], tmp_path / "work")
+    return tmp_path / "work"
+
+
 def test_checkpointer_skips_damaged_steps_with_a_warning(tmp_path):
     messages = []
     ckpt = checkpoint.Checkpointer(tmp_path / "c", keep=3, log=messages.append)
@@ -318,8 +339,6 @@ def test_a_step_whose_item_folder_is_gone_is_skipped_for_the_older_one(tmp_path)
     crcs = {"a": ckpt.save_item("a", {"w": np.ones(4, np.float32)})}
     ckpt.save(2, {"x": np.ones(2)}, {"n": 2}, crcs)
     ckpt.wait()
-    import shutil
-
     shutil.rmtree(tmp_path / "c" / "items" / "a")
     restored = ckpt.latest()
     assert restored.step == 1 and restored.items == {}
@@ -381,19 +400,17 @@ def test_a_failed_background_write_is_raised_and_no_later_write_lands(tmp_path, 
     ckpt.close()  # the failure was raised once: closing does not raise it again
 
 
-def test_a_checkpoint_of_another_format_is_refused_not_discarded(fake_cache, tmp_path, monkeypatch):
+def test_a_checkpoint_of_another_format_is_refused_not_discarded(finished_quick_run, tmp_path,
+                                                                 monkeypatch):
     config = _quick_config()
-    runner.run_experiment(config, tmp_path / "work", log=quiet)
     monkeypatch.setattr(checkpoint, "FORMAT_VERSION", checkpoint.FORMAT_VERSION + 1)
     with pytest.raises(errors.CheckpointFormatError, match="has format 2 but this atm_jax reads format 3"):
         runner.run_experiment(config, tmp_path / "work", log=quiet)
     assert not (tmp_path / "work" / "checkpoints.damaged").exists()
 
 
-def test_config_mismatch_refuses_unless_forced(fake_cache, tmp_path):
-    config = _quick_config()
-    workdir = tmp_path / "work"
-    runner.run_experiment(config, workdir, log=quiet)
+def test_config_mismatch_refuses_unless_forced(finished_quick_run):
+    workdir = finished_quick_run
     changed = _quick_config()
     with changed.unlocked():
         changed.optimizer.learning_rate = 0.002
@@ -435,10 +452,9 @@ def test_fields_added_since_a_workdir_was_written_count_only_when_not_at_their_d
     assert len(workdir_lib.config_differences(older, json.loads(_quick_config().to_json()))) == 4
 
 
-def test_a_workdir_from_before_a_field_existed_resumes(fake_cache, tmp_path):
-    workdir = tmp_path / "work"
+def test_a_workdir_from_before_a_field_existed_resumes(finished_quick_run):
+    workdir = finished_quick_run
     config = _quick_config()
-    runner.run_experiment(config, workdir, log=quiet)
     first = (workdir / "metrics.jsonl").read_text()
     older = json.loads((workdir / "config.json").read_text())
     del older["eval_every"]
@@ -529,8 +545,6 @@ def _forbidden(*args, **kwargs):
 
 
 def test_full_disk_fails_before_training(fake_cache, tmp_path, monkeypatch):
-    import shutil
-
     from atm_jax.finetune import Finetuner
 
     usage = shutil.disk_usage(tmp_path)
