@@ -29,6 +29,10 @@ DRIVER = HERE / "multihost_driver.py"
 OUTPUTS = ("metrics.jsonl", "params/atm.msgpack")
 TIMEOUT = 240  # seconds for one run of both processes (a hang fails, not blocks)
 HEARTBEAT = 10
+# The run whose process 1 is SIGKILLed: process 0 waits this long for the missing
+# heartbeats before JAX ends it (most of that run's wall time with 10 s). Heartbeats come
+# from a C++ thread, not held up by the GIL or a compile.
+KILL_HEARTBEAT = 4
 # configs/mini.py:tiny shrunk to the fake sources (as tests/test_runner.py does).
 SHRINK = ["--config.data.train_size=48", "--config.data.validation_size=8",
           "--config.data.test_size=16", "--config.optimizer.batch_size=8",
@@ -56,7 +60,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(cache, workdir, *flags, processes: int = 2, **extra):
+def run_processes(cache, workdir, *flags, processes: int = 2, heartbeat: int = HEARTBEAT,
+                  **extra):
     """Starts ``processes`` JAX processes of one run; returns [(returncode, log)] in
     process order. Each runs in its own process group, killed whatever happens."""
     port = _free_port()
@@ -68,7 +73,7 @@ def run_processes(cache, workdir, *flags, processes: int = 2, **extra):
                 running.append(subprocess.Popen(
                     _command(workdir, f"--coordinator_address=127.0.0.1:{port}",
                              f"--num_processes={processes}", f"--process_id={i}",
-                             f"--heartbeat_timeout_seconds={HEARTBEAT}",
+                             f"--heartbeat_timeout_seconds={heartbeat}",
                              "--initialization_timeout_seconds=60", *flags),
                     env=_env(cache, 2, **extra), cwd=ROOT, stdout=out,
                     stderr=subprocess.STDOUT, start_new_session=True))
@@ -199,8 +204,9 @@ def test_sigkill_one_process_the_other_exits_then_both_resume_bitwise(cache, two
                                                                       tmp_path):
     workdir = tmp_path / "work"
     start = time.monotonic()
-    # ATM: 6 train steps per task and iteration; step 22 = iteration 2, second task.
-    (rc0, log0), (rc1, log1) = run_processes(cache, workdir, MULTIHOST_KILL="1:22")
+    # ATM: 6 train steps per task and iteration; step 22 = iteration 2, first task.
+    (rc0, log0), (rc1, log1) = run_processes(cache, workdir, heartbeat=KILL_HEARTBEAT,
+                                             MULTIHOST_KILL="1:22")
     assert rc1 == -signal.SIGKILL, log1[-3000:]
     assert "SIGKILLs itself at train step 22" in log1
     assert rc0 != 0, log0[-3000:]  # not a hang: run_processes would have timed out
