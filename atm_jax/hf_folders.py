@@ -19,7 +19,7 @@ import numpy as np
 
 from atm_jax.errors import MergeConfigError
 
-__all__ = ["Checkpoint", "AdapterModel", "ShardWriter", "open_model", "local_folder",
+__all__ = ["Checkpoint", "AdapterModel", "ShardWriter", "open_model", "local_folder", "as_float32",
            "numpy_dtype", "INDEX", "FLOATING"]
 
 INDEX = "model.safetensors.index.json"
@@ -115,18 +115,31 @@ class Checkpoint:
 
     def weights(self, name: str, base: np.ndarray | None) -> np.ndarray:
         """The tensor as float32 (``base``: the base's, unused here)."""
-        return np.asarray(self.get(name), np.float32)
+        return as_float32(self.get(name))
 
     def task_vector(self, name: str, base: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``θ − θ_base`` of one tensor, float32 (written into ``out`` if given)."""
         x = self.get(name)
         if x.dtype == np.float32:
             return np.subtract(x, base, out=out)
-        if out is None:
-            out = np.empty(x.shape, np.float32)
-        out[...] = x
+        out = as_float32(x, out)
         out -= base
         return out
+
+
+def as_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x`` as float32, into ``out`` if given. bfloat16 is the high half of a float32,
+    so it widens exactly by a 16-bit shift of its bits: 2.5× faster than ml_dtypes' cast
+    (benchmarks/results/merge_models_bench_*.md)."""
+    if out is None:
+        if x.dtype == np.float32:
+            return x
+        out = np.empty(x.shape, np.float32)
+    if x.dtype.name == "bfloat16":
+        np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = x
+    return out
 
 
 class AdapterModel:

@@ -58,7 +58,8 @@ from typing import Any
 import numpy as np
 
 from atm_jax.errors import MergeConfigError
-from atm_jax.hf_folders import FLOATING, INDEX, Checkpoint, ShardWriter, numpy_dtype, open_model
+from atm_jax.hf_folders import (FLOATING, INDEX, Checkpoint, ShardWriter, as_float32, numpy_dtype,
+                                open_model)
 
 __all__ = ["MergeConfig", "read_config", "merge_checkpoints", "main", "MergeConfigError",
            "Checkpoint", "ShardWriter", "INDEX"]
@@ -368,7 +369,7 @@ def _streamed(config: MergeConfig, models: Sequence[Checkpoint], base: Checkpoin
 
     def task_vectors(name: str) -> np.ndarray:
         nonlocal buffer
-        base_t = np.asarray(base.get(name), np.float32)
+        base_t = as_float32(base.get(name))
         size = len(models) * base_t.size
         if buffer.size < size:
             buffer = np.empty(size, np.float32)
@@ -395,7 +396,7 @@ def _write_merged(config, names, floating, models, base, reference, dtype, tmp, 
         if name not in floating:  # integer buffers: the reference's
             writer.add(name, np.asarray(reference.get(name)))
         else:
-            base_t = None if base is None else np.asarray(base.get(name), np.float32)
+            base_t = None if base is None else as_float32(base.get(name))
             if deltas is not None:
                 delta_name, delta = next(deltas)
                 assert delta_name == name, (delta_name, name)

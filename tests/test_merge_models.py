@@ -408,3 +408,17 @@ def test_weighted_averages_never_import_jax(pool, tmp_path):
               "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)[:5]\n")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_bfloat16_widens_exactly_for_every_bit_pattern():
+    from atm_jax import hf_folders
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    x = bits.view(ml_dtypes.bfloat16)
+    got = hf_folders.as_float32(x)
+    want = x.astype(np.float32)  # ml_dtypes' cast
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and nan.sum() == 254
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    out = np.empty(x.shape, np.float32)
+    assert hf_folders.as_float32(x, out) is out
