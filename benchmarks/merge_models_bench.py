@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -83,8 +84,6 @@ def yaml_for(method: str, pool: pathlib.Path, models: int, dtype: str | None) ->
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of one command, from /usr/bin/time."""
-    import os
-
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         start = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd],
@@ -227,6 +226,7 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     patched = "not patched" if args.no_patch_mergekit else patch_mergekit()
     mergekit = peers.venv_python("mergekit").parent / "mergekit-yaml"
     work = pathlib.Path(tempfile.mkdtemp(prefix="merge_models_bench_"))
@@ -303,6 +303,8 @@ def main() -> None:
         f"median of {args.repeats} runs per tool, one process each, default thread count "
         f"({common.cpu_count()} cores), after one untimed read of the inputs",
         f"mergekit 0.1.5 ({patched}); {common.versions('jax', 'numpy', 'safetensors')}",
+        "load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f}".format(
+            *load_before, *os.getloadavg()),
     ], body)
     print(f"wrote {path}")
 
