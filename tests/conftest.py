@@ -104,11 +104,20 @@ def fake_cache(tmp_path, monkeypatch, shared_bases):
 
 
 # The heaviest files first (by worker time in a clean-clone run; measured: see
-# benchmarks/results/comments_moved_20261202.md). xdist's loadfile scheduler hands out
-# whole files in collection order, so starting the long ones first lets both workers
-# finish together instead of one idling while the other runs a late long file.
-SLOW_FIRST = ("test_resume.py", "test_multihost.py", "test_configs.py", "test_runner.py",
-              "test_analysis.py", "test_sharding.py")
+# benchmarks/results/suite_time_20261203.md). xdist's loadfile scheduler hands out whole
+# files in the order of the work queue, so starting the long ones first lets both workers
+# finish together instead of one idling while the other runs a late long file. By
+# default pytest-xdist (3.8 here) sorts that queue by the number of tests in each file,
+# which put the 14 long tests of test_multihost.py last: `pytest_configure` turns that
+# sort off, so the queue keeps this order.
+SLOW_FIRST = ("test_resume.py", "test_multihost.py", "test_runner.py", "test_configs.py",
+              "test_analysis.py", "test_merge.py", "test_finetune.py", "test_hf_models.py",
+              "test_sharding.py", "test_merge_data_free.py", "test_docs.py", "test_atm.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's --loadscope-reorder
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
