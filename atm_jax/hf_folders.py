@@ -33,7 +33,8 @@ _NUMPY = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dt
 
 def numpy_dtype(code: str) -> np.dtype | None:
     """NumPy's dtype for a safetensors dtype code, or None; bfloat16 through ml_dtypes,
-    imported only when a checkpoint holds it (importing it costs ≈0.6 s)."""
+    imported only when a checkpoint holds it (its import is slow:
+    benchmarks/results/merge_models_micro_20261203.md)."""
     if code == "BF16" and code not in _NUMPY:
         import ml_dtypes
 
@@ -129,8 +130,8 @@ class Checkpoint:
 
 def as_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``x`` as float32, into ``out`` if given. bfloat16 is the high half of a float32,
-    so it widens exactly by a 16-bit shift of its bits: 2.5× faster than ml_dtypes' cast
-    (benchmarks/results/merge_models_bench_*.md)."""
+    so it widens exactly by a 16-bit shift of its bits, faster than ml_dtypes' cast
+    (benchmarks/results/merge_models_micro_20261203.md)."""
     if out is None:
         if x.dtype == np.float32:
             return x

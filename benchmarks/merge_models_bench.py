@@ -19,7 +19,7 @@ in-memory ``atm_jax.merge.ties(..., scope="model")`` of all tensors (bit for bit
 the forward pass of the merged folder in transformers against the in-memory merge's.
 
 mergekit 0.1.5 fails on BERT configs in ``plan_tensor`` (a tuple added to a list);
-``--patch-mergekit`` (on by default) rewrites that one line in the peer venv.
+The script rewrites that one line in the peer venv (``--no-patch-mergekit`` skips it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -82,12 +81,12 @@ def yaml_for(method: str, pool: pathlib.Path, models: int, dtype: str | None) ->
     return config
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+def timed(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of one command, from /usr/bin/time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         start = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd],
-                              capture_output=True, text=True, env={**os.environ, **(env or {})})
+                              capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

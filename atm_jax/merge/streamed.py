@@ -21,7 +21,7 @@ DARE's masks are drawn here, in NumPy (PCG64 seeded with ``seed_for(name)`` and 
 chunk index, see ``CHUNK``): a keep draw is ``uniform < 1 − p`` and kept entries are
 divided by ``1 − p``, as in `atm_jax.merge.sparsify`, but faster than JAX's threefry
 on CPU, where DARE is bound by its random numbers
-(benchmarks/results/merge_models_bench_*.md). The draws do not depend
+(benchmarks/results/merge_models_micro_20261203.md). The draws do not depend
 on the order the tensors are read in; they are not those of the in-memory
 ``merge.dare`` (JAX keys folded by leaf index).
 """
