@@ -119,7 +119,12 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
     method = raw.get("merge_method")
     if method not in MERGEKIT_ONLY:  # the registry imports JAX: only when a merge needs it
         from atm_jax import merge
-    names = MERGEKIT_ONLY if method in MERGEKIT_ONLY else (*MERGEKIT_ONLY, *merge.names())
+    names = MERGEKIT_ONLY if method in MERGEKIT_ONLY else (
+        *MERGEKIT_ONLY, *[n for n in merge.names() if merge.info(n).uses == "nothing"])
+    if method not in MERGEKIT_ONLY and method in merge.names() and method not in names:
+        raise MergeConfigError(f"merge_method={method!r} looks at data ({merge.info(method).uses}"
+                               "): checkpoints alone cannot feed it. Run it from Python "
+                               "(docs/data_merges.md) or choose a data-free merge.")
     if method not in names:
         raise MergeConfigError(f"merge_method={method!r} is not a data-free merge we know; "
                                f"choose one of {', '.join(names)}.")

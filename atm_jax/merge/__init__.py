@@ -16,6 +16,14 @@ One module per family, each with its exact semantics in its docstring:
   (`atm_jax.merge.matrix`): ``tsv`` (TSV-M), ``iso_c``, ``iso_cts``.
 * `atm_jax.merge.learned`: ``wudi``, a per-layer objective solved by Adam.
 * `atm_jax.merge.interpolation`: ``slerp`` and ``model_stock``.
+* `atm_jax.merge.statistics`: merges weighted by statistics of a little data
+  (`atm_jax.capture`): ``regmean``, ``regmean_pp`` (runs the model) and ``fisher``.
+* `atm_jax.merge.adaptive`: ``adamerging``, coefficients learned on unlabeled inputs.
+
+``merge.info(name).uses`` says what a merge looks at beyond the task vectors:
+``"nothing"``, ``"statistics"`` (``grams=`` / ``fishers=``) or ``"model"`` (``base=``,
+``apply_fn=``, ``inputs=``, …: ``info(name).data`` lists them); `merge_spec.merge_step`
+computes them from a `merge_spec.MergeData`.
 
 Shared rules (each family's docstring has the details): hyperparameters are static
 Python values; ``check_finite`` (True, False or ``"checkify"``) makes a NaN/Inf task
@@ -31,6 +39,10 @@ from atm_jax.merge import masks  # isort: skip
 from atm_jax.merge import spectral  # isort: skip
 from atm_jax.merge import learned  # isort: skip
 from atm_jax.merge import interpolation, matrix  # isort: skip
+from atm_jax.merge import statistics  # isort: skip
+from atm_jax.merge import adaptive  # isort: skip
+from atm_jax.merge.adaptive import AdaMergingResult, adamerging
+from atm_jax.merge.statistics import fisher, regmean, regmean_pp
 from atm_jax.merge.interpolation import model_stock, slerp
 from atm_jax.merge.learned import wudi
 from atm_jax.merge.registry import MergeMethod, get, info, names, register
@@ -48,5 +60,7 @@ __all__ = [
     "MergeMethod", "register", "get", "info", "names", "check_hparams",
     "mean", "task_arithmetic", "ties", "breadcrumbs", "dare", "dare_ties", "della", "consensus",
     "ties_atm_code", "breadcrumbs_atm_code", "tsv", "iso_c", "iso_cts", "wudi", "slerp",
-    "model_stock", "matrix", "masks", "sparsify", "spectral", "learned", "interpolation",
+    "model_stock", "regmean", "regmean_pp", "fisher", "adamerging", "AdaMergingResult",
+    "matrix", "masks", "sparsify", "spectral", "learned", "interpolation", "statistics",
+    "adaptive",
 ]

@@ -18,7 +18,7 @@ from atm_jax import checks
 
 PyTree = Any
 
-__all__ = ["MergeMethod", "register", "names", "info", "get", "OPTIONS"]
+__all__ = ["MergeMethod", "register", "names", "info", "get", "OPTIONS", "USES"]
 
 # Keyword arguments that are not hyperparameters: how to run, not what to compute.
 OPTIONS = ("method", "check_finite", "like")
@@ -32,6 +32,12 @@ class MergeMethod:
     interpolates weights, not deltas); `atm_jax.merge_spec.merge_step` passes them.
     ``validate``: checks the operator's own hyperparameters (beyond
     `atm_jax.checks.check_hparams`, which knows the shared ones).
+    ``uses``: what it looks at beyond the task vectors: ``"nothing"`` (data-free),
+    ``"statistics"`` (per-task statistics of a little data, passed as the keyword
+    arguments named by ``data``: RegMean's ``grams``, Fisher's ``fishers``) or
+    ``"model"`` (the model and its inputs: ``base``, ``apply_fn``, ``inputs``, … in
+    ``data``). `atm_jax.merge_spec.merge_step` computes them from a
+    `atm_jax.merge_spec.MergeData`.
     """
     name: str
     fn: Callable[..., PyTree]
@@ -42,6 +48,8 @@ class MergeMethod:
     options: tuple[str, ...] = ()  # keyword arguments beyond the hyperparameters
     needs_base: bool = False
     validate: Callable[..., None] | None = None
+    uses: str = "nothing"
+    data: tuple[str, ...] = ()
 
     def __call__(self, stacked: PyTree, *, key: jax.Array | None = None, **hparams) -> PyTree:
         return self.fn(stacked, key=key, **hparams)
@@ -62,17 +70,26 @@ class MergeMethod:
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
+USES = ("nothing", "statistics", "model")
+
+
 def register(name: str, *, reference: str, stochastic: bool = False, compat: bool = False,
-             needs_base: bool = False, validate: Callable[..., None] | None = None):
-    """Decorator: registers ``fn`` under ``name``; defaults come from its signature."""
+             needs_base: bool = False, validate: Callable[..., None] | None = None,
+             uses: str = "nothing", data: tuple[str, ...] = ()):
+    """Decorator: registers ``fn`` under ``name``; defaults come from its signature
+    (``data``: the keyword arguments that carry data, not hyperparameters)."""
+    if uses not in USES or (uses == "nothing") != (not data):
+        raise ValueError(f"merge {name!r}: uses={uses!r} must be one of {USES}, with data "
+                         f"arguments exactly when it is not 'nothing' (got {data!r}).")
+
     def wrap(fn):
         params = inspect.signature(fn).parameters
         keyword = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "key"]
-        extra = ("base",) if needs_base else ()
+        extra = (("base",) if needs_base else ()) + tuple(data)
         options = tuple(k for k in keyword if k in OPTIONS + extra)
         defaults = {k: params[k].default for k in keyword if k not in options}
         _REGISTRY[name] = MergeMethod(name, fn, defaults, reference, stochastic, compat, options,
-                                      needs_base, validate)
+                                      needs_base, validate, uses, tuple(data))
         return fn
     return wrap
 
