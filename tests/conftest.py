@@ -103,6 +103,34 @@ def fake_cache(tmp_path, monkeypatch, shared_bases):
     sources._MEMO.clear()
 
 
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A GCS-protocol server on 127.0.0.1 for the session (tests/gcs_emulator.py:
+    fake-gcs-server on a free port, behind a gate that can refuse writes), stopped
+    at the end; started only when a test asks for it."""
+    import gcs_emulator as gcs_emulator_lib
+
+    server = gcs_emulator_lib.Emulator(tmp_path_factory.mktemp("gcs") / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch):
+    """A new empty bucket on the emulator, as ``"gs://<name>"``; for this test the
+    environment (and so every subprocess it starts) points gcsfs / epath and
+    tensorstore at the emulator (`gcs_emulator.Emulator.env`)."""
+    import uuid
+
+    for name, value in gcs_emulator.env().items():
+        monkeypatch.setenv(name, value)
+    yield gcs_emulator.create_bucket(f"atm-test-{uuid.uuid4().hex[:12]}")
+    gcs_emulator.refuse_writes(None)
+
+
 # The heaviest files first (by worker time in a clean-clone run; measured: see
 # benchmarks/results/suite_time_20261203.md). xdist's loadfile scheduler hands out whole
 # files in the order of the work queue, so starting the long ones first lets both workers

@@ -158,7 +158,7 @@ def log_finetune_calls(path: pathlib.Path) -> None:
 
 
 def main(argv):
-    workdir, calls = pathlib.Path(argv[1]), pathlib.Path(argv[2])
+    workdir, calls = argv[1], pathlib.Path(argv[2])  # the workdir may be gs://…
     sources.SOURCES = dict(sources.SOURCES)
     fakes.install_fake_suite()
     config = tiny_config()
