@@ -9,8 +9,8 @@ the `Setup` (tasks, pretrained backbone, per-task heads; `atm_jax.suites`) → t
 run's *units* in order: references (pretrained heads, linear probe), the one-shot
 baselines (`atm.one_shot`: finetune every task for the whole budget, merge once
 per method, also the individually finetuned models), each ATM method (`atm.run`:
-K iterations × e epochs) → metrics.jsonl as it goes, results.json / results.md /
-plots at the end (`atm_jax.results`).
+K iterations × e epochs) → metrics.jsonl and TensorBoard events (`atm_jax.event_files`)
+as it goes, results.json / results.md / plots at the end (`atm_jax.results`).
 
 Resumable: a checkpoint (`atm_jax.checkpoint`) is written after every unit, every
 finished task finetune and every merge; started again on the same workdir, the run
@@ -33,7 +33,8 @@ import numpy as np
 from atm_jax import atm as atm_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
-from atm_jax import distributed, files, parallel, results, schema, sharding, suites, upgrades, writers
+from atm_jax import distributed, event_files, files, parallel, results, schema, sharding, suites
+from atm_jax import upgrades, writers
 from atm_jax import workdir as workdir_lib
 from atm_jax.analysis import recorder as recorder_lib
 from atm_jax.analysis import report as report_lib
@@ -85,6 +86,9 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
     workdir = workdir_lib.writable(workdir)
     started = time.perf_counter()
     config_json = json.loads(config.to_json())
+    # TensorBoard, live: each record's scalars as it is written (steps already in the
+    # event files are not written again after a resume).
+    events = event_files.LiveEvents(workdir / "tensorboard")
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
     try:
         restored = ckpt.latest()
@@ -127,10 +131,11 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
             shapes = jax.eval_shape(lambda: setup.base)
             schema.check_merge_filter(config, shapes)
             workdir_lib.check_disk_space(workdir, shapes, len(config.tasks), config.checkpoint.keep)
-        runner = Runner(config, workdir, setup, ckpt, metrics, restored, log)
+        runner = Runner(config, workdir, setup, ckpt, metrics, restored, log, events=events)
         runner.execute()
     finally:
         ckpt.close()
+        events.close()
     out = results.write_results(
         config, workdir, setup, rows=runner.rows, curves=runner.curves,
         individual=runner.individual, timings=runner.timings,
@@ -153,9 +158,9 @@ class Runner:
 
     def __init__(self, config, workdir, setup: suites.Setup, ckpt: checkpoint_lib.Checkpointer,
                  metrics: writers.MetricsWriter, restored: checkpoint_lib.Restored | None,
-                 log: Log):
+                 log: Log, *, events: event_files.LiveEvents | None = None):
         self.config, self.workdir, self.setup = config, workdir, setup
-        self.ckpt, self.metrics, self.log = ckpt, metrics, log
+        self.ckpt, self.metrics, self.events, self.log = ckpt, metrics, events, log
         self.config_json = json.loads(config.to_json())
         self.key = jax.random.key(config.seed)
         self.key_data = np.asarray(jax.random.key_data(self.key))
@@ -205,6 +210,13 @@ class Runner:
                 "position": position, "records": self.metrics.count}
         meta = json.loads(json.dumps(meta, default=files.jsonable))
         self.ckpt.save(self.step, {"key": self.key_data, **(arrays or {})}, meta, items)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """A record to metrics.jsonl, then its scalars to TensorBoard (which never
+        stops the run)."""
+        self.metrics(record)
+        if self.events is not None:
+            self.events(record)
 
     def checkpoint_state(self, unit: str, state: atm_lib.State, *, with_base: bool) -> None:
         """Checkpoints an `atm.State` of ``unit``; each finished finetune is written
@@ -311,7 +323,7 @@ class Runner:
     def pretrained(self) -> None:
         acc = self.evaluate(self.setup.base, self.setup.heads)
         self.add_row("pretrained", acc, 0, "reference")
-        self.metrics({"method": "pretrained", "iteration": 0, "epochs_per_task": 0, "accuracy": acc})
+        self.write({"method": "pretrained", "iteration": 0, "epochs_per_task": 0, "accuracy": acc})
         self.log(f"[pretrained] average accuracy {evaluate_lib.average(acc):.4f}")
         self.finish_unit("pretrained")
 
@@ -326,8 +338,8 @@ class Runner:
         if self.per_process:
             acc = distributed.gather_accuracies(self.task_names, acc, self.owners)
         self.add_row("linear_probe", acc, budget, "reference")
-        self.metrics({"method": "linear_probe", "iteration": 1, "epochs_per_task": budget,
-                      "accuracy": acc})
+        self.write({"method": "linear_probe", "iteration": 1, "epochs_per_task": budget,
+                    "accuracy": acc})
         self.log(f"[linear_probe] average accuracy {evaluate_lib.average(acc):.4f}")
         self.finish_unit("linear_probe")
 
@@ -344,9 +356,9 @@ class Runner:
                  + (f" (resumed: {done} already done)" if done else ""))
         state = self.finetune_all("one_shot", state, "train", budget, with_base=False)
         self.individual = atm_lib.individual(state, self.evaluate)
-        self.metrics({"method": "individual", "iteration": 1, "epochs_per_task": budget,
-                      "accuracy": self.individual,
-                      "average_accuracy": float(np.mean(list(self.individual.values())))})
+        self.write({"method": "individual", "iteration": 1, "epochs_per_task": budget,
+                    "accuracy": self.individual,
+                    "average_accuracy": float(np.mean(list(self.individual.values())))})
         if "individual" in config.references:
             self.add_row("individual", self.individual, budget, "reference")
         grid = [float(a) for a in config.alpha_grid] if tuned else None
@@ -358,10 +370,10 @@ class Runner:
                                          alpha_grid=grid if n in tuned else None,
                                          validate=self.validate)
             merged[n] = out
-            self.metrics({"method": n, "iteration": 1, "epochs_per_task": budget,
-                          "accuracy": out["accuracy"],
-                          "average_accuracy": float(np.mean(list(out["accuracy"].values()))),
-                          "merge": out["diagnostics"]})
+            self.write({"method": n, "iteration": 1, "epochs_per_task": budget,
+                        "accuracy": out["accuracy"],
+                        "average_accuracy": float(np.mean(list(out["accuracy"].values()))),
+                        "merge": out["diagnostics"]})
             average = evaluate_lib.average(out["accuracy"])
             if n in tuned:
                 self.log(f"[{n}] α = {out['alpha']} chosen on validation from {grid}: average "
@@ -439,7 +451,7 @@ class Runner:
         counts)."""
         name = rec["method"]
         state = dataclasses.replace(state, history=(*state.history, rec))
-        self.metrics(rec)
+        self.write(rec)
         if "average_accuracy" in rec:
             self.log(f"[{name}] iteration {rec['iteration']}/{iterations}: average accuracy "
                      f"{rec['average_accuracy']:.4f}")

@@ -433,6 +433,53 @@ GRAD_MUTATIONS = [
              "the host method's error no longer says that eager grad works"),
 ]
 
+EVENTS = "tests/test_event_files.py::"
+
+EVENT_MUTATIONS = [
+    Mutation("events-steps-written-again", "atm_jax/event_files.py",
+             "if (run, tag, step) not in self.written]", "if True]",
+             (EVENTS + "test_each_record_is_readable_at_once_and_a_resumed_writer_skips_written_steps[local]",
+              EVENTS + "test_a_run_stopped_between_a_record_and_its_checkpoint_writes_no_step_twice[local]"),
+             "a resumed run writes the steps already in the event files again"),
+    Mutation("events-not-flushed", "atm_jax/event_files.py",
+             "            writer.flush()\n", "",
+             (EVENTS + "test_each_record_is_readable_at_once_and_a_resumed_writer_skips_written_steps[local]",
+              EVENTS + "test_tensorboard_shows_the_curves_while_the_run_goes[local]"),
+             "events reach the file only when it is closed: TensorBoard shows nothing live"),
+    Mutation("events-remote-upload-drops-earlier-bytes", "atm_jax/event_files.py",
+             "            files.write_bytes(self.path, bytes(self.data), all_processes=True)\n",
+             "            files.write_bytes(self.path, bytes(self.data), all_processes=True)\n"
+             "            self.data = bytearray()\n",
+             (EVENTS + "test_each_record_is_readable_at_once_and_a_resumed_writer_skips_written_steps"
+              "[mock_bucket]",),
+             "a bucket's event file holds only the last flush's events"),
+    Mutation("events-failure-raised", "atm_jax/event_files.py",
+             "        except Exception as e:  # noqa: BLE001 - any failure of an event write",
+             "        except ZeroDivisionError as e:",
+             (EVENTS + "test_a_failing_write_warns_once_and_the_writer_goes_quiet",
+              EVENTS + "test_a_failing_event_write_warns_once_and_the_run_finishes[local]"),
+             "a failing event write stops the run"),
+    Mutation("events-warn-every-failure", "atm_jax/event_files.py",
+             "            self.active = False\n            self.failure",
+             "            self.failure",
+             (EVENTS + "test_a_failing_write_warns_once_and_the_writer_goes_quiet",
+              EVENTS + "test_a_failing_event_write_warns_once_and_the_run_finishes[local]"),
+             "every record after a failed write tries again and warns again"),
+    Mutation("events-torn-record-read", "atm_jax/event_files.py",
+             "\n                or end > len(blob)):", "):",
+             (EVENTS + "test_a_torn_last_record_is_dropped_and_the_next_writer_writes_its_step",),
+             "the reader parses a killed writer's half record"),
+    Mutation("analysis-deletes-live-events", "atm_jax/analysis/tensorboard.py",
+             "    path = files.as_path(folder) / RUN\n",
+             "    files.as_path(folder).rmtree(missing_ok=True)\n    path = files.as_path(folder) / RUN\n",
+             ("tests/test_analysis.py::test_analysis_of_a_tiny_run",),
+             "the analysis report deletes the runs written live"),
+    Mutation("analysis-accuracy-of-every-line", "atm_jax/analysis/tensorboard.py",
+             "            if \"accuracy\" not in line:\n                continue\n", "",
+             ("tests/test_analysis.py::test_analysis_of_a_tiny_run",),
+             "the analysis report fails on a metrics line without an accuracy"),
+]
+
 GROUPS: dict[str, list[Mutation]] = {
     "hf": HF_MUTATIONS,
     "finetune": FINETUNE_MUTATIONS,
@@ -440,6 +487,7 @@ GROUPS: dict[str, list[Mutation]] = {
     "atm": ATM_MUTATIONS,
     "edges": EDGE_MUTATIONS,
     "grad": GRAD_MUTATIONS,
+    "events": EVENT_MUTATIONS,
 }
 
 

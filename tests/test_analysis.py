@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import test_runner
 
-from atm_jax import atm, errors, runner
+from atm_jax import atm, errors, event_files, runner
 from atm_jax.analysis import __main__ as cli
-from atm_jax.analysis import geometry, report, theory, tuning
+from atm_jax.analysis import geometry, report, tensorboard, theory, tuning
 
 # -- Theorem 3.1 ----------------------------------------------------------------------
 
@@ -252,9 +252,18 @@ def test_analysis_of_a_tiny_run(fake_cache, tmp_path):
                                                 start=str(workdir / "params" / "ties.msgpack"))}
     again = runner.run_experiment(posthoc, tmp_path / "posthoc", log=lambda *_: None)
     assert again["curves"]["ph"][0]["accuracy"] == rows["ties"]["accuracy"]
-    tags = _event_tags(workdir / "tensorboard")
+    tags = _event_tags(workdir / "tensorboard" / "analysis")
     assert {"average_accuracy/atm", "mean_abs_cos/atm", "cosine/atm",
             f"accuracy/atm/{config.tasks[0]}", "joint_loss/ph_atm"} <= tags
+    # The report's run replaced only its own files: the runs written live stay, and a
+    # metrics line without an accuracy (an iteration eval_every skipped) is passed over.
+    live = event_files.read_scalars(workdir / "tensorboard")
+    assert set(rows) | {"analysis"} <= set(live)
+    assert [k for k, _ in live["atm"]["average_accuracy"]] == [h["iteration"] for h in curves["atm"]]
+    tensorboard.write(workdir / "tensorboard", summary,
+                      [{"method": "atm", "iteration": 3, "task": config.tasks[0], "train_loss": 0.5}])
+    assert len(list((workdir / "tensorboard" / "analysis").iterdir())) == 1
+    assert event_files.read_scalars(workdir / "tensorboard")["atm"] == live["atm"]
 
 
 @pytest.mark.parametrize("edit,message", [

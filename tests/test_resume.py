@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from atm_jax import checkpoint, errors, runner
+from atm_jax import checkpoint, errors, event_files, runner
 
 from fault_driver import tiny_config
 
@@ -136,6 +136,17 @@ def test_sigkill_at_every_point_then_resume_gives_bitwise_the_uninterrupted_run(
     ours = json.loads((workdir / "results.json").read_text())
     theirs = json.loads((reference / "work" / "results.json").read_text())
     assert ours["rows"] == theirs["rows"] and ours["curves"] == theirs["curves"]
+    # TensorBoard: every (run, tag, step) of the uninterrupted run once, the same accuracies.
+    events = event_files.read_scalars(workdir / "tensorboard")
+    expected = event_files.read_scalars(reference / "work" / "tensorboard")
+    for scalars in (events, expected):  # file order is kill order: compare sorted
+        for tags in scalars.values():
+            for tag in tags:
+                tags[tag] = sorted(tags[tag])
+    assert {(r, t): [s for s, _ in p] for r, tags in events.items() for t, p in tags.items()} == \
+        {(r, t): [s for s, _ in p] for r, tags in expected.items() for t, p in tags.items()}
+    assert {r: {t: p for t, p in tags.items() if "accuracy" in t} for r, tags in events.items()} == \
+        {r: {t: p for t, p in tags.items() if "accuracy" in t} for r, tags in expected.items()}
     # Every finetune of the reference finished exactly once, whatever was redone.
     ends = [i for e, i in _events(calls) if e == "end"]
     reference_ends = [i for e, i in _events(reference / "calls") if e == "end"]

@@ -4,7 +4,7 @@ Rebuilds the run's suite from ``<workdir>/config.json`` (data and the pretrained
 base come from the cache) for Theorem 3.1's gap table and the gradient structure
 (`atm_jax.analysis.theory`, written to ``analysis/theory.json`` / ``theory.md``),
 then writes ``analysis/analysis.json``, ``analysis/figures/`` and
-``<workdir>/tensorboard/`` from what the run recorded (`atm_jax.analysis.report`).
+``<workdir>/tensorboard/analysis/`` from what the run recorded (`atm_jax.analysis.report`).
 The run must have had ``config.analysis`` on (``configs/mini.py:analysis``).
 """
 

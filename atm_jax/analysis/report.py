@@ -3,8 +3,8 @@
 `build` reads what `atm_jax.analysis.recorder` wrote during the run (and the
 Theorem 3.1 / gradient-structure results of `atm_jax.analysis.theory`, when they
 were computed), derives the numbers of the paper's Figs. 8–10 and Theorem 5.1, and
-writes ``analysis/analysis.json``, ``analysis/figures/*.png`` and
-``<workdir>/tensorboard/`` (process 0 only).
+writes ``analysis/analysis.json``, ``analysis/figures/*.png`` and the TensorBoard run
+``<workdir>/tensorboard/analysis/`` (process 0 only; the runs written live stay).
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def build(workdir, *, log: Log = print) -> dict:
     if files.is_writer():
         tensorboard.write(workdir / "tensorboard", summary, lines)
     log(f"analysis: wrote {data['folder'] / 'analysis.json'}, {len(written)} figures in "
-        f"{data['folder'] / 'figures'} and TensorBoard events in {workdir / 'tensorboard'}")
+        f"{data['folder'] / 'figures'} and TensorBoard events in "
+        f"{workdir / 'tensorboard' / tensorboard.RUN}")
     for line in summary["headline"]:
         log("  " + line)
     return summary
