@@ -1,10 +1,10 @@
 """Live TensorBoard events: the scalars of each record, read back while the run goes, a
 resumed run writing no step twice, a failing write warning once, a bucket workdir.
 
-The runs here read their events through `event_files.read_scalars`, which takes any
-epath: `EVENT_WORKDIRS` names where the run tests put their workdir ("local": under
-tmp_path). A bucket fixture (a GCS emulator) adds its name there and a branch to
-`events_workdir` returning a ``gs://`` workdir, and the same tests run on it.
+The tests read the events through `event_files.read_scalars`, which takes any epath:
+`events_folder` (the writer alone) and `events_workdir` (whole runs, `EVENT_WORKDIRS`)
+are a local folder or a bucket on the GCS emulator (conftest's ``gcs_bucket``), and the
+writer alone also etils' epath mock of a bucket.
 """
 
 import json
@@ -61,15 +61,20 @@ def _mock_bucket(root):
                                     **{n: two for n in ("copy", "rename", "replace")})
 
 
-@pytest.fixture(params=["local", "mock_bucket"])
+@pytest.fixture(params=["local", "mock_bucket", "gcs"])
 def events_folder(request, tmp_path):
-    """``(folder to write events to, the same folder on the local disk)``."""
+    """``(folder to write events to, how many event files its run "atm" holds)``:
+    local, etils' epath mock of a bucket, or a bucket on the GCS emulator."""
     local = tmp_path / "tensorboard"
     if request.param == "local":
-        yield local, local
-        return
-    with _mock_bucket(tmp_path):
-        yield epath.Path(f"{BUCKET}/tensorboard"), local
+        yield local, lambda: len(list((local / "atm").iterdir()))
+    elif request.param == "mock_bucket":
+        with _mock_bucket(tmp_path):
+            yield epath.Path(f"{BUCKET}/tensorboard"), lambda: len(list((local / "atm").iterdir()))
+    else:
+        emulator = request.getfixturevalue("gcs_emulator")
+        folder = epath.Path(request.getfixturevalue("gcs_bucket")) / "tensorboard"
+        yield folder, lambda: len(emulator.objects(os.fspath(folder / "atm")))
 
 
 def _steps(scalars, tag):
@@ -84,7 +89,7 @@ def _no_step_twice(scalars):
 
 
 def test_each_record_is_readable_at_once_and_a_resumed_writer_skips_written_steps(events_folder):
-    folder, local = events_folder
+    folder, event_file_count = events_folder
     events = event_files.LiveEvents(folder, writer=True)
     events(dict(RECORD, iteration=0))
     assert _steps(event_files.read_scalars(folder)["atm"], "accuracy/a") == [0]  # no close
@@ -98,7 +103,7 @@ def test_each_record_is_readable_at_once_and_a_resumed_writer_skips_written_step
     assert scalars["atm"]["accuracy/a"] == [(0, 0.5), (1, 0.5), (2, 0.75)]
     _no_step_twice(scalars)
     assert scalars["ties"] == {"accuracy/a": [(1, 0.125)], "average_accuracy": [(1, 0.125)]}
-    assert len(list((local / "atm").iterdir())) == 2  # one event file per writer
+    assert event_file_count() == 2  # one event file per writer
     events.close()
     again.close()
     assert event_files.read_scalars(folder) == scalars
@@ -128,6 +133,20 @@ def test_a_failing_write_warns_once_and_the_writer_goes_quiet(tmp_path):
     assert not events.active
 
 
+def test_a_write_the_bucket_refuses_warns_once(gcs_bucket, gcs_emulator):
+    folder = epath.Path(gcs_bucket) / "tensorboard"
+    events = event_files.LiveEvents(folder, writer=True)
+    events(dict(RECORD, iteration=0))
+    gcs_emulator.refuse_writes("tensorboard")
+    with pytest.warns(event_files.EventsNotWrittenWarning, match="Forbidden") as seen:
+        events(RECORD)
+        events(dict(RECORD, iteration=2))
+        events.close()
+    assert len(seen) == 1
+    gcs_emulator.refuse_writes(None)
+    assert _steps(event_files.read_scalars(folder)["atm"], "accuracy/a") == [0]
+
+
 def test_other_processes_write_nothing(tmp_path, monkeypatch):
     import jax
     monkeypatch.setattr(jax, "process_index", lambda: 1)
@@ -139,14 +158,15 @@ def test_other_processes_write_nothing(tmp_path, monkeypatch):
 
 # -- the runner writes them as it goes --------------------------------------------------
 
-# Where the run tests put their workdir; a bucket fixture adds its own (module docstring).
-EVENT_WORKDIRS = ("local",)
+# Where the run tests put their workdir (module docstring).
+EVENT_WORKDIRS = ("local", "gcs")
 
 
 @pytest.fixture(params=EVENT_WORKDIRS)
 def events_workdir(request, fake_cache, tmp_path):
     """A workdir for a run whose events the test reads (an epath)."""
-    assert request.param == "local"
+    if request.param == "gcs":
+        return epath.Path(request.getfixturevalue("gcs_bucket")) / "work"
     return epath.Path(tmp_path / "work")
 
 
@@ -228,17 +248,18 @@ def test_a_run_stopped_between_a_record_and_its_checkpoint_writes_no_step_twice(
     assert _steps(final["atm"], "average_accuracy") == [h["iteration"] for h in out["curves"]["atm"]]
 
 
-def test_a_failing_event_write_warns_once_and_the_run_finishes(
-        events_workdir, monkeypatch):
+def test_a_failing_event_write_warns_once_and_the_run_finishes(fake_cache, tmp_path):
+    # (On a bucket: test_a_write_the_bucket_refuses_warns_once.)
     config = _atm_config(budget=1)
     with config.unlocked():
         config.methods.atm.iterations = 1
-    (events_workdir / "tensorboard").mkdir(parents=True)
-    (events_workdir / "tensorboard" / "atm").write_text("not a folder")  # its run's folder
+    workdir = tmp_path / "work"
+    (workdir / "tensorboard").mkdir(parents=True)
+    (workdir / "tensorboard" / "atm").write_text("not a folder")  # its run's folder
     with pytest.warns(event_files.EventsNotWrittenWarning) as seen:
-        out = runner.run_experiment(config, events_workdir, log=lambda *_: None)
+        out = runner.run_experiment(config, workdir, log=lambda *_: None)
     ours = [w for w in seen if w.category is event_files.EventsNotWrittenWarning]
-    assert len(ours) == 1 and str(events_workdir / "tensorboard") in str(ours[0].message)
+    assert len(ours) == 1 and str(workdir / "tensorboard") in str(ours[0].message)
     assert [h["iteration"] for h in out["curves"]["atm"]] == [0, 1]
-    assert (events_workdir / "results.json").exists()
+    assert (workdir / "results.json").exists()
     assert np.isfinite(out["rows"][-1]["average"])
