@@ -48,7 +48,7 @@ import numpy as np
 
 from atm_jax import closures
 from atm_jax.errors import DivergedError
-from atm_jax.merge_spec import MergeSpec, merge_step, tuned_merge
+from atm_jax.merge_spec import MergeData, MergeSpec, merge_step, tuned_merge
 
 PyTree = Any
 FinetuneFn = Callable[[PyTree, PyTree, str, int, jax.Array], tuple[PyTree, PyTree, dict]]
@@ -59,7 +59,7 @@ FinetuneTasksFn = Callable[[PyTree, Mapping[str, PyTree], int, Mapping[str, jax.
 EvaluateFn = Callable[[PyTree, Mapping[str, PyTree]], dict[str, float]]
 Log = Callable[[str], None]
 
-__all__ = ["MergeSpec", "State", "init", "finetune_next", "finetune_group", "sequential",
+__all__ = ["MergeSpec", "MergeData", "State", "init", "finetune_next", "finetune_group", "sequential",
            "iteration", "record", "individual", "one_shot_merge", "merge_step", "run",
            "one_shot", "task_key", "merge_key"]
 
@@ -230,9 +230,12 @@ def _finetune_remaining(state, *, finetune, epochs, key, log, name, on_progress,
 def iteration(state: State, *, finetune: FinetuneFn, epochs: int, merge: MergeSpec,
               key: jax.Array, carry_heads: bool = True, log: Log | None = None,
               name: str = "atm", on_progress: Callable[[State], None] | None = None,
-              finetune_tasks: FinetuneTasksFn | None = None, tasks_per_call: int | None = None
-              ) -> tuple[State, dict]:
+              finetune_tasks: FinetuneTasksFn | None = None, tasks_per_call: int | None = None,
+              data: MergeData | None = None) -> tuple[State, dict]:
     """One ATM iteration: finetune every remaining task, merge, apply.
+
+    ``data``: for an inner merge that looks at data (RegMean, Fisher, …), its inputs;
+    the statistics are recomputed on this iteration's finetuned models and heads.
 
     With ``finetune_tasks`` the remaining tasks are finetuned by calls on
     consecutive groups of ``tasks_per_call`` tasks (None: all of them in one call),
@@ -247,7 +250,8 @@ def iteration(state: State, *, finetune: FinetuneFn, epochs: int, merge: MergeSp
                                 name=name, on_progress=on_progress,
                                 finetune_tasks=finetune_tasks, tasks_per_call=tasks_per_call)
     new_base, diagnostics = merge_step(state.base, state.finetuned, merge,
-                                       key=merge_key(key, state.iteration))
+                                       key=merge_key(key, state.iteration),
+                                       data=_with_heads(data, state))
     heads = dict(state.finetuned_heads) if carry_heads else state.heads
     new_state = State(state.iteration + 1, new_base, heads, history=state.history)
     return new_state, {"finetune": dict(state.finetune_metrics), "merge": diagnostics}
@@ -313,9 +317,17 @@ def individual(state: State, evaluate: EvaluateFn) -> dict[str, float]:
             for task, params in zip(state.tasks, state.finetuned)}
 
 
+def _with_heads(data: MergeData | None, state: State) -> MergeData | None:
+    """``data`` with the state's finetuned heads, in the finetuned models' order."""
+    if data is None:
+        return None
+    heads = state.finetuned_heads
+    return dataclasses.replace(data, heads={t: heads[t] for t in state.tasks})
+
+
 def one_shot_merge(state: State, spec: MergeSpec, *, key: jax.Array, evaluate: EvaluateFn,
                    alpha_grid: Sequence[float] | None = None,
-                   validate: EvaluateFn | None = None) -> dict:
+                   validate: EvaluateFn | None = None, data: MergeData | None = None) -> dict:
     """One merge of a finished one-shot state: every task finetuned, merged once.
 
     With ``alpha_grid`` (and ``validate(params, heads) -> {task: accuracy}`` on a
@@ -328,14 +340,16 @@ def one_shot_merge(state: State, spec: MergeSpec, *, key: jax.Array, evaluate: E
     """
     heads = state.finetuned_heads
     if alpha_grid is None:
-        params, diagnostics = merge_step(state.base, state.finetuned, spec, key=key)
+        params, diagnostics = merge_step(state.base, state.finetuned, spec, key=key,
+                                         data=_with_heads(data, state))
         out = {"params": params, "diagnostics": diagnostics, "alpha": spec.alpha}
     else:
         if validate is None:
             raise TypeError("alpha_grid needs validate(params, heads) -> {task: accuracy} on a "
                             "validation split.")
         chosen = tuned_merge(state.base, state.finetuned, spec, alpha_grid, key=key,
-                             validate=lambda params: validate(params, heads))
+                             validate=lambda params: validate(params, heads),
+                             data=_with_heads(data, state))
         out = {"params": chosen["params"], "diagnostics": chosen["diagnostics"],
                "alpha": chosen["alpha"], "validation": chosen["validation"]}
     out["accuracy"] = _evaluated(evaluate, out["params"], heads, "the one-shot merge")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -188,6 +189,14 @@ def _batch_grams(apply_fn, token_mask, order: list, only):
     return grams
 
 
+@functools.lru_cache(maxsize=8)
+def _grams_step(apply_fn, token_mask, only):
+    """The jitted batch step and the list its trace fills with the layers' paths (one
+    per apply_fn: pass the same function to reuse the compilation)."""
+    order: list[str] = []
+    return jax.jit(_batch_grams(apply_fn, token_mask, order, only)), order
+
+
 def _as_model_inputs(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False) if x.dtype.kind in "fb" else x
 
@@ -213,9 +222,7 @@ def input_grams(apply_fn: Callable, params: PyTree, inputs, *, batch_size: int =
     inputs = np.asarray(inputs)
     if len(inputs) == 0:
         raise ValueError("input_grams got no inputs: pass at least one example.")
-    order: list[str] = []
-    step = jax.jit(_batch_grams(apply_fn, token_mask, order,
-                                None if only is None else frozenset(only)))
+    step, order = _grams_step(apply_fn, token_mask, None if only is None else frozenset(only))
     sums, rows = {}, {}
     for (x,), mask in batching.padded_batches([inputs], batch_size):
         g, n = step(params, _as_model_inputs(x), jnp.asarray(mask))
@@ -234,12 +241,32 @@ def _log_likelihood(logits: jax.Array, label: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(logits)[label]
 
 
+@functools.lru_cache(maxsize=8)
+def _fisher_chunk(logits_fn: Callable, sampled: bool, with_extra: bool):
+    """The jitted per-chunk sum of squared per-example gradients (one per logits_fn)."""
+    def one(p, x, y, k, extra):
+        logits = (logits_fn(p, x[None], extra) if with_extra else logits_fn(p, x[None]))[0]
+        if sampled:
+            y = jax.random.categorical(k, jax.lax.stop_gradient(logits))
+        return _log_likelihood(logits, y)
+
+    @jax.jit
+    def chunk_sum(p, x, y, keys, weight, extra):
+        grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0, 0, None))(p, x, y, keys, extra)
+        return jax.tree.map(
+            lambda g: jnp.tensordot(weight, jnp.square(g.astype(jnp.float32)), axes=1), grads)
+    return chunk_sum
+
+
 def diagonal_fisher(logits_fn: Callable, params: PyTree, inputs, labels=None, *,
-                    key: jax.Array | None = None, chunk: int = FISHER_CHUNK) -> PyTree:
+                    key: jax.Array | None = None, chunk: int = FISHER_CHUNK,
+                    extra: PyTree = None) -> PyTree:
     """``F = mean_x (∂ log p(y | x) / ∂θ)²`` per parameter, float32, shaped like ``params``.
 
     Args:
-      logits_fn: ``(params, inputs [B, ...]) -> logits [B, C]``.
+      logits_fn: ``(params, inputs [B, ...]) -> logits [B, C]``, or ``(params, inputs,
+        extra)`` when ``extra`` is given (e.g. a task head: not differentiated). Pass
+        the same function every time to reuse its compilation.
       inputs: ``[N, ...]``.
       labels: ``[N]`` integer labels from the data (the empirical Fisher); or None,
         and ``y`` is sampled from the model's own prediction with ``key`` (the true
@@ -260,25 +287,13 @@ def diagonal_fisher(logits_fn: Callable, params: PyTree, inputs, labels=None, *,
         raise ValueError(f"diagonal_fisher: {len(labels)} labels for {n} inputs.")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive int (default {FISHER_CHUNK}).")
-
-    def one(p, x, y, k):
-        logits = logits_fn(p, x[None])[0]
-        if k is not None:
-            y = jax.random.categorical(k, jax.lax.stop_gradient(logits))
-        return _log_likelihood(logits, y)
-
-    @jax.jit
-    def chunk_sum(p, x, y, keys, weight):
-        grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0, 0))(p, x, y, keys)
-        return jax.tree.map(
-            lambda g: jnp.tensordot(weight, jnp.square(g.astype(jnp.float32)), axes=1), grads)
-
+    chunk_sum = _fisher_chunk(logits_fn, key is not None, extra is not None)
     labels = np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32)
-    keys = None if key is None else jax.random.split(key, n)
+    keys = jax.random.split(jax.random.key(0) if key is None else key, n)
     total = None
     for (x, y, idx), mask in batching.padded_batches([inputs, labels, np.arange(n)], chunk):
-        k = None if keys is None else keys[idx]
-        s = chunk_sum(params, _as_model_inputs(x), y, k, jnp.asarray(mask, jnp.float32))
+        s = chunk_sum(params, _as_model_inputs(x), y, keys[idx], jnp.asarray(mask, jnp.float32),
+                      extra)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
     return jax.tree.map(lambda t: t / n, total)
 

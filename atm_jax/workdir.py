@@ -75,6 +75,8 @@ def config_differences(old: Mapping, new: Mapping, prefix: str = "",
         a, b = old.get(name, ABSENT), new.get(name, ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, path + ".", defaults)
+        elif a is ABSENT and isinstance(b, dict):  # a section added since: field by field
+            out += config_differences({}, b, path + ".", defaults)
         elif a is ABSENT and b in _defaults_of(path, defaults):
             continue
         elif a != b:

@@ -59,7 +59,12 @@ def _combine(lam: jax.Array, leaves: Sequence[jax.Array]) -> list:
     for i, x in enumerate(leaves):
         c = lam[:, i] if lam.ndim == 2 else lam
         compute = jnp.promote_types(x.dtype, jnp.float32)
-        out.append(jnp.tensordot(c.astype(compute), x.astype(compute), axes=1).astype(x.dtype))
+        # Unrolled over tasks: XLA:CPU reduces over a leading axis slowly (WORKSPACE,
+        # "Performance notes").
+        total = c[0].astype(compute) * x[0].astype(compute)
+        for t in range(1, x.shape[0]):
+            total = total + c[t].astype(compute) * x[t].astype(compute)
+        out.append(total.astype(x.dtype))
     return out
 
 
@@ -167,9 +172,10 @@ def adamerging(stacked: PyTree, *, key: jax.Array | None = None, base: PyTree = 
         batch = [x[r[s]] for x, r in zip(inputs, rows)]
         lam, state, value = step(lam, state, leaves, base_leaves, batch)
         curve.append(value)
-    last = jax.jit(objective)(lam, leaves, base_leaves,
-                              batches=[x[r[-1]] if steps else x[:batch_size]
-                                       for x, r in zip(inputs, rows)])
+    # The entropy after the last step, on the last batch: one more call of the same
+    # compiled step (its update is dropped), not a second compilation.
+    _, _, last = step(lam, state, leaves, base_leaves,
+                      [x[r[-1]] if steps else x[:batch_size] for x, r in zip(inputs, rows)])
     entropy = [float(v) for v in jax.device_get(curve)] + [float(last)]
     delta = jax.tree.unflatten(treedef, _combine(lam, leaves))
     return AdaMergingResult(delta, np.asarray(lam), entropy, tuple(paths))
