@@ -15,7 +15,9 @@ is deleted once no kept step names it. So the k-th checkpoint of an iteration
 writes one model, not k.
 
 Orbax writes a step (and an item) into a temporary folder and renames it when
-complete, so a kill during a save leaves the previous step intact. On one process
+complete, so a kill during a save leaves the previous step intact (on an object store
+such as ``gs://``, where nothing renames, it writes in place and a step counts once
+its ``commit_success.txt`` is written). On one process
 the writes run on a background thread, in the order they were asked for (an item
 before the step that names it), from host copies taken at the call: training goes
 on while a checkpoint is written. A step waits for the previous step to be on disk
@@ -30,8 +32,6 @@ cannot be read or whose arrays no longer match their recorded CRCs.
 from __future__ import annotations
 
 import concurrent.futures
-import pathlib
-import shutil
 import sys
 import time
 import zlib
@@ -46,7 +46,7 @@ from atm_jax import extras
 with extras.needed("atm_jax.checkpoint"):
     import orbax.checkpoint as ocp
 
-from atm_jax import atm
+from atm_jax import atm, files
 from atm_jax import tree as tree_lib
 from atm_jax.errors import CheckpointFormatError
 
@@ -138,7 +138,9 @@ class Checkpointer:
     """Saves and finds the checkpoints of one workdir.
 
     Args:
-      directory: where the numbered steps live (created if missing).
+      directory: where the numbered steps live (created if missing): a local folder
+        or a bucket path (``gs://…``: orbax's arrays through tensorstore, the rest
+        through epath).
       keep: how many of the newest steps to keep (at least 2, so a damaged newest
         step still leaves one to fall back to).
       log: a line printer for warnings.
@@ -147,16 +149,16 @@ class Checkpointer:
         in step with the other processes on the calling thread).
     """
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3,
+    def __init__(self, directory: files.PathLike, *, keep: int = 3,
                  log: Callable[[str], None] = print, background: bool | None = None):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
             raise ValueError(f"keep={keep!r} must be an integer >= 2: with one checkpoint "
                              "a damaged save would leave nothing to resume from.")
-        self.directory = pathlib.Path(directory)
+        self.directory = files.as_path(directory)  # a local folder or gs://…
         self.log = log
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        self._manager = ocp.CheckpointManager(_absolute(self.directory), options=options)
         self._items = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         self._item_refs: dict[int, dict[str, dict]] = {}  # step -> the items it names
         if background is None:
@@ -169,7 +171,7 @@ class Checkpointer:
         self._reported = False  # whether that failure reached the caller
 
     @property
-    def items_directory(self) -> pathlib.Path:
+    def items_directory(self):
         return self.directory / "items"
 
     def _run(self, write: Callable[[], None]) -> concurrent.futures.Future | None:
@@ -216,7 +218,7 @@ class Checkpointer:
         return digest(tree)
 
     def _write_item(self, name: str, tree: PyTree) -> None:
-        self._items.save((self.items_directory / name).absolute(),
+        self._items.save(_absolute(self.items_directory / name),
                          args=ocp.args.StandardSave(tree), force=True)
 
     def steps(self) -> list[int]:
@@ -272,7 +274,10 @@ class Checkpointer:
             return
         for path in self.items_directory.iterdir():
             if path.name not in kept:
-                shutil.rmtree(path, ignore_errors=True)
+                try:  # epath: a local rmtree, or every object under the prefix
+                    path.rmtree()
+                except OSError:  # best effort: a leftover item is retried next time
+                    pass
 
     def latest(self) -> Restored | None:
         """The newest readable, intact step; None when there is none.
@@ -295,7 +300,7 @@ class Checkpointer:
                     raise ValueError("array contents differ from the CRC-32s recorded at save time")
                 items = {}
                 for name, crcs in meta.get("items", {}).items():
-                    items[name] = self._items.restore((self.items_directory / name).absolute(),
+                    items[name] = self._items.restore(_absolute(self.items_directory / name),
                                                       args=ocp.args.StandardRestore())
                     if digest(items[name]) != crcs:
                         raise ValueError(f"item {name!r} differs from the CRC-32s recorded at "
@@ -330,9 +335,12 @@ class Checkpointer:
             return
         aside = self.directory.with_name(self.directory.name + ".damaged")
         aside.mkdir(exist_ok=True)
+        if not files.is_local(aside):  # a folder on an object store is its objects: one
+            files.write_text(aside / "README.txt", "Checkpoint steps found damaged or "
+                             "incomplete, set aside by atm_jax; nothing reads them.\n")
         for step in steps:
             target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(str(self.directory / str(step)), str(target))
+            (self.directory / str(step)).rename(target)  # an object store: copy + delete
             self.log(f"moved damaged checkpoint step {step} to {target}")
         self._manager.reload()
 
@@ -344,6 +352,12 @@ class Checkpointer:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
             self._manager.close()
+
+
+def _absolute(path):
+    """``path`` for orbax: a local one made absolute; a remote one as it is (an
+    absolute() of ``gs://b/x`` would put it under the current folder)."""
+    return path.absolute() if files.is_local(path) else path
 
 
 # -- an atm.State as checkpoint content ---------------------------------------------------

@@ -61,11 +61,13 @@ def _free_port() -> int:
 
 
 def run_processes(cache, workdir, *flags, processes: int = 2, heartbeat: int = HEARTBEAT,
-                  **extra):
+                  logs: pathlib.Path | None = None, **extra):
     """Starts ``processes`` JAX processes of one run; returns [(returncode, log)] in
-    process order. Each runs in its own process group, killed whatever happens."""
+    process order. Each runs in its own process group, killed whatever happens. The
+    logs go beside a local ``workdir``, else into the folder ``logs``."""
     port = _free_port()
-    logs = [workdir.parent / f"{workdir.name}.p{i}.log" for i in range(processes)]
+    folder, name = (logs, "run") if logs is not None else (workdir.parent, workdir.name)
+    logs = [folder / f"{name}.p{i}.log" for i in range(processes)]
     running = []
     try:
         for i in range(processes):
@@ -218,6 +220,29 @@ def test_sigkill_one_process_the_other_exits_then_both_resume_bitwise(cache, two
     assert (rc0, rc1) == (0, 0), log0[-3000:] + log1[-3000:]
     assert "resuming from checkpoint step" in log0 and "resuming from checkpoint step" in log1
     _same_outputs(workdir, two_processes[0] / "work")
+
+
+def test_two_processes_on_a_bucket_sigkill_one_then_both_resume_bitwise(
+        cache, two_processes, gcs_bucket, gcs_emulator, tmp_path):
+    """Both processes on one ``gs://`` workdir (the GCS-protocol server of
+    tests/gcs_emulator.py): process 1 SIGKILLed mid-finetune, both restarted, the
+    outputs are bitwise those of the uninterrupted local two-process run."""
+    from etils import epath
+
+    workdir = f"{gcs_bucket}/run"
+    (rc0, log0), (rc1, log1) = run_processes(cache, workdir, heartbeat=KILL_HEARTBEAT,
+                                             logs=tmp_path, MULTIHOST_KILL="1:22")
+    assert rc1 == -signal.SIGKILL and rc0 != 0, log0[-3000:] + log1[-3000:]
+    assert "SIGKILLs itself at train step 22" in log1
+    written = gcs_emulator.objects(f"{workdir}/")
+    assert any("/state/ocdbt.process_0/d/" in n for n in written)  # tensorstore's arrays
+    assert "run/results.json" not in written
+    (rc0, log0), (rc1, log1) = run_processes(cache, workdir, logs=tmp_path)
+    assert (rc0, rc1) == (0, 0), log0[-3000:] + log1[-3000:]
+    for log in (log0, log1):
+        assert "resuming from checkpoint step" in log and f"in {workdir}/checkpoints" in log
+    _same_outputs(epath.Path(workdir), two_processes[0] / "work")
+    assert not (ROOT / "gs:").exists()  # the processes' working folder: nothing went there
 
 
 # -- fast checks, no subprocess ----------------------------------------------------------

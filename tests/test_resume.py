@@ -256,6 +256,43 @@ def test_resumed_run_does_not_redo_finished_tasks(cache, reference, tmp_path):
         assert (workdir / name).read_bytes() == (reference / "work" / name).read_bytes(), name
 
 
+def test_sigkills_on_a_bucket_then_resume_give_bitwise_the_local_run(
+        cache, reference, gcs_bucket, gcs_emulator, tmp_path):
+    """``--workdir=gs://…`` on the GCS-protocol server of tests/gcs_emulator.py, killed
+    mid-save (an object store has no rename: orbax writes the step in place, and it
+    counts once its commit_success.txt is there), then mid-finetune (ATM's iteration 1,
+    second task), restarted: every output is the uninterrupted local run's, and the
+    checkpoints are tensorstore's objects in the bucket."""
+    from etils import epath
+
+    workdir = f"{gcs_bucket}/run"
+    killed = drive(cache, workdir, tmp_path / "calls", "save:3")  # the first one-shot step
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    written = gcs_emulator.objects(f"{workdir}/")
+    assert "run/checkpoints/3/_CHECKPOINT_METADATA" in written  # begun, never committed
+    assert "run/checkpoints/3/commit_success.txt" not in written
+    assert "run/checkpoints/2/commit_success.txt" in written
+    assert any("/state/ocdbt.process_0/d/" in n for n in written)  # tensorstore's arrays
+    killed = drive(cache, workdir, tmp_path / "calls", "step:22")  # counted from the resume
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert f"resuming from checkpoint step 2 in {workdir}/checkpoints" in killed.stdout
+    resumed = drive(cache, workdir, tmp_path / "calls")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"in {workdir}/checkpoints (in atm," in resumed.stdout
+    for name in OUTPUTS:
+        assert (epath.Path(workdir) / name).read_bytes() == \
+            (reference / "work" / name).read_bytes(), name
+    ours = json.loads((epath.Path(workdir) / "results.json").read_text())
+    theirs = json.loads((reference / "work" / "results.json").read_text())
+    assert ours["rows"] == theirs["rows"] and ours["curves"] == theirs["curves"]
+    written = gcs_emulator.objects(f"{workdir}/")
+    steps = {n.split("/")[2] for n in written if n.startswith("run/checkpoints/")} - {"items"}
+    assert len(steps) == 2  # config.checkpoint.keep
+    assert all(f"run/checkpoints/{s}/state/ocdbt.process_0/manifest.ocdbt" in written
+               for s in steps)
+    assert not (ROOT / "gs:").exists()  # the drivers' working folder: nothing went there
+
+
 # -- in-process tests ------------------------------------------------------------------
 
 def _quick_config():
