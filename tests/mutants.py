@@ -65,6 +65,7 @@ class Mutation:
 
 
 HF = "tests/test_hf_models.py::"
+REMOTE = "tests/test_remote_workdir.py::"
 FT = "tests/test_finetune.py::"
 DATA = "tests/test_data.py::"
 PAPER = "tests/test_paper_data.py::"
@@ -304,6 +305,20 @@ ATM_MUTATIONS = [
     Mutation("bucket-append", "atm_jax/writers.py", "if not files.is_local(self.path):", "if False:",
              (FILES + "test_metrics_on_a_bucket_are_rewritten_whole",),
              "metrics.jsonl appended on an object store"),
+    Mutation("checkpoint-bucket-made-local", "atm_jax/checkpoint.py",
+             "    return path.absolute() if files.is_local(path) else path",
+             "    return path.absolute()",
+             (REMOTE + "test_checkpoints_on_a_bucket_delete_unnamed_items_and_set_damaged_steps_aside",
+              REMOTE + "test_a_refused_checkpoint_array_write_stops_the_run"),
+             "a gs:// checkpoint folder taken for a local one (written under the current folder)"),
+    Mutation("checkpoint-bucket-items-kept", "atm_jax/checkpoint.py",
+             "                    path.rmtree()\n", "                    pass\n",
+             (REMOTE + "test_checkpoints_on_a_bucket_delete_unnamed_items_and_set_damaged_steps_aside",),
+             "finetuned-model items no kept step names are never deleted"),
+    Mutation("checkpoint-bucket-no-aside-folder", "atm_jax/checkpoint.py",
+             "        if not files.is_local(aside):", "        if False:",
+             (REMOTE + "test_checkpoints_on_a_bucket_delete_unnamed_items_and_set_damaged_steps_aside",),
+             "a damaged step on a bucket cannot be moved aside (no such folder): resume fails"),
     Mutation("every-process-writes", "atm_jax/files.py",
              "if not (all_processes or is_writer()):", "if False:",
              (FILES + "test_only_process_zero_writes_unless_all_processes",),
