@@ -313,7 +313,7 @@ def _read_tensors(folder: pathlib.Path, allow_pickle: bool) -> dict[str, np.ndar
     return _read_pickles(pickles)
 
 
-def _prefix(family: str, names: Iterable[str]) -> str:
+def task_prefix(family: str, names: Iterable[str]) -> str:
     """The task-model prefix (``""``, ``"bert."``, ...) in front of the encoder's tensors."""
     if family == "clip":
         return ""
@@ -326,7 +326,7 @@ def _params_from_tensors(
     family: str, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str
 ) -> tuple[dict, tuple[str, ...]]:
     expected = _leaves(_abstract_params(family, config))
-    prefix = _prefix(family, tensors)
+    prefix = task_prefix(family, tensors)
     items, missing, mismatched, used = [], [], [], set()
     for path, spec in expected:
         name, transform = hf_name(family, path)
@@ -420,15 +420,29 @@ def load(
         UnsafeCheckpointError: only pickles exist and ``allow_pickle`` is False.
         HubUnavailableError: a hub id could not be fetched.
     """
-    folder = _resolve(source, allow_pickle, revision)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json")
-    config = json.loads(config_path.read_text())
+    folder, config = _folder_config(source, allow_pickle, revision)
     family = _family(config)
     tensors = _read_tensors(folder, allow_pickle)
     params, initialized = _params_from_tensors(family, config, tensors, str(folder))
     return HFCheckpoint(family, config, params, initialized)
+
+
+def _folder_config(source, allow_pickle: bool, revision: str | None) -> tuple[pathlib.Path, dict]:
+    folder = _resolve(source, allow_pickle, revision)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    return folder, json.loads(config_path.read_text())
+
+
+def read_folder(
+    source: str | os.PathLike, *, allow_pickle: bool = False, revision: str | None = None
+) -> tuple[pathlib.Path, dict, dict[str, np.ndarray]]:
+    """(local folder, its ``config.json``, every tensor by HF name) of any HF model folder
+    or hub id, whatever its ``model_type`` (a ``CLIPVisionModel``'s too); the same reading
+    rules and errors as `load`, without mapping the tensors to our params."""
+    folder, config = _folder_config(source, allow_pickle, revision)
+    return folder, config, _read_tensors(folder, allow_pickle)
 
 
 # ---------------------------------------------------------------------------
