@@ -24,10 +24,11 @@ from atm_jax import extras
 
 with extras.needed("atm_jax.recipes"):
     import ml_collections
+    from ml_collections import config_dict
 
 __all__ = ["PAPER", "BUILDERS", "SHRINKS", "ALPHA_GRID", "STUDY_MERGES", "STUDY_ATM", "method",
            "mesh", "analysis_methods", "study_methods",
-           "mini", "tiny", "paper_config", "runlocal", "apply_arg"]
+           "mini", "tiny", "paper_config", "runlocal", "pool_rows", "apply_arg"]
 
 VISION_TASKS = ("cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn")
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
@@ -271,6 +272,9 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     })
     config.model = ml_collections.ConfigDict({
         "name": model, "weights": recipe["weights"], "allow_pickle": False, "init_seed": 0})
+    # Finetuned checkpoints in place of the one-shot finetunes (`atm_jax.model_pool`):
+    # None, a template "org/name_{task}" / "/ckpts/{task}", or {task: folder or hub id}.
+    config.model_pool = config_dict.placeholder(object)
     config.heads = recipe["heads"]
     config.head_seed = 0
     config.optimizer = ml_collections.ConfigDict({
@@ -329,7 +333,19 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # The builders of each suite (the schema is the union of their fields) and the
 # shrinks a config file's argument may name.
 BUILDERS = {"mini": (mini,), "paper": tuple(lambda m=m: paper_config(m) for m in PAPER)}
-SHRINKS = {"mini": {"tiny": tiny}, "paper": {"runlocal": runlocal}}
+def pool_rows(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Keeps, in place, only the rows that train nothing: the pretrained and individual
+    references and the one-shot merges (no ATM method, no linear probe), which is what
+    a ``config.model_pool`` run evaluates (`atm_jax.model_pool`)."""
+    for name in [n for n in config.methods if config.methods[n].kind == "atm"]:
+        del config.methods[name]
+    config.references = tuple(r for r in config.references if r != "linear_probe")
+    return config
+
+
+SHRINKS = {"mini": {"tiny": tiny}, "paper": {"runlocal": runlocal, "pool": pool_rows}}
+# The order a config argument's parts apply in: shrinks, then the row sets, then `pool_rows`.
+_ARG_ORDER = {"analysis": 1, "study": 1, "pool": 2}
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None, path: str
@@ -337,7 +353,8 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None, path: str
     """A config file's argument: none for the full recipe, else a shrink of its suite
     (``tiny`` for mini, ``runlocal`` for the paper setups) and/or ``analysis``
     (`analysis_methods`) and/or ``study`` (`study_methods`), comma-separated:
-    ``"tiny,analysis"``, ``"tiny,study"``."""
+    ``"tiny,analysis"``, ``"tiny,study"``; the paper setups also take ``pool``
+    (`pool_rows`, applied last: ``"runlocal,analysis,pool"``)."""
     if arg in (None, ""):
         return config
     shrinks = {**SHRINKS.get(config.suite, {}), "analysis": analysis_methods,
@@ -346,7 +363,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None, path: str
         if part not in shrinks:
             named = " / ".join(repr(k) for k in shrinks)
             raise ValueError(f"{path} takes no argument or {named} (comma-separated), got {arg!r}.")
-    for part in sorted(arg.split(","), key=lambda p: p in ("analysis", "study")):  # shrink first
+    for part in sorted(arg.split(","), key=lambda p: _ARG_ORDER.get(p, 0)):
         config = shrinks[part](config)
     return config
 

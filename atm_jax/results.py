@@ -60,11 +60,11 @@ def write_results(config, workdir, setup: Setup, *, rows: Sequence[dict],
 def notes(config, setup: Setup, seconds: float) -> list[str]:
     """The lines under the results table: setup, budget, optimizer, valFT sizes, seed."""
     opt = OptimizerConfig(**config.optimizer.to_dict())
-    out = list(setup.notes) + [
-        f"Budget: {config.budget} epochs per task for every method; optimizer "
-        f"{opt.name} lr {opt.learning_rate}, batch {opt.batch_size}, grad clip {opt.grad_clip} "
-        "(same for all).",
-    ]
+    out = list(setup.notes)
+    if setup.model_pool is None:  # a pool run trains nothing (its notes say where from)
+        out.append(f"Budget: {config.budget} epochs per task for every method; optimizer "
+                   f"{opt.name} lr {opt.learning_rate}, batch {opt.batch_size}, grad clip "
+                   f"{opt.grad_clip} (same for all).")
     for name in schema.method_order(config):
         spec = config.methods[name]
         start = spec.get("start", "") if spec.kind == "atm" else ""

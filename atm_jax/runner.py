@@ -35,6 +35,7 @@ from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
 from atm_jax import distributed, event_files, files, parallel, results, schema, sharding, suites
 from atm_jax import upgrades, writers
+from atm_jax import model_pool
 from atm_jax import workdir as workdir_lib
 from atm_jax.analysis import recorder as recorder_lib
 from atm_jax.analysis import report as report_lib
@@ -351,10 +352,15 @@ class Runner:
         names = [n for n in schema.method_order(config) if config.methods[n].kind == "one_shot"]
         tuned = [n for n in names if config.methods[n].get("tune_alpha", False)]
         state = self.restored_state("one_shot") or atm_lib.init(self.setup.base, self.setup.heads)
-        done = len(state.finetuned)
-        self.log(f"[one-shot] finetuning {len(state.heads)} task(s) for {budget} epoch(s) each"
-                 + (f" (resumed: {done} already done)" if done else ""))
-        state = self.finetune_all("one_shot", state, "train", budget, with_base=False)
+        if self.setup.model_pool is not None:  # finetuned elsewhere: 0 epochs in these rows
+            state, budget = model_pool.finetuned_state(state, self.setup.model_pool), 0
+            self.log(f"[one-shot] the {len(state.finetuned)} finetuned models of "
+                     "config.model_pool, no finetuning")
+        else:
+            done = len(state.finetuned)
+            self.log(f"[one-shot] finetuning {len(state.heads)} task(s) for {budget} epoch(s) "
+                     "each" + (f" (resumed: {done} already done)" if done else ""))
+            state = self.finetune_all("one_shot", state, "train", budget, with_base=False)
         self.individual = atm_lib.individual(state, self.evaluate)
         self.write({"method": "individual", "iteration": 1, "epochs_per_task": budget,
                     "accuracy": self.individual,

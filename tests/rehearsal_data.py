@@ -19,7 +19,10 @@ tests/ on ``sys.path`` first.
 * `write_prompt_tokenizer`: a word-level tokenizer covering the tasks' zero-shot
   prompts, for the random-init CLIP text tower;
 * `write_hf_model`: a random-init Hugging Face CLIP or BERT folder (transformers
-  and torch), full size or tiny.
+  and torch), full size or tiny;
+* `write_clip_vision_model` / `write_bert_classifier`: a finetuned pool's folders in
+  the published layouts (FusionBench's ``CLIPVisionModel`` task checkpoints,
+  ``BertForSequenceClassification``) from our params, without torch.
 
 Labels are random, so the accuracies mean nothing; shapes and code paths are the
 paper's. Everything is deterministic in ``seed``.
@@ -38,7 +41,8 @@ from atm_jax.data import local, text
 from atm_jax.data.paper_tasks import GLUE_TASKS, PAPER_TASKS, VISION_TASKS
 
 __all__ = ["CLIP_SPECIAL", "TINY_BERT", "TINY_CLIP", "VIT_B16", "prompt_words",
-           "write_hf_model", "write_image_tasks", "write_prompt_tokenizer", "write_text_tasks"]
+           "write_bert_classifier", "write_clip_vision_model", "write_hf_model",
+           "write_image_tasks", "write_prompt_tokenizer", "write_text_tasks"]
 
 PathLike = str | os.PathLike
 
@@ -225,4 +229,82 @@ def write_hf_model(model: str, folder: PathLike, *, tiny: bool = False, seed: in
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") not in ("clip", "bert"):
         raise RuntimeError(f"{folder}/config.json has model_type {config.get('model_type')!r}")
+    return folder
+
+
+def _hf_tensors(family: str, params: dict) -> dict[str, np.ndarray]:
+    """Our params under their HF names and layouts, leaf by leaf (`atm_jax.models.hf`'s
+    key map; no config needed, so no shapes are traced)."""
+    import jax
+
+    from atm_jax.models import hf
+
+    out = {}
+    for keys, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name, transform = hf.hf_name(family, tuple(str(k.key) for k in keys))
+        out[name] = np.array(transform.to_hf(np.asarray(leaf, np.float32)), order="C")
+    return out
+
+
+def write_clip_vision_model(folder: PathLike, config: dict, params: dict, *,
+                            drop: Sequence[str] = (), prefixed: bool = True) -> pathlib.Path:
+    """Writes the image encoder of CLIP ``params`` as a ``CLIPVisionModel`` folder, the
+    layout of FusionBench's published task checkpoints: ``vision_model.*`` tensors only
+    (no ``visual_projection``), and the vision config with model_type
+    ``clip_vision_model``.
+
+    Args:
+      folder: the folder to write.
+      config: the HF ``CLIPConfig`` dict of ``params``.
+      params: full CLIP params ``{"vision", "text", "logit_scale"}`` (ours).
+      drop: HF tensor names to leave out as well (a damaged checkpoint).
+      prefixed: names under ``vision_model.`` as transformers 4 saved them (FusionBench's);
+        False: without it, as transformers 5's ``save_pretrained`` writes them.
+
+    Returns:
+      ``folder`` as a path.
+    """
+    from safetensors.numpy import save_file
+
+    tower = "vision_model."
+    tensors = {(n if prefixed else n[len(tower):]): t
+               for n, t in _hf_tensors("clip", {"vision": params["vision"]}).items()
+               if n.startswith(tower) and n not in drop}
+    folder = pathlib.Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    vision = {**config["vision_config"], "model_type": "clip_vision_model",
+              "architectures": ["CLIPVisionModel"], "projection_dim": config["projection_dim"]}
+    (folder / "config.json").write_text(json.dumps(vision, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def write_bert_classifier(folder: PathLike, config: dict, params: dict, head: dict
+                          ) -> pathlib.Path:
+    """Writes BERT ``params`` with a linear ``head`` on the pooled output as a
+    ``BertForSequenceClassification`` folder (encoder under ``bert.``, the head as
+    ``classifier.weight`` [C, H] and ``classifier.bias`` [C]).
+
+    Args:
+      folder: the folder to write.
+      config: the HF ``BertConfig`` dict of ``params``.
+      params: our BERT encoder params.
+      head: ``{"kernel": [H, C], "bias": [C]}`` (ours).
+
+    Returns:
+      ``folder`` as a path.
+    """
+    from safetensors.numpy import save_file
+
+    tensors = {f"bert.{n}": t for n, t in _hf_tensors("bert", params).items()}
+    tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(head["kernel"], np.float32).T)
+    tensors["classifier.bias"] = np.asarray(head["bias"], np.float32)
+    folder = pathlib.Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    classes = int(np.shape(head["bias"])[0])
+    out = {**config, "architectures": ["BertForSequenceClassification"],
+           "id2label": {str(i): f"LABEL_{i}" for i in range(classes)},
+           "label2id": {f"LABEL_{i}": i for i in range(classes)}}
+    (folder / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return folder

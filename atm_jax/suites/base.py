@@ -24,6 +24,9 @@ class Setup:
       export: ``(folder, backbone) -> None`` writing a Hugging Face folder, or None.
       base_info: facts about the base for results.json.
       notes: lines for the results table.
+      model_pool: ``{task: finetuned backbone}`` read from ``config.model_pool``
+        (`atm_jax.model_pool`): the one-shot rows merge these instead of finetuning;
+        None: they finetune.
     """
     tasks: dict
     apply_fn: Callable
@@ -33,3 +36,4 @@ class Setup:
     export: Callable[[Any, PyTree], None] | None = None
     base_info: dict = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    model_pool: dict | None = None

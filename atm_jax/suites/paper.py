@@ -14,7 +14,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from atm_jax import files, schema
+from atm_jax import files, model_pool, schema
 from atm_jax.errors import ConfigError
 from atm_jax.suites.base import Setup
 
@@ -70,6 +70,7 @@ def validate(config) -> None:
         raise ConfigError("config.model.weights is empty (random init) but config.data.source="
                           f"{source!r}: random init is for smoke runs on local data only.")
     schema.check_batch_sizes(config, config.data.train_size, config.data.validation_cap)
+    model_pool.check(config)
 
 
 
@@ -235,6 +236,7 @@ def build(config, log) -> Setup:
 
         heads = _zero_shot_heads(config, cfg, params, tasks, log)
         backbone = params["vision"]
+        pool = model_pool.load(config, backbone, heads, tasks, log)
 
         def export(folder, merged):
             hf.export(folder, "clip", cfg, {**params, "vision": merged})
@@ -243,7 +245,8 @@ def build(config, log) -> Setup:
                      "averaged), frozen, never merged; only the image encoder is finetuned and "
                      "merged.")
         return Setup(tasks, apply_fn, backbone, heads, augment=augment, export=export,
-                     base_info=info, notes=notes)
+                     base_info=info, notes=notes + (pool.notes if pool else []),
+                     model_pool=pool.finetuned if pool else None)
 
     tokenizer = _tokenizer(config, config.model.weights or None)
     tasks = _load_tasks(config, tokenizer, log)
@@ -261,12 +264,18 @@ def build(config, log) -> Setup:
     heads = {t: zero_shot.glue_head(jax.random.fold_in(head_key, i), width, task.num_classes)
              for i, (t, task) in enumerate(tasks.items())}
 
+    pool = model_pool.load(config, params, heads, tasks, log)
+    if pool is not None:  # a checkpoint's own classifier replaces the random head
+        heads = pool.heads
+
     def export(folder, merged):
         hf.export(folder, name, cfg, merged)
 
     notes.append(f"Heads: frozen random linear heads on the pooled output (seed "
                  f"{config.head_seed}), never merged; max length {config.data.max_length}.")
-    return Setup(tasks, apply_fn, params, heads, export=export, base_info=info, notes=notes)
+    return Setup(tasks, apply_fn, params, heads, export=export, base_info=info,
+                 notes=notes + (pool.notes if pool else []),
+                 model_pool=pool.finetuned if pool else None)
 
 
 def _zero_shot_heads(config, cfg, params, tasks, log) -> dict:
