@@ -26,7 +26,7 @@ with extras.needed("atm_jax.recipes"):
     import ml_collections
     from ml_collections import config_dict
 
-__all__ = ["PAPER", "BUILDERS", "SHRINKS", "ALPHA_GRID", "STUDY_MERGES", "STUDY_ATM", "method",
+__all__ = ["PAPER", "BUILDERS", "SHRINKS", "ALPHA_GRID", "STUDY_MERGES", "STUDY_ATM", "STUDY_DATA_MERGES", "method",
            "mesh", "analysis_methods", "study_methods",
            "mini", "tiny", "paper_config", "runlocal", "pool_rows", "apply_arg"]
 
@@ -133,6 +133,15 @@ STUDY_MERGES = {
     "della": ("della", {"density": 0.5, "epsilon": 0.15}, True),  # mergekit's λ = 1
     "model_stock": ("model_stock", {}, True),  # its own interpolation ratio
 }
+# The merges that look at data (`config.merge_data`), one-shot at α = 1 as their papers
+# run them: RegMean's and Fisher's weights sum to one, AdaMerging learns its own scale.
+# AdaMerging: 200 Adam steps at batch 16 per task for the mini suites (FusionBench: 1,000).
+STUDY_DATA_MERGES = {
+    "regmean": ("regmean", {"off_diagonal_scale": 0.95}),
+    "regmean_pp": ("regmean_pp", {"off_diagonal_scale": 0.95}),
+    "fisher": ("fisher", {}),
+    "adamerging": ("adamerging", {"steps": 200, "batch_size": 16}),
+}
 # ATM with another inner merge, at α chosen by that merge's tuned one-shot row.
 STUDY_ATM = {"atm_ties": ("ties", "ties_tuned"), "atm_tsv": ("tsv", "tsv_tuned"),
              "atm_iso_c": ("iso_c", "iso_c_tuned")}
@@ -143,7 +152,8 @@ def study_methods(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     `STUDY_MERGES` as a one-shot row at the paper's α where it fixes one and with α
     chosen on validation (``<name>_tuned``), the α-tuned rows of today's one-shot
     merges, and ATM with TIES, TSV-M and Iso-C as its inner merge (`STUDY_ATM`) at
-    the α their tuned rows chose, beside ``atm`` (the mean, α = 1)."""
+    the α their tuned rows chose, beside ``atm`` (the mean, α = 1); and the merges that
+    look at data (`STUDY_DATA_MERGES`, α = 1) with ``atm_regmean`` (RegMean inside ATM)."""
     methods = config.methods
     for name in [n for n in methods if methods[n].kind == "one_shot"
                  and not methods[n].get("tune_alpha", False) and f"{n}_tuned" not in methods]:
@@ -159,6 +169,11 @@ def study_methods(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     for name, (merge, source) in STUDY_ATM.items():
         kwargs = methods[source].merge_kwargs.to_dict()
         methods[name] = method("atm", merge, kwargs, iterations=iterations, alpha_from=source)
+    for name, (merge, kwargs) in STUDY_DATA_MERGES.items():
+        methods[name] = method("one_shot", merge, kwargs)
+    # RegMean as ATM's inner merge: its Grams recomputed on every iteration's finetunes.
+    methods.atm_regmean = method("atm", "regmean", STUDY_DATA_MERGES["regmean"][1],
+                                 iterations=iterations)
     return config
 
 
@@ -211,6 +226,7 @@ def mini() -> ml_collections.ConfigDict:
     config.mesh = mesh()
     _compute_fields(config)
     _analysis_fields(config)
+    _merge_data_fields(config)
     return config
 
 
@@ -220,6 +236,15 @@ def _compute_fields(config: ml_collections.ConfigDict) -> None:
     # in the backward pass. Options for accelerators; on a CPU both only cost time.
     config.precision = "float32"
     config.remat = False
+
+
+def _merge_data_fields(config: ml_collections.ConfigDict) -> None:
+    # The merges that look at data (RegMean, RegMean++, Fisher: `atm_jax.merge_spec.MergeData`)
+    # see the first `examples` training examples of each task (FusionBench: 256); the
+    # Fisher's labels come from the data ("data") or from the model ("sampled"); AdaMerging
+    # sees the unlabeled test inputs, as its paper does (transductive).
+    config.merge_data = ml_collections.ConfigDict(
+        {"examples": 256, "fisher_labels": "data", "batch_size": 64})
 
 
 def _analysis_fields(config: ml_collections.ConfigDict) -> None:
@@ -304,6 +329,7 @@ def paper_config(model: str) -> ml_collections.ConfigDict:
     config.mesh = mesh()
     _compute_fields(config)
     _analysis_fields(config)
+    _merge_data_fields(config)
     return config
 
 

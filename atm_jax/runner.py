@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from atm_jax import atm as atm_lib
+from atm_jax import merge as merge_lib
 from atm_jax import checkpoint as checkpoint_lib
 from atm_jax import evaluate as evaluate_lib
 from atm_jax import distributed, event_files, files, parallel, results, schema, sharding, suites
@@ -41,8 +42,9 @@ from atm_jax.analysis import recorder as recorder_lib
 from atm_jax.analysis import report as report_lib
 from atm_jax.errors import ConfigError
 from atm_jax.finetune import Finetuner, OptimizerConfig, linear_probe
+from atm_jax.merge_spec import MergeData
 
-__all__ = ["validate", "run_experiment", "Runner"]
+__all__ = ["validate", "run_experiment", "Runner", "suite_merge_data", "data_used"]
 
 Log = Callable[[str], None]
 
@@ -143,6 +145,30 @@ def run_experiment(config, workdir: files.PathLike, *, log: Log = print) -> dict
         seconds=time.perf_counter() - started, log=log)
     if config.get("analysis", False):  # figures + analysis.json from <workdir>/analysis
         report_lib.build(workdir, log=log)
+    return out
+
+
+def suite_merge_data(setup: suites.Setup, settings, tasks, features: Callable) -> MergeData:
+    """`MergeData` of a suite: the first ``settings.examples`` training examples of each
+    task (their labels too when ``settings.fisher_labels == "data"``) and, for
+    AdaMerging, the unlabeled test inputs; ``features(backbone, inputs)``."""
+    train = {t: setup.tasks[t].train for t in tasks}
+    n = settings.examples
+    labels = {t: y[:n] for t, (_, y) in train.items()} if settings.fisher_labels == "data" else None
+    return MergeData(apply_fn=features, inputs={t: x[:n] for t, (x, _) in train.items()},
+                     labels=labels, unlabeled={t: setup.tasks[t].test[0] for t in tasks},
+                     token_mask=setup.token_mask, batch_size=settings.batch_size)
+
+
+def data_used(diagnostics: Mapping) -> dict:
+    """A row's record of the data its merge looked at (nothing for a data-free merge):
+    examples per task, the statistics' and the merge's seconds, AdaMerging's entropy."""
+    if "data" not in diagnostics:
+        return {}
+    out = {"merge_data": dict(diagnostics["data"]),
+           "merge_seconds": diagnostics.get("merge_seconds")}
+    if "entropy" in diagnostics:
+        out["entropy_first_last"] = [diagnostics["entropy"][0], diagnostics["entropy"][-1]]
     return out
 
 
@@ -374,7 +400,7 @@ class Runner:
             out = atm_lib.one_shot_merge(state, spec, key=atm_lib.merge_key(self.key, 0),
                                          evaluate=self.evaluate,
                                          alpha_grid=grid if n in tuned else None,
-                                         validate=self.validate)
+                                         validate=self.validate, data=self.merge_data(spec))
             merged[n] = out
             self.write({"method": n, "iteration": 1, "epochs_per_task": budget,
                         "accuracy": out["accuracy"],
@@ -394,8 +420,25 @@ class Runner:
             self.add_row(n, merged[n]["accuracy"], budget, "one_shot")
             if n in tuned:
                 self.rows[-1]["alpha"] = merged[n]["alpha"]
+            self.rows[-1].update(data_used(merged[n]["diagnostics"]))
         params = {n: merged[n]["params"] for n in names}
         self.finish_unit("one_shot", params if config.save_params else None)
+
+    def merge_data(self, spec) -> MergeData | None:
+        """What a merge that looks at data sees (`config.merge_data`): the first
+        ``examples`` training examples of each task (with labels for the empirical
+        Fisher) and, for AdaMerging, the unlabeled test inputs; None for data-free merges."""
+        if merge_lib.info(spec.name).uses == "nothing":
+            return None
+        if self.per_process:
+            raise ConfigError(f"merge {spec.name!r} looks at every task's data, which "
+                              "task_ownership='per_process' keeps apart; use 'all'.")
+        return suite_merge_data(self.setup, self.config.merge_data, self.task_names,
+                                self.features)
+
+    def features(self, backbone, inputs):
+        """The backbone's features in evaluation mode (what the data merges run)."""
+        return self.setup.apply_fn(backbone, inputs, False)
 
     def chosen_alpha(self, method: str) -> float:
         """The α the tuned one-shot row ``method`` chose (its row of this run)."""
@@ -439,13 +482,15 @@ class Runner:
                                       on_progress=record)
             state, diagnostics = atm_lib.iteration(
                 state, finetune=None, epochs=epochs, merge=merge, key=self.key,
-                carry_heads=config.heads == "trainable", log=self.log, name=name)
+                carry_heads=config.heads == "trainable", log=self.log, name=name,
+                data=self.merge_data(merge))
             due = atm_lib.evaluation_due(state.iteration, iterations, config.eval_every)
             rec = atm_lib.record(state, diagnostics, evaluate=self.evaluate if due else None,
                                  **named)
             state = self.recorded(state, rec, iterations, record)
         self.curves[name] = list(state.history)
         self.add_row(name, state.history[-1]["accuracy"], config.budget, "atm")
+        self.rows[-1].update(data_used(state.history[-1].get("merge", {})))
         if source:
             self.rows[-1].update(alpha=merge.alpha, alpha_from=source)
         self.finish_unit(name, {name: state.base} if config.save_params else None)

@@ -138,6 +138,9 @@ def field_defaults(suite: str) -> dict[str, list]:
 
 # -- the fields every suite shares ----------------------------------------------------
 
+FISHER_LABELS = ("data", "sampled")
+
+
 def validate_common(config) -> None:
     """Checks the shared fields (keys, seed, flags, resume, tasks, budget, optimizer,
     methods, references); raises ConfigError naming the first bad one."""
@@ -194,6 +197,14 @@ def validate_common(config) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.optimizer: {e}") from None
     _validate_methods(config, budget)
+    if "merge_data" in config:
+        positive_int(config, "merge_data.examples")
+        positive_int(config, "merge_data.batch_size")
+        labels = field(config, "merge_data.fisher_labels")
+        if labels not in FISHER_LABELS:
+            raise ConfigError(f"config.merge_data.fisher_labels={labels!r} must be one of "
+                              f"{FISHER_LABELS}: 'data' takes each example's label (the empirical "
+                              "Fisher), 'sampled' draws it from the model (the true Fisher).")
     check_mesh(config)
     _validate_analysis(config)
     try:

@@ -71,7 +71,8 @@ import common  # noqa: E402
 import peers  # noqa: E402
 
 LEFT_OUT = ("conv1/kernel", "positional_embedding", "proj")
-METHODS = ("tsv", "iso_c", "iso_cts", "wudi", "consensus", "model_stock", "della", "slerp")
+METHODS = ("tsv", "iso_c", "iso_cts", "wudi", "consensus", "model_stock", "della", "slerp",
+           "regmean", "fisher")
 
 
 def inputs(tasks: int, blocks: int, seed: int = 0):
@@ -241,6 +242,66 @@ def compare(method: str, args, stacked: dict, base: dict) -> list[dict]:
                      f"peer {rel_error(theirs, exact):.1e} (it interpolates float32 weights)"})
     elif method == "wudi":
         rows += compare_wudi(args, stacked)
+    elif method in ("regmean", "fisher"):
+        rows += compare_statistics(method, args, stacked, base)
+    return rows
+
+
+def statistics(method: str, stacked: dict, seed: int = 1) -> dict:
+    """Per-task statistics in Flax naming: RegMean's per-row mean Grams ``XᵀX / n`` of
+    random inputs (n = 512 rows, scaled features) for every 2-D kernel, or Fishers
+    (squared normals, like squared gradients) for every leaf; float64."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, x in stacked.items():
+        if method == "regmean" and name.endswith("/kernel") and x.ndim == 3:
+            grams = []
+            for _ in range(x.shape[0]):
+                rows = rng.standard_normal((512, x.shape[1])) * rng.uniform(0.5, 2, x.shape[1])
+                grams.append(rows.T @ rows / len(rows))
+            out[name] = np.stack(grams)
+        elif method == "fisher":
+            out[name] = rng.standard_normal(x.shape) ** 2 * 1e-4
+    return out
+
+
+def compare_statistics(method: str, args, stacked: dict, base: dict) -> list[dict]:
+    """RegMean / Fisher given the same statistics, float64 on both sides (the solve and
+    FusionBench's inverse round differently): whole-model and worst-leaf relative error."""
+    import jax
+
+    from atm_jax import merge
+
+    stats = statistics(method, stacked)
+    rows = []
+    variants = ([("regmean a=0.95", {"off_diagonal_scale": 0.95})] if method == "regmean" else
+                [("fisher", {"floor": 1e-6, "normalize": False}),
+                 ("fisher normalize", {"floor": 1e-6, "normalize": True})])
+    torch_stats = {(k[:-len("kernel")] + "weight" if k.endswith("/kernel") else k): v
+                   for k, v in stats.items()}
+    if method == "fisher":  # Fishers follow their tensors into torch layout
+        torch_stats = to_torch(stats)
+    for label, hp in variants:
+        r = peers.run_peer_full(method, to_torch(stacked), hp, base=to_torch(base),
+                                threads=args.threads, repeats=args.repeats, stats=torch_stats,
+                                dtype="float64")
+        theirs, t_peer = from_torch(r["delta"]), float(np.median(r["seconds"]))
+        with jax.enable_x64(True):
+            st64 = {k: np.asarray(v, np.float64) for k, v in stacked.items()}
+            if method == "regmean":
+                def fn():
+                    return merge.regmean(st64, grams=stats, **hp)
+            else:
+                f64 = [{k: v[t] for k, v in stats.items()} for t in range(args.tasks)]
+
+                def fn():
+                    return merge.fisher(st64, fishers=f64, **hp)
+            ours, t_ours = time_ours(fn, args.repeats)
+        worst = max((float(np.linalg.norm(ours[k] - theirs[k]) / np.linalg.norm(theirs[k])), k)
+                    for k in theirs)
+        rows.append({"method": f"{label} (float64, same statistics)",
+                     "error": rel_error(ours, theirs), "ours": t_ours, "peer": t_peer,
+                     "note": f"worst leaf {worst[1]}: {worst[0]:.1e}"})
     return rows
 
 

@@ -5,9 +5,11 @@ Usage::
 
     python peer_worker.py --input IN.npz --config CFG.json --output OUT.npz
 
-``IN.npz`` holds ``tv/<name>``: float32 ``[T, *torch_shape]`` task vectors, optionally
-``base/<name>`` (the base weights) and ``inject/<name>``: ``[T, *torch_shape]`` (DELLA only).
-``CFG.json``: ``{"method", "hparams", "names", "threads", "repeats", "inject_kind"}``.
+``IN.npz`` holds ``tv/<name>``: ``[T, *torch_shape]`` task vectors, optionally
+``base/<name>`` (the base weights), ``inject/<name>``: ``[T, *torch_shape]`` (DELLA only)
+and ``stat/<name>`` (RegMean's Grams / the Fishers, ``[T, ...]``).
+``CFG.json``: ``{"method", "hparams", "names", "threads", "repeats", "inject_kind", "dtype"}``
+(``dtype``: float32 by default; float64 loads, computes and returns float64).
 ``OUT.npz`` gets ``delta/<name>`` (float32, torch layout) and maybe ``extra/...`` arrays;
 ``OUT.npz.json`` gets the times (seconds, merge call only), peak RSS and notes.
 
@@ -118,6 +120,37 @@ def prepare_fusionbench_matrix(method, torch, tv, base, names, hp):
 
     def finish(out):
         return {n: _np(out[n]) * np.float32(scale) for n in names}, {}
+
+    return call, finish
+
+
+def prepare_fusionbench_data(method, torch, tv, base, names, hp, stats):
+    """RegMean's and Fisher's merge step given the statistics (FusionBench's functions
+    take weights and dotted module names: ``a/b/weight`` → ``a.b.weight``)."""
+    dotted = {n: n.replace("/", ".") for n in names}
+    weights = _weights(torch, tv, base, names)
+    params = {dotted[n]: [w[n] for w in weights] for n in names}
+    tasks = len(weights)
+    if method == "regmean":
+        from fusion_bench.method.regmean.regmean import merging_with_regmean_weights as fn
+        grams = [{dotted[n][:-len(".weight")]: stats[n][t] for n in stats} for t in range(tasks)]
+
+        def call():
+            with torch.no_grad():
+                return fn(params, grams, reduce_non_diagonal_ratio=float(hp["off_diagonal_scale"]))
+    else:
+        from fusion_bench.method.fisher_merging.fisher_merging import (
+            merging_with_fisher_weights as fn)
+        fishers = [{dotted[n]: stats[n][t] for n in names} for t in range(tasks)]
+        ones = torch.ones(tasks, dtype=tv[names[0]].dtype)
+
+        def call():
+            with torch.no_grad():
+                return fn(params, fishers, ones, normalize_fisher_weight=bool(hp["normalize"]),
+                          minimal_fisher_weight=float(hp["floor"]))
+
+    def finish(out):
+        return {n: out[dotted[n]].detach().cpu().numpy() - base[n].numpy() for n in names}, {}
 
     return call, finish
 
@@ -304,18 +337,23 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(threads)
     method, hp, names = cfg["method"], cfg.get("hparams") or {}, cfg["names"]
+    dtype = np.dtype(cfg.get("dtype") or "float32")
     with np.load(args.input) as z:
-        tv = {n: torch.from_numpy(np.ascontiguousarray(z[f"tv/{n}"], dtype=np.float32))
+        tv = {n: torch.from_numpy(np.ascontiguousarray(z[f"tv/{n}"], dtype=dtype))
               for n in names}
         has_base = f"base/{names[0]}" in z.files
-        base = {n: (torch.from_numpy(np.ascontiguousarray(z[f"base/{n}"], dtype=np.float32))
-                    if has_base else torch.zeros(tv[n].shape[1:], dtype=torch.float32))
+        base = {n: (torch.from_numpy(np.ascontiguousarray(z[f"base/{n}"], dtype=dtype))
+                    if has_base else torch.zeros(tv[n].shape[1:], dtype=getattr(torch, dtype.name)))
                 for n in names}
+        stats = {k[len("stat/"):]: torch.from_numpy(np.ascontiguousarray(z[k], dtype=dtype))
+                 for k in z.files if k.startswith("stat/")}
         inject = ({n: torch.from_numpy(np.ascontiguousarray(z[f"inject/{n}"])) for n in names}
                   if cfg.get("inject_kind") else None)
 
     if method in ("iso_c", "iso_cts", "tsv", "wudi"):
         call, finish = prepare_fusionbench_matrix(method, torch, tv, base, names, hp)
+    elif method in ("regmean", "fisher"):
+        call, finish = prepare_fusionbench_data(method, torch, tv, base, names, hp, stats)
     elif method == "consensus":
         call, finish = prepare_consensus(method, torch, tv, base, names, hp)
     elif method == "model_stock":
@@ -341,7 +379,7 @@ def main(argv=None) -> int:
         peak = _peak()
     delta, extra = finish(out)
 
-    arrays = {f"delta/{n}": delta[n].astype(np.float32) for n in names}
+    arrays = {f"delta/{n}": np.asarray(delta[n]).astype(dtype) for n in names}
     arrays.update({f"extra/{k}": v for k, v in extra.items()})
     np.savez(args.output, **arrays)
     meta = {"seconds": seconds, "peak_rss_bytes": peak, "rss_before_bytes": rss_before,

@@ -62,6 +62,7 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 VENVS = {"fusionbench": "fusion-bench==0.2.33", "mergekit": "mergekit==0.1.5"}
 METHOD_VENV = {"iso_c": "fusionbench", "iso_cts": "fusionbench", "tsv": "fusionbench",
                "wudi": "fusionbench", "consensus": "fusionbench", "model_stock": "fusionbench",
+               "regmean": "fusionbench", "fisher": "fusionbench",
                "della": "mergekit", "slerp": "mergekit"}
 METHODS = tuple(METHOD_VENV)
 
@@ -138,11 +139,16 @@ def _venv_ok(py: pathlib.Path, package: str) -> bool:
 def run_peer_full(method: str, stacked: dict[str, np.ndarray], hparams: dict | None = None, *,
                   base: dict[str, np.ndarray] | None = None, threads: int | None = None,
                   repeats: int = 3, inject: dict | None = None, warmup: bool = True,
-                  path: str | os.PathLike | None = None, timeout: float | None = None) -> dict:
+                  path: str | os.PathLike | None = None, timeout: float | None = None,
+                  stats: dict | None = None, dtype: str = "float32") -> dict:
     """`run_peer`, returning everything the worker reported: ``delta``, ``seconds``,
     ``peak_rss_bytes`` (VmHWM over the timed calls, inputs included), ``rss_before_bytes``
     (resident before them), ``extra`` (e.g. consensus's ``tall_mask/<name>`` [T, ...] and
-    ``consensus_mask/<name>``), ``wall_s`` (the whole subprocess)."""
+    ``consensus_mask/<name>``), ``wall_s`` (the whole subprocess).
+
+    ``stats``: regmean / fisher: ``{name: [T, ...]}`` per-task statistics (the Gram
+    ``[T, in, in]`` of a ``…weight`` tensor's inputs; the Fisher of every tensor).
+    ``dtype``: "float32" or "float64": what the worker loads, computes in and returns."""
     if method not in METHOD_VENV:
         raise ValueError(f"unknown peer method {method!r}; one of {METHODS}")
     py = venv_python(METHOD_VENV[method], path)
@@ -151,9 +157,10 @@ def run_peer_full(method: str, stacked: dict[str, np.ndarray], hparams: dict | N
                                 "`python benchmarks/peers.py --setup` first")
     names = list(stacked)
     inject_kind = None
-    arrays = {f"tv/{n}": np.asarray(stacked[n], np.float32) for n in names}
+    arrays = {f"tv/{n}": np.asarray(stacked[n], dtype) for n in names}
     if base is not None:
-        arrays.update({f"base/{n}": np.asarray(base[n], np.float32) for n in names})
+        arrays.update({f"base/{n}": np.asarray(base[n], dtype) for n in names})
+    arrays.update({f"stat/{n}": np.asarray(v, dtype) for n, v in (stats or {}).items()})
     if inject is not None:
         if method != "della":
             raise ValueError("inject is for della only")
@@ -169,7 +176,7 @@ def run_peer_full(method: str, stacked: dict[str, np.ndarray], hparams: dict | N
             arrays[f"inject/{n}"] = arr.astype(np.float32 if inject_kind == "uniform" else np.uint8)
     cfg = {"method": method, "hparams": hparams or {}, "names": names,
            "threads": threads or os.cpu_count(), "repeats": repeats, "warmup": warmup,
-           "inject_kind": inject_kind}
+           "inject_kind": inject_kind, "dtype": dtype}
     with tempfile.TemporaryDirectory(prefix="atm_jax_peer_") as tmp:
         tmp = pathlib.Path(tmp)
         np.savez(tmp / "in.npz", **arrays)

@@ -105,3 +105,18 @@ def test_an_old_workdir_of_another_config_is_refused_and_left_untouched(tmp_path
         runner.run_experiment(config, tmp_path, log=lambda *_: None)
     assert "task_ownership" not in str(info.value) and "mean" not in str(info.value)
     assert (tmp_path / "params" / "task_arithmetic.msgpack").exists()
+
+
+def test_a_config_section_added_since_counts_field_by_field():
+    """A workdir written before ``merge_data`` existed resumes while the section holds its
+    defaults; a changed sub-field is named."""
+    from atm_jax import recipes, schema
+
+    current = json.loads(recipes.mini().to_json())
+    older = dict(current)
+    del older["merge_data"]
+    defaults = schema.field_defaults("mini")
+    assert workdir.config_differences(older, current, defaults=defaults) == []
+    current["merge_data"] = dict(current["merge_data"], examples=128)
+    assert workdir.config_differences(older, current, defaults=defaults) == [
+        "merge_data.examples: '<absent>' -> 128"]

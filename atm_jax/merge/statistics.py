@@ -83,9 +83,12 @@ def _solve(kernels: jax.Array, grams: jax.Array, *, scale: float) -> jax.Array:
     compute = jnp.promote_types(kernels.dtype, jnp.float32)
     k, g = kernels.astype(compute), grams.astype(compute)
     eye = jnp.eye(g.shape[-1], dtype=compute)
-    g = g * (scale + (1.0 - scale) * eye)
-    a = jnp.sum(g, axis=0)
-    b = jnp.einsum("tij,tjo->io", g, k, precision=jax.lax.Precision.HIGHEST)
+    shrink = scale + (1.0 - scale) * eye
+    a = b = 0.0
+    for t in range(g.shape[0]):  # unrolled: XLA:CPU reduces over a leading axis slowly
+        gt = g[t] * shrink
+        a = a + gt
+        b = b + jnp.matmul(gt, k[t], precision=jax.lax.Precision.HIGHEST)
     dead = jnp.diagonal(a) == 0  # a zero row: the feature never fires on any task's data
     a = a + jnp.diag(dead.astype(compute))
     b = jnp.where(dead[:, None], jnp.mean(k, axis=0), b)
@@ -282,11 +285,12 @@ def fisher(stacked: PyTree, *, key: jax.Array | None = None, fishers=None, floor
                              f"{tuple(x.shape)}.")
     weights = np.ones(leaves[0].shape[0])
     if normalize:
-        norms = np.sqrt(sum(np.asarray(jnp.sum(jnp.square(f.astype(jnp.float32)),
-                                               axis=tuple(range(1, f.ndim)))) for f in stacked_f))
+        flat = [np.asarray(f).reshape(f.shape[0], -1) for f in stacked_f]
+        norms = np.sqrt(sum(np.einsum("ti,ti->t", f, f, dtype=np.float64) for f in flat))
         inverse = 1.0 / (norms + floor)
         weights = inverse / inverse.sum()
-    out = [_fisher_leaf(x, f, jnp.asarray(weights, jnp.float32), floor=float(floor))
+    dtype = jnp.promote_types(leaves[0].dtype, jnp.float32)
+    out = [_fisher_leaf(x, f, jnp.asarray(weights, dtype), floor=float(floor))
            for x, f in zip(leaves, stacked_f)]
     return jax.tree.unflatten(treedef, out)
 
@@ -294,6 +298,9 @@ def fisher(stacked: PyTree, *, key: jax.Array | None = None, fishers=None, floor
 @partial(jax.jit, static_argnames=("floor",))
 def _fisher_leaf(x: jax.Array, f: jax.Array, weights: jax.Array, *, floor: float) -> jax.Array:
     compute = jnp.promote_types(x.dtype, jnp.float32)
-    w = (f.astype(compute) + floor) * weights.astype(compute).reshape((-1,) + (1,) * (x.ndim - 1))
-    return (jnp.sum(w * x.astype(compute), axis=0) / jnp.sum(w, axis=0)).astype(x.dtype)
+    num = den = 0.0
+    for t in range(x.shape[0]):  # unrolled: XLA:CPU reduces over a leading axis slowly
+        w = (f[t].astype(compute) + floor) * weights[t].astype(compute)
+        num, den = num + w * x[t].astype(compute), den + w
+    return (num / den).astype(x.dtype)
 

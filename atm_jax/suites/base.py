@@ -22,6 +22,8 @@ class Setup:
       heads: ``{task: {"kernel": [F, C], "bias": [C]}}``.
       augment: ``(inputs, key) -> inputs`` for training batches, or None.
       export: ``(folder, backbone) -> None`` writing a Hugging Face folder, or None.
+      token_mask: ``inputs [B, ...] -> [B, S]`` real-token mask for text inputs (the
+        merges that capture layer inputs drop padded tokens), or None.
       base_info: facts about the base for results.json.
       notes: lines for the results table.
       model_pool: ``{task: finetuned backbone}`` read from ``config.model_pool``
@@ -34,6 +36,7 @@ class Setup:
     heads: dict
     augment: Callable | None = None
     export: Callable[[Any, PyTree], None] | None = None
+    token_mask: Callable | None = None
     base_info: dict = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     model_pool: dict | None = None

@@ -144,4 +144,5 @@ def build(config, log) -> Setup:
          "sentences reach the limit)."),
     ]
     info = dict(info, max_length=d.max_length, truncated_train_fraction=truncated)
-    return Setup(tasks, apply_fn, params, heads, base_info=info, notes=notes)
+    return Setup(tasks, apply_fn, params, heads, base_info=info, notes=notes,
+                 token_mask=lambda tokens: tokens[:, 1])
