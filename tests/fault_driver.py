@@ -2,7 +2,7 @@
 
 Used by tests/test_resume.py in a subprocess::
 
-  python tests/fault_driver.py WORKDIR CALLS_LOG [FAULT]
+  python tests/fault_driver.py WORKDIR CALLS_LOG [FAULT]      # WORKDIR: a folder or gs://…
 
 FAULT is ``<point>:<n>``: die at the n-th (1-based) occurrence of ``point``:
 
