@@ -499,6 +499,28 @@ EVENT_MUTATIONS = [
              "the analysis report fails on a metrics line without an accuracy"),
 ]
 
+MERGE_DATA_MUTATIONS = [
+    Mutation("regmean-ignores-off-diagonal-scale", "atm_jax/merge/statistics.py",
+             "    shrink = scale + (1.0 - scale) * eye", "    shrink = 1.0 + 0.0 * eye",
+             ["tests/test_merge_data.py::test_regmean_below_one_matches_the_scaled_closed_form[0.5]"],
+             "RegMean's off-diagonal scale never applied"),
+    Mutation("regmean-pp-no-propagation", "atm_jax/merge/statistics.py",
+             "            params = model([t if isinstance(c, str) else c for c in choice])",
+             "            params = model([t for c in choice])",
+             ["tests/test_merge_data.py::test_regmean_pp_propagates_through_the_merged_first_layer"],
+             "RegMean++ captures with each task's own earlier layers (plain RegMean)"),
+    Mutation("grams-keep-padding", "atm_jax/capture.py",
+             "                g = g + jnp.matmul((flat * w[:, None]).T, flat,",
+             "                g = g + jnp.matmul(flat.T, flat,",
+             ["tests/test_merge_data.py::test_input_grams_mask_padding_and_tokens"],
+             "padded rows and tokens counted in the Grams"),
+    Mutation("merge-data-last-examples", "atm_jax/runner.py",
+             "inputs={t: x[:n] for t, (x, _) in train.items()}",
+             "inputs={t: x[-n:] for t, (x, _) in train.items()}",
+             ["tests/test_study_rows.py::test_data_merges_see_the_first_examples_of_each_task_every_iteration"],
+             "the statistics see other examples than the documented first ones"),
+]
+
 GROUPS: dict[str, list[Mutation]] = {
     "hf": HF_MUTATIONS,
     "finetune": FINETUNE_MUTATIONS,
@@ -507,6 +529,7 @@ GROUPS: dict[str, list[Mutation]] = {
     "edges": EDGE_MUTATIONS,
     "grad": GRAD_MUTATIONS,
     "events": EVENT_MUTATIONS,
+    "merge_data": MERGE_DATA_MUTATIONS,
 }
 
 

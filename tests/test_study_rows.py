@@ -90,3 +90,37 @@ def test_alpha_tuning_merges_once_and_scales_the_delta(monkeypatch):
                                             key=jax.random.key(0))
         for leaf, want in zip(jax.tree.leaves(seen[i]), jax.tree.leaves(expected)):
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+
+
+def test_data_merges_see_the_first_examples_of_each_task_every_iteration(fake_cache, tmp_path,
+                                                                          monkeypatch):
+    """RegMean's Grams come from each task's own finetuned model on the first
+    merge_data.examples training examples, once per merge (every ATM iteration)."""
+    from atm_jax import capture
+
+    config = test_runner._tiny_config()
+    with config.unlocked():
+        config.tasks = tuple(config.tasks)[:2]
+        config.references = ()
+        config.merge_data.examples = 16
+        config.methods = {
+            "regmean": recipes.method("one_shot", "regmean", {"off_diagonal_scale": 0.95}),
+            "atm_regmean": recipes.method("atm", "regmean", {"off_diagonal_scale": 0.95},
+                                          iterations=2)}
+    seen = []
+    real = capture.input_grams
+
+    def spy(apply_fn, params, inputs, **kwargs):
+        seen.append(np.asarray(inputs))
+        return real(apply_fn, params, inputs, **kwargs)
+    monkeypatch.setattr(capture, "input_grams", spy)
+    out = runner.run_experiment(config, tmp_path / "work", log=lambda *_: None)
+    rows = {r["method"]: r for r in out["rows"]}
+    from atm_jax.suites import mini
+    setup = mini.build(config, lambda *_: None)
+    firsts = [setup.tasks[t].train[0][:16] for t in config.tasks]
+    assert len(seen) == 2 * 3  # one-shot merge + two ATM merges, two tasks each
+    for i, got in enumerate(seen):
+        np.testing.assert_array_equal(got, firsts[i % 2])
+    for name in ("regmean", "atm_regmean"):
+        assert rows[name]["merge_data"]["examples_per_task"] == dict.fromkeys(config.tasks, 16)
