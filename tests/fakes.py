@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import os
 import pickle
 
 import numpy as np
@@ -99,3 +100,24 @@ def install_fake_suite(sizes=(200, 50, 50)) -> None:
     animals, _ = fake_animals(rng)
     install("animals", animals)
     install("digits", fake_digits(rng))
+
+
+def mock_bucket(bucket: str, root):
+    """A context manager serving ``bucket`` (``gs://name``) paths from the local folder
+    ``root`` through etils' epath mock."""
+    from etils.epath import testing as epath_testing
+
+    def local(path):
+        text = os.fspath(path)
+        return text.replace(bucket, str(root)) if text.startswith(bucket) else text
+
+    def one(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def two(fn, src, dst, *args, **kwargs):
+        return fn(local(src), local(dst), *args, **kwargs)
+
+    singles = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree",
+               "stat", "walk", "glob")
+    return epath_testing.mock_epath(**{n: one for n in singles},
+                                    **{n: two for n in ("copy", "rename", "replace")})

@@ -13,11 +13,12 @@ import os
 import numpy as np
 import pytest
 from etils import epath
-from etils.epath import testing as epath_testing
 
 from atm_jax import atm, event_files, runner
 
+import fakes
 from fault_driver import tiny_config
+from tests import test_runner
 
 BUCKET = "gs://atm-events-bucket"
 
@@ -45,20 +46,7 @@ def test_a_record_gives_accuracy_loss_mean_abs_cos_and_merge_time():
 
 def _mock_bucket(root):
     """``gs://atm-events-bucket/...`` served from the folder ``root`` (etils' epath mock)."""
-    def local(path):
-        text = os.fspath(path)
-        return text.replace(BUCKET, str(root)) if text.startswith(BUCKET) else text
-
-    def one(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def two(fn, src, dst, *args, **kwargs):
-        return fn(local(src), local(dst), *args, **kwargs)
-
-    singles = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree",
-               "stat", "walk", "glob")
-    return epath_testing.mock_epath(**{n: one for n in singles},
-                                    **{n: two for n in ("copy", "rename", "replace")})
+    return fakes.mock_bucket(BUCKET, root)
 
 
 @pytest.fixture(params=["local", "mock_bucket", "gcs"])
@@ -171,13 +159,8 @@ def events_workdir(request, fake_cache, tmp_path):
 
 
 def _atm_config(**fields):
-    config = tiny_config()  # the tiny runs of test_resume.py: their programs are cached
-    with config.unlocked():
-        config.methods = {"atm": config.methods.atm}
-        config.references = ()
-        for name, value in fields.items():
-            config[name] = value
-    return config
+    # the tiny runs of test_resume.py: their programs are cached
+    return test_runner._atm_only(tiny_config(), **fields)
 
 
 def test_tensorboard_shows_the_curves_while_the_run_goes(events_workdir, monkeypatch):

@@ -1,15 +1,15 @@
 """The file layer: atomic writes, process-0 guard, checksums, and a (mocked) bucket workdir."""
 
 import json
-import os
 import pathlib
 
 import jax
 import pytest
 from etils import epath
-from etils.epath import testing as epath_testing
 
 from atm_jax import errors, files, workdir, writers
+
+import fakes
 
 BUCKET = "gs://atm-test-bucket"
 
@@ -70,21 +70,7 @@ def bucket(tmp_path):
     """``gs://atm-test-bucket/...`` served from a local folder through etils' epath mock."""
     root = tmp_path / "bucket"
     root.mkdir()
-
-    def local(path):
-        text = os.fspath(path)
-        return text.replace(BUCKET, str(root)) if text.startswith(BUCKET) else text
-
-    def one(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def two(fn, src, dst, *args, **kwargs):
-        return fn(local(src), local(dst), *args, **kwargs)
-
-    singles = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree",
-               "stat", "walk", "glob")
-    with epath_testing.mock_epath(**{n: one for n in singles},
-                                  **{n: two for n in ("copy", "rename", "replace")}):
+    with fakes.mock_bucket(BUCKET, root):
         yield root
 
 
