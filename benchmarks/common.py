@@ -89,6 +89,17 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+def load_config(spec: str):
+    """``get_config(arg)`` of ``path[:arg]`` (a config file under the repository root)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
 def write_results(name: str, header: Sequence[str], body: str,
                   stamp: datetime.datetime | None = None, suffix: str = ".md"
                   ) -> pathlib.Path:

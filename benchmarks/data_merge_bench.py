@@ -19,7 +19,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -27,17 +26,8 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MERGES = {"regmean": {"off_diagonal_scale": 0.95}, "fisher": {},
           "regmean_pp": {"off_diagonal_scale": 0.95}, "adamerging": {"steps": 200, "batch_size": 16}}
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def main() -> None:
@@ -52,7 +42,7 @@ def main() -> None:
     from atm_jax import atm, runner, suites
     from atm_jax.finetune import Finetuner, OptimizerConfig
 
-    config = load_config(args.config)
+    config = common.load_config(args.config)
     setup = suites.get(config.suite).build(config, print)
     tasks = list(setup.heads)
     finetuner = Finetuner(setup.apply_fn, OptimizerConfig(**config.optimizer.to_dict()),

@@ -23,7 +23,6 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
-from data_merge_bench import load_config  # noqa: E402
 
 KEEP = ("mean", "atm", "regmean", "regmean_pp", "fisher", "adamerging", "atm_regmean")
 
@@ -42,7 +41,7 @@ def main() -> None:
     notes: dict[str, str] = {}
     seconds = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        config = load_config(f"{args.config}:study")
+        config = common.load_config(f"{args.config}:study")
         with config.unlocked():
             config.seed = seed
             config.references = ("individual",)

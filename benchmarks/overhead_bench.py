@@ -28,17 +28,6 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_config(spec: str):
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def main() -> None:
@@ -56,7 +45,7 @@ def main() -> None:
 
     from atm_jax import atm, checkpoint, finetune, runner, writers
 
-    config = _load_config(args.config)
+    config = common.load_config(args.config)
     if args.method not in config.methods or config.methods[args.method].kind != "atm":
         raise SystemExit(f"--method {args.method!r} is not an ATM method of {args.config}.")
     with config.unlocked():
