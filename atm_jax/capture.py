@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from atm_jax import batching
-from atm_jax import tree as tree_lib
 
 PyTree = Any
 
@@ -296,15 +295,3 @@ def diagonal_fisher(logits_fn: Callable, params: PyTree, inputs, labels=None, *,
                       extra)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
     return jax.tree.map(lambda t: t / n, total)
-
-
-def check_keys(stats: Mapping[str, Any], paths, what: str, fix: str) -> None:
-    """Raises naming the first leaf of ``paths`` that ``stats`` lacks."""
-    missing = [p for p in paths if p not in stats]
-    if missing:
-        raise ValueError(f"no {what} for leaf {missing[0]!r} ({len(missing)} missing); {fix}")
-
-
-def leaf_map(tree: PyTree) -> dict[str, Any]:
-    """``{leaf path: leaf}`` of a pytree (None leaves skipped)."""
-    return dict(zip(tree_lib.leaf_paths(tree), jax.tree.leaves(tree)))

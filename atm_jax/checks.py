@@ -25,7 +25,7 @@ from atm_jax import select
 PyTree = Any
 
 __all__ = [
-    "StateMergeWarning", "path_str", "leaf_paths", "structure_error", "check_compatible",
+    "StateMergeWarning", "path_str", "leaf_paths", "leaf_dict", "structure_error", "check_compatible",
     "require_floating", "state_paths", "nnx_collections", "refuse_rng_state", "check_stacked",
     "all_finite", "check_finite", "SCOPES", "AGGREGATES", "check_hparams", "require_key",
     "check_static", "check_range", "check_choice",
@@ -67,6 +67,11 @@ def path_str(path) -> str:
 def leaf_paths(tree: PyTree) -> list[str]:
     """Slash-joined paths of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def leaf_dict(tree: PyTree) -> dict[str, Any]:
+    """``{leaf path: leaf}`` of ``tree`` (None leaves are not leaves)."""
+    return dict(zip(leaf_paths(tree), jax.tree.leaves(tree)))
 
 
 # ----------------------------------------------------------------------------

@@ -115,13 +115,12 @@ class MergeData:
             raise ValueError(f"MergeData.heads must name the {len(finetuned)} tasks in the "
                              f"finetuned models' order (got {None if self.heads is None else list(self.heads)}).")
         tasks = list(self.heads)
-        needed = {"inputs": self.inputs, "unlabeled": self.unlabeled if info.name == "adamerging"
-                  else self.inputs}
-        for field, given in needed.items():
-            missing = [t for t in tasks if given is None or t not in given]
-            if missing:
-                raise ValueError(f"merge {info.name!r} needs MergeData.{field} for task "
-                                 f"{missing[0]!r}.")
+        field = "unlabeled" if info.name == "adamerging" else "inputs"
+        given = getattr(self, field)
+        missing = [t for t in tasks if given is None or t not in given]
+        if missing:
+            raise ValueError(f"merge {info.name!r} needs MergeData.{field} for task "
+                             f"{missing[0]!r}.")
         used = {"examples_per_task": {t: int(len(self.inputs[t])) for t in tasks}}
         start = time.perf_counter()
         if "grams" in info.data:

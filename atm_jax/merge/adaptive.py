@@ -146,7 +146,7 @@ def adamerging(stacked: PyTree, *, key: jax.Array | None = None, base: PyTree = 
     if len(inputs) != tasks or len(heads) != tasks:
         raise ValueError(f"adamerging: {len(inputs)} input sets and {len(heads)} heads for "
                          f"{tasks} tasks; pass one of each per task.")
-    base_map = dict(zip(checks.leaf_paths(base), jax.tree.leaves(base)))
+    base_map = checks.leaf_dict(base)
     base_leaves = [base_map[p] for p in paths]
     inputs = [np.asarray(x) for x in inputs]
     inputs = [x.astype(np.float32, copy=False) if x.dtype.kind in "fb" else x for x in inputs]

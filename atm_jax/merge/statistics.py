@@ -203,7 +203,7 @@ def regmean_pp(stacked: PyTree, *, key: jax.Array | None = None, base: PyTree = 
     leaves, treedef, paths = sparsify.checked_leaves(stacked, like=like, check_finite=check_finite)
     if len(inputs) != leaves[0].shape[0]:
         raise ValueError(f"regmean_pp: {len(inputs)} input sets for {leaves[0].shape[0]} tasks.")
-    base_leaves = [capture.leaf_map(base)[p] for p in paths]
+    base_leaves = [checks.leaf_dict(base)[p] for p in paths]
     tasks = range(leaves[0].shape[0])
 
     def model(choice: Sequence):
@@ -226,7 +226,8 @@ def regmean_pp(stacked: PyTree, *, key: jax.Array | None = None, base: PyTree = 
         p, leaves[paths.index(p)].shape[1:]) is not None]
     blocks = list(dict.fromkeys(block_of(p) for p in linear))
     out: list = ["own"] * len(paths)  # "own": still each task's; else the merged delta
-    means = _mean_where_none([None] * len(paths), leaves)
+    linear_set = set(linear)  # solved leaves need no mean
+    means = _mean_where_none([0 if p in linear_set else None for p in paths], leaves)
     for i, p in enumerate(paths):
         if block_of(p) not in blocks:
             out[i] = means[i]
@@ -239,6 +240,13 @@ def regmean_pp(stacked: PyTree, *, key: jax.Array | None = None, base: PyTree = 
         for i, s in zip(members, solved):
             out[i] = means[i] if s is None else s
     return jax.tree.unflatten(treedef, out)
+
+
+def _check_keys(stats: Mapping, paths, fix: str) -> None:
+    """Raises naming the first leaf of ``paths`` that ``stats`` lacks."""
+    missing = [p for p in paths if p not in stats]
+    if missing:
+        raise ValueError(f"no Fisher for leaf {missing[0]!r} ({len(missing)} missing); {fix}")
 
 
 def _check_fisher(floor, normalize) -> None:
@@ -270,14 +278,14 @@ def fisher(stacked: PyTree, *, key: jax.Array | None = None, fishers=None, floor
     _check_fisher(floor, normalize)
     leaves, treedef, paths = sparsify.checked_leaves(stacked, like=like, check_finite=check_finite)
     if isinstance(fishers, (list, tuple)):
-        maps = [capture.leaf_map(f) for f in fishers]
-        capture.check_keys(maps[0], paths, "Fisher", "pass a Fisher tree per task with the "
-                           "task vectors' leaves.")
+        maps = [checks.leaf_dict(f) for f in fishers]
+        _check_keys(maps[0], paths, "pass a Fisher tree per task with the task vectors' "
+                    "leaves.")
         stacked_f = [jnp.stack([jnp.asarray(m[p]) for m in maps]) for p in paths]
     else:
-        m = capture.leaf_map(fishers)
-        capture.check_keys(m, paths, "Fisher", "pass a stacked Fisher tree [T, ...] with the "
-                           "task vectors' leaves.")
+        m = checks.leaf_dict(fishers)
+        _check_keys(m, paths, "pass a stacked Fisher tree [T, ...] with the task vectors' "
+                    "leaves.")
         stacked_f = [jnp.asarray(m[p]) for p in paths]
     for p, x, f in zip(paths, leaves, stacked_f):
         if f.shape != x.shape:
