@@ -100,6 +100,36 @@ def load_config(spec: str):
     return module.get_config(arg or None)
 
 
+def finetuned_suite(config, epochs: int):
+    """``config``'s suite with every task finetuned ``epochs`` from the base, with the
+    runner's one-shot task keys (``atm.task_key(key(seed), 0, i)``).
+
+    Returns:
+        ``(setup, finetuned, heads, seconds)``: the suite's `Setup`, the finetuned params
+        in task order, ``{task: head}`` and the finetuning's wall seconds.
+    """
+    import jax
+
+    from atm_jax import atm, suites
+    from atm_jax.finetune import Finetuner, OptimizerConfig
+
+    setup = suites.get(config.suite).build(config, print)
+    finetuner = Finetuner(setup.apply_fn, OptimizerConfig(**config.optimizer.to_dict()),
+                          train_head=config.heads == "trainable", progress=False,
+                          augment=setup.augment)
+    key = jax.random.key(config.seed)
+    start = time.perf_counter()
+    finetuned, heads = [], {}
+    for i, t in enumerate(setup.heads):
+        x, y = setup.tasks[t].train
+        params, head, _ = finetuner.finetune(setup.base, setup.heads[t], x, y, epochs=epochs,
+                                             key=atm.task_key(key, 0, i))
+        finetuned.append(params)
+        heads[t] = head
+    jax.block_until_ready(finetuned)
+    return setup, finetuned, heads, time.perf_counter() - start
+
+
 def write_results(name: str, header: Sequence[str], body: str,
                   stamp: datetime.datetime | None = None, suffix: str = ".md"
                   ) -> pathlib.Path:

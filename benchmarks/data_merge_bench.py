@@ -39,26 +39,12 @@ def main() -> None:
 
     import jax
 
-    from atm_jax import atm, runner, suites
-    from atm_jax.finetune import Finetuner, OptimizerConfig
+    from atm_jax import atm, runner
 
     config = common.load_config(args.config)
-    setup = suites.get(config.suite).build(config, print)
+    setup, finetuned, heads, finetune_seconds = common.finetuned_suite(config, epochs=1)
     tasks = list(setup.heads)
-    finetuner = Finetuner(setup.apply_fn, OptimizerConfig(**config.optimizer.to_dict()),
-                          train_head=config.heads == "trainable", progress=False,
-                          augment=setup.augment)
     key = jax.random.key(config.seed)
-    start = time.perf_counter()
-    finetuned, heads = [], {}
-    for i, t in enumerate(tasks):
-        x, y = setup.tasks[t].train
-        params, head, _ = finetuner.finetune(setup.base, setup.heads[t], x, y, epochs=1,
-                                             key=atm.task_key(key, 0, i))
-        finetuned.append(params)
-        heads[t] = head
-    jax.block_until_ready(finetuned)
-    finetune_seconds = time.perf_counter() - start
     print(f"one ATM iteration's finetuning ({len(tasks)} tasks × 1 epoch): {finetune_seconds:.1f} s")
 
     def features(backbone, inputs):

@@ -33,33 +33,25 @@ def main() -> None:
 
     import jax
 
-    from atm_jax import atm, capture, suites
-    from atm_jax.finetune import Finetuner, OptimizerConfig
+    from atm_jax import capture
     from atm_jax.models.heads import apply_head
 
     config = common.load_config(args.config)
-    setup = suites.get(config.suite).build(config, print)
+    setup, finetuned, heads, _ = common.finetuned_suite(config, epochs=config.budget)
     tasks = list(setup.heads)
-    finetuner = Finetuner(setup.apply_fn, OptimizerConfig(**config.optimizer.to_dict()),
-                          train_head=config.heads == "trainable", progress=False,
-                          augment=setup.augment)
-    key = jax.random.key(config.seed)
     n = config.merge_data.examples
 
     def logits(backbone, inputs, head):
         return apply_head(head, setup.apply_fn(backbone, inputs, False))
 
     fishers = []
-    for i, t in enumerate(tasks):
+    for t, params in zip(tasks, finetuned):
         x, y = setup.tasks[t].train
-        params, head, _ = finetuner.finetune(setup.base, setup.heads[t], x, y,
-                                             epochs=config.budget, key=atm.task_key(key, 0, i))
-        fishers.append([np.asarray(leaf, np.float64).ravel() for leaf in
-                        jax.tree.leaves(capture.diagonal_fisher(logits, params, x[:n], y[:n],
-                                                                extra=head))])
-        print(f"{t}: finetuned {config.budget} epochs, Fisher mass {sum(f.sum() for f in fishers[-1]):.4g}",
-              flush=True)
-    stacked = np.stack([np.concatenate(f) for f in fishers])  # [T, weights]
+        fisher = capture.diagonal_fisher(logits, params, x[:n], y[:n], extra=heads[t])
+        fishers.append(np.concatenate([np.asarray(leaf, np.float64).ravel()
+                                       for leaf in jax.tree.leaves(fisher)]))
+        print(f"{t}: Fisher mass {fishers[-1].sum():.4g}", flush=True)
+    stacked = np.stack(fishers)  # [T, weights]
     largest = np.bincount(stacked.argmax(0), minlength=len(tasks)) / stacked.shape[1]
     weight = (stacked / np.maximum(stacked.sum(0, keepdims=True), 1e-30)).mean(1)
     lines = ["| task | Fisher mass (sum over weights) | largest Fisher on (% of weights) | "
